@@ -1,0 +1,47 @@
+"""moetrim: make Mixture-of-Experts language models smaller and faster while keeping what they can do.
+
+The whole pipeline is profile -> plan -> apply:
+
+    model = moetrim.load("path/to/moe")                     # any transformers 5.x MoE checkpoint
+    profile = moetrim.calibrate(model, "calib.txt", tokenizer=tok)
+    plan = moetrim.make_plan(model, profile, granularity="dims", criterion="fisher", ratio=0.5)
+    moetrim.apply_plan(model, plan)                         # real smaller tensors, in place
+    moetrim.save(model, "out", tokenizer=tok, plan=plan, profile=profile)
+"""
+
+from moetrim.apply import apply_plan
+from moetrim.calibrate import Profile, calibrate, load_profile
+from moetrim.checkpoint import load_model as load
+from moetrim.checkpoint import load_tokenizer
+from moetrim.checkpoint import save_checkpoint as save
+from moetrim.errors import MoetrimError, UsageError
+from moetrim.model import find_moe_layers, routed_expert_param_count
+from moetrim.plan import Plan, load_plan, make_plan
+
+__version__ = "0.1.0"
+
+
+def reference_model(*args, **kwargs):
+    """The bundled reference model and its tokenizer (see moetrim.reference)."""
+    from moetrim.reference import reference_model as _ref
+
+    return _ref(*args, **kwargs)
+
+
+__all__ = [
+    "Profile",
+    "Plan",
+    "MoetrimError",
+    "UsageError",
+    "apply_plan",
+    "calibrate",
+    "find_moe_layers",
+    "load",
+    "load_plan",
+    "load_profile",
+    "load_tokenizer",
+    "make_plan",
+    "reference_model",
+    "routed_expert_param_count",
+    "save",
+]

@@ -1,0 +1,263 @@
+"""Plan -> real smaller tensors. Removed experts lose their router rows; removed dimensions their
+gate/up rows and down columns. Nothing is masked or zero-padded.
+
+Two outcomes:
+- standard: every MoE layer keeps the same expert count and every expert one width. The stock
+  experts tensors are sliced and the config edited; the result is exactly what plain
+  `transformers` builds from the new config (checked on a meta-device model, never assumed).
+- variable-width: otherwise (or when the config cannot express the result, e.g. a shared expert
+  whose width is tied to the expert width), experts become `VariableWidthExperts` and the config
+  records the per-layer widths for `moetrim.load`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetrim.errors import MoetrimError, UsageError
+from moetrim.model.identity import model_fingerprint
+from moetrim.model.varwidth import VariableWidthExperts
+from moetrim.model.view import (
+    EXPERT_COUNT_KEYS,
+    EXPERT_WIDTH_KEYS,
+    SHARED_COUNT_KEYS,
+    TOP_K_KEYS,
+    MoELayer,
+    find_moe_layers,
+    make_activation,
+)
+from moetrim.plan import LayerPlan, Plan
+
+VARWIDTH_KEY = "moetrim_varwidth"
+
+
+@dataclass
+class ApplyResult:
+    format: str  # "standard" or "varwidth"
+    note: str = ""
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True) -> ApplyResult:
+    """Compress `model` in place according to `plan` (torchao-style: one verb, model changed)."""
+    layers = find_moe_layers(model)
+    if check_fingerprint and plan.model_fingerprint != model_fingerprint(model):
+        raise UsageError("the plan was made for another model (model fingerprints differ)")
+    by_index = {p.layer: p for p in plan.layers}
+    if sorted(by_index) != [l.index for l in layers]:
+        raise UsageError(f"the plan covers layers {sorted(by_index)} but the model's MoE layers are {[l.index for l in layers]}")
+    for layer in layers:
+        _check_layer_plan(layer, by_index[layer.index])
+    counts = {len(p.kept_experts) for p in plan.layers}
+    widths = {w for p in plan.layers for w in p.widths}
+    note = ""
+    if len(counts) == 1 and len(widths) == 1:
+        new_config = _standard_config(model, layers, counts.pop(), widths.pop(), min(p.top_k for p in plan.layers))
+        if new_config is not None:
+            for layer in layers:
+                _slice_stock(layer, by_index[layer.index])
+            model.config = new_config
+            _propagate_config(model, new_config)
+            _verify_against_config(model)
+            return ApplyResult("standard")
+        note = "the config cannot express this width without changing the shared expert; saved in moetrim's variable-width format"
+    for layer in layers:
+        _to_varwidth(layer, by_index[layer.index])
+    record = {
+        str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)} for p in plan.layers
+    }
+    setattr(model.config, VARWIDTH_KEY, {"version": 1, "layers": record})
+    return ApplyResult("varwidth", note)
+
+
+def _check_layer_plan(layer: MoELayer, p: LayerPlan) -> None:
+    if p.experts_before != layer.num_experts or p.width_before != layer.widths[0] or len(set(layer.widths)) != 1:
+        raise UsageError(f"plan does not match layer {layer.index}: it expects {p.experts_before} experts of width {p.width_before}")
+    if not p.kept_experts or sorted(set(p.kept_experts)) != p.kept_experts or p.kept_experts[-1] >= layer.num_experts:
+        raise UsageError(f"plan layer {layer.index}: kept_experts must be sorted, unique and < {layer.num_experts}")
+    if p.kept_dims is not None:
+        for e, dims in zip(p.kept_experts, p.kept_dims):
+            if not dims or sorted(set(dims)) != dims or dims[-1] >= layer.widths[0]:
+                raise UsageError(f"plan layer {layer.index} expert {e}: kept_dims must be sorted, unique, non-empty and < {layer.widths[0]}")
+    if not 1 <= p.top_k <= len(p.kept_experts):
+        raise UsageError(f"plan layer {layer.index}: top_k {p.top_k} must be between 1 and the {len(p.kept_experts)} experts kept")
+    G = layer.num_groups
+    if G > 1:
+        per = layer.num_experts // G
+        kept_per_group = [sum(1 for e in p.kept_experts if e // per == g) for g in range(G)]
+        if len(set(kept_per_group)) != 1:
+            raise UsageError(f"plan layer {layer.index}: a grouped router needs the same number of experts kept in each of its {G} groups")
+
+
+def _dims(p: LayerPlan, width: int) -> list[torch.Tensor]:
+    if p.kept_dims is None:
+        return [torch.arange(width) for _ in p.kept_experts]
+    return [torch.tensor(d, dtype=torch.long) for d in p.kept_dims]
+
+
+# -- router ---------------------------------------------------------------------------------
+def _slice_router(layer: MoELayer, p: LayerPlan) -> None:
+    keep = torch.tensor(p.kept_experts, dtype=torch.long)
+    router = layer.router
+    with torch.no_grad():
+        router.weight = nn.Parameter(router.weight.index_select(0, keep.to(router.weight.device)).clone(), requires_grad=router.weight.requires_grad)
+        bias = getattr(router, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            router.bias = nn.Parameter(bias.index_select(0, keep.to(bias.device)).clone(), requires_grad=bias.requires_grad)
+        corr = getattr(router, "e_score_correction_bias", None)
+        if isinstance(corr, torch.Tensor):
+            router.e_score_correction_bias = corr.index_select(0, keep.to(corr.device)).clone()
+    router.num_experts = len(p.kept_experts)
+    router.top_k = p.top_k
+    if hasattr(layer.block, "top_k"):
+        layer.block.top_k = p.top_k
+    if hasattr(layer.block, "num_experts"):
+        layer.block.num_experts = len(p.kept_experts)
+
+
+# -- standard path --------------------------------------------------------------------------
+def _gate_up_positions(dims: torch.Tensor, width: int, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        return torch.stack([2 * dims, 2 * dims + 1], dim=1).flatten()
+    return torch.cat([dims, dims + width])
+
+
+def _slice_stock(layer: MoELayer, p: LayerPlan) -> None:
+    experts = layer.experts
+    width = layer.widths[0]
+    transposed = bool(getattr(experts, "is_transposed", False))
+    interleaved = not bool(getattr(experts, "is_concatenated", True))
+    gated = bool(getattr(experts, "has_gate", True))
+    dims = _dims(p, width)
+    keep = p.kept_experts
+
+    def take(t: torch.Tensor, positions: list[torch.Tensor] | None, axis_of_dims: int | None) -> torch.Tensor:
+        rows = []
+        for e, pos in zip(keep, positions or [None] * len(keep)):
+            x = t[e]
+            if pos is not None:
+                x = x.index_select(axis_of_dims, pos.to(x.device))
+            rows.append(x)
+        return torch.stack(rows).contiguous()
+
+    in_name = "gate_up_proj" if gated else "up_proj"
+    in_pos = [_gate_up_positions(d, width, interleaved) for d in dims] if gated else dims
+    with torch.no_grad():
+        w_in = getattr(experts, in_name)
+        setattr(experts, in_name, nn.Parameter(take(w_in, in_pos, 1 if transposed else 0), requires_grad=w_in.requires_grad))
+        w_out = experts.down_proj
+        experts.down_proj = nn.Parameter(take(w_out, dims, 0 if transposed else 1), requires_grad=w_out.requires_grad)
+        if getattr(experts, "has_bias", False):
+            b_in = getattr(experts, in_name + "_bias")
+            setattr(experts, in_name + "_bias", nn.Parameter(take(b_in, in_pos, 0), requires_grad=b_in.requires_grad))
+            b_out = experts.down_proj_bias
+            experts.down_proj_bias = nn.Parameter(take(b_out, None, None), requires_grad=b_out.requires_grad)
+    new_width = p.widths[0]
+    for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):
+        if getattr(experts, attr, None) == width:
+            setattr(experts, attr, new_width)
+    experts.num_experts = len(keep)
+    _slice_router(layer, p)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _meta_shapes(model: nn.Module, config) -> dict[str, tuple] | None:
+    try:
+        with torch.device("meta"):
+            ref = type(model)(config)
+    except Exception:
+        return None
+    return _shapes(ref)
+
+
+def _expected_shapes(model: nn.Module, layers: list[MoELayer], n_experts: int, width: int) -> dict[str, tuple]:
+    """State-dict shapes the model will have once sliced (computed without slicing)."""
+    shapes = _shapes(model)
+    for layer in layers:
+        experts = layer.experts
+        prefix = next(n for n, m in model.named_modules() if m is experts)
+        transposed = bool(getattr(experts, "is_transposed", False))
+        for name, t in experts.named_parameters(recurse=False):
+            s = list(t.shape)
+            s[0] = n_experts
+            old = layer.widths[0]
+            if name in ("gate_up_proj", "up_proj"):
+                axis = 2 if transposed else 1
+                s[axis] = s[axis] // old * width
+            elif name == "down_proj":
+                s[1 if transposed else 2] = width
+            elif name in ("gate_up_proj_bias", "up_proj_bias"):
+                s[1] = s[1] // old * width
+            shapes[f"{prefix}.{name}"] = tuple(s)
+        rprefix = next(n for n, m in model.named_modules() if m is layer.router)
+        for name, t in list(layer.router.named_parameters(recurse=False)) + list(layer.router.named_buffers(recurse=False)):
+            if t.ndim >= 1 and t.shape[0] == layer.num_experts:
+                shapes[f"{rprefix}.{name}"] = (n_experts, *t.shape[1:])
+    return shapes
+
+
+def _standard_config(model: nn.Module, layers: list[MoELayer], n_experts: int, width: int, top_k: int):
+    """A config that plain transformers turns into exactly the sliced model, or None."""
+    cfg = model.config
+    old_e, old_w = layers[0].num_experts, layers[0].widths[0]
+    expected = _expected_shapes(model, layers, n_experts, width)
+    base = copy.deepcopy(cfg)
+    for key in EXPERT_COUNT_KEYS:
+        if getattr(base, key, None) == old_e:
+            setattr(base, key, n_experts)
+    for key in TOP_K_KEYS:
+        if isinstance(getattr(base, key, None), int) and getattr(base, key) > top_k:
+            setattr(base, key, top_k)
+    width_keys = [k for k in EXPERT_WIDTH_KEYS if getattr(base, k, None) == old_w]
+    if width == old_w:
+        width_keys = [None]
+    for wkey in width_keys:
+        for skey in (None, *SHARED_COUNT_KEYS):
+            cand = copy.deepcopy(base)
+            if wkey is not None:
+                setattr(cand, wkey, width)
+            if skey is not None:
+                n_shared = getattr(cand, skey, None)
+                if not isinstance(n_shared, int) or (n_shared * old_w) % width:
+                    continue
+                setattr(cand, skey, n_shared * old_w // width)
+            if _meta_shapes(model, cand) == expected:
+                return cand
+    return None
+
+
+def _propagate_config(model: nn.Module, config) -> None:
+    for m in model.modules():
+        if hasattr(m, "config") and m is not model:
+            try:
+                m.config = config
+            except (AttributeError, TypeError):
+                pass
+
+
+def _verify_against_config(model: nn.Module) -> None:
+    expected = _meta_shapes(model, model.config)
+    if expected != _shapes(model):
+        raise MoetrimError("internal error: the sliced model does not match what its new config builds")
+
+
+# -- variable-width path --------------------------------------------------------------------
+def _to_varwidth(layer: MoELayer, p: LayerPlan) -> None:
+    if getattr(layer.experts, "has_post_expert_norm", False):
+        raise UsageError(f"layer {layer.index}: experts with a post-expert norm are not supported for variable widths")
+    width = layer.widths[0]
+    source = [layer.expert(e) for e in p.kept_experts]
+    new = VariableWidthExperts.from_weights(
+        source, _dims(p, width), make_activation(layer.experts), gated=layer.gated, has_bias=layer.has_bias
+    )
+    new.requires_grad_(any(t.requires_grad for t in layer.experts.parameters()))
+    name = next(n for n, c in layer.block.named_children() if c is layer.experts)
+    setattr(layer.block, name, new)
+    layer.experts = new
+    _slice_router(layer, p)

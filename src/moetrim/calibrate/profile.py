@@ -1,0 +1,162 @@
+"""The Profile: every calibration statistic as per-layer sums, stored in one safetensors file.
+
+Sums (not means) so that profiles of the same model from shards, ranks or sessions merge by
+addition; every criterion is a cheap function of a profile. Statistic names (`profile.get(l, name)`):
+
+per layer         tokens                 tokens that passed the layer's router
+per expert [E]    count                  routed-token count (slots: a token counts once per expert)
+                  gate_sum               Σ g over routed tokens (g: the weight the model applies)
+                  prob_sum               Σ router probability over *all* tokens
+                  norm_sum, norm_sq_sum  Σ ‖y‖, Σ ‖y‖² (y: expert output before gating)
+                  gated_norm_sum         Σ g·‖y‖
+                  moments [E, 3, 3]      Σ g^b·‖y‖^p for b, p in 0..2 (feeds the unified S(a, b, p))
+per dim [E, I]    act_abs_sum            Σ |h|      (h: intermediate activation, act(gate)·up)
+                  act_sq_sum             Σ h²
+                  act_abs_max            max |h|
+                  gated_act_abs_sum      Σ g·|h|
+                  taylor                 Σ ∂L/∂m    (m: a multiplicative mask on h, at 1)
+                  fisher                 Σ_s (∂L_s/∂m)², one gradient per sequence s (or per batch)
+                  grad_magnitude         Σ_s Σ |∂L_s/∂W| over the dim's gate row, up row, down column
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moetrim.errors import MoetrimError, UsageError
+
+PROFILE_VERSION = "1"
+EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")
+DIM_STATS = ("act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum", "taylor", "fisher", "grad_magnitude")
+GRADIENT_STATS = ("taylor", "fisher", "grad_magnitude")
+# Named views into the moments tensor [E, b, p].
+_MOMENT_ALIASES = {"count": (0, 0), "gate_sum": (1, 0), "norm_sum": (0, 1), "norm_sq_sum": (0, 2), "gated_norm_sum": (1, 1)}
+_MAX_STATS = ("act_abs_max",)
+
+
+@dataclass
+class Profile:
+    """Calibration statistics of one model. `stats` keys are 'layers.{l}.{name}'."""
+
+    stats: dict[str, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(k.split(".")[1]) for k in self.stats})
+
+    @property
+    def has_gradients(self) -> bool:
+        return self.meta.get("fisher", "false") == "true"
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta.get("tokens", "0"))
+
+    @property
+    def sequences(self) -> int:
+        return int(self.meta.get("sequences", "0"))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.get("model_fingerprint", "")
+
+    def names(self) -> list[str]:
+        return ["tokens", *EXPERT_STATS, *DIM_STATS]
+
+    def get(self, layer: int, name: str) -> torch.Tensor:
+        """Statistic `name` of MoE layer `layer` (decoder-layer index): [E] per expert, [E, I] per dim."""
+        if layer not in self.layers:
+            raise UsageError(f"profile has no MoE layer {layer}; layers: {self.layers}")
+        if name in _MOMENT_ALIASES:
+            b, p = _MOMENT_ALIASES[name]
+            return self.stats[f"layers.{layer}.moments"][:, b, p]
+        key = f"layers.{layer}.{name}"
+        if key not in self.stats:
+            if name in GRADIENT_STATS:
+                raise UsageError(f"profile has no '{name}': it was calibrated with --no-fisher; recalibrate without it")
+            raise UsageError(f"unknown statistic '{name}'; known: {', '.join(self.names())}")
+        return self.stats[key]
+
+    def digest(self) -> str:
+        """Content hash of the statistics (recorded in plans made from this profile)."""
+        h = hashlib.sha256()
+        for key in sorted(self.stats):
+            t = self.stats[key].detach().cpu().contiguous()
+            h.update(key.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def merge(self, other: "Profile") -> "Profile":
+        """Sum of two profiles of the same model (max for max statistics)."""
+        if self.fingerprint != other.fingerprint:
+            raise UsageError("cannot merge profiles of different models (model fingerprints differ)")
+        if set(self.stats) != set(other.stats):
+            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher?)")
+        if self.meta.get("fisher_mode") != other.meta.get("fisher_mode"):
+            raise UsageError("cannot merge profiles whose Fisher was summed per sequence and per batch")
+        merged = {}
+        for key, value in self.stats.items():
+            if key.rsplit(".", 1)[-1] in _MAX_STATS:
+                merged[key] = torch.maximum(value, other.stats[key])
+            else:
+                merged[key] = value + other.stats[key]
+        meta = dict(self.meta)
+        meta["tokens"] = str(self.tokens + other.tokens)
+        meta["sequences"] = str(self.sequences + other.sequences)
+        digests = sorted(self.meta.get("data_digest", "").split("+") + other.meta.get("data_digest", "").split("+"))
+        meta["data_digest"] = "+".join(d for d in digests if d)
+        return Profile(merged, meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.stats.items()}
+            save_file(tensors, tmp, metadata={**self.meta, "moetrim_profile": PROFILE_VERSION})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read a profile written by `Profile.save` (safetensors only; nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"profile not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            stats = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise UsageError(f"{path} is not a safetensors profile: {exc}") from None
+    if "moetrim_profile" not in meta:
+        raise UsageError(f"{path} is a safetensors file but not a moetrim profile (no 'moetrim_profile' metadata)")
+    return Profile(stats, meta)
+
+
+def data_digest(chunks: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c.to(torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def meta_json(meta: dict) -> dict[str, str]:
+    """safetensors metadata must be str -> str."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}

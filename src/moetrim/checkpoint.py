@@ -1,0 +1,307 @@
+"""Loading checkpoints (never silently re-initialising a weight) and saving them atomically.
+
+Standard checkpoints are written by `save_pretrained` and load in plain `transformers`. Variable-
+width checkpoints get `model_type: "moetrim_varwidth"` in config.json, so plain `transformers`
+refuses them loudly instead of loading random experts; `moetrim.load` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moetrim.apply import VARWIDTH_KEY
+from moetrim.errors import MoetrimError, UsageError
+
+VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+SHARD_BYTES = 5 * 1024**3
+
+
+def resolve_dtype(name: str | torch.dtype | None):
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype '{name}'; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> str:
+    name = name or "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"unknown --device '{name}'; choose cpu, cuda or auto")
+    return name
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """'reference' names the bundled reference model; anything else is a directory."""
+    if str(name_or_path) == "reference":
+        try:
+            from moetrim.reference import REFERENCE_DIR
+        except ImportError:
+            raise UsageError("the bundled reference model is not installed with this build") from None
+        return Path(REFERENCE_DIR)
+    return Path(name_or_path)
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise UsageError(f"model directory not found: {path}")
+    if not cfg.is_file():
+        raise UsageError(f"{path} has no config.json: give a model directory as saved by save_pretrained")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{cfg} is not valid JSON: {exc.msg}") from None
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load an original or compressed checkpoint; fail loudly on any missing or mismatched weight."""
+    path = resolve_model_path(path)
+    raw = _read_config(path)
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    if raw.get("model_type") == VARWIDTH_MODEL_TYPE:
+        model = _load_varwidth(path, raw, dtype, trust_remote_code)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise MoetrimError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
+            raise MoetrimError(f"{path} does not match its config ({detail}); refusing to use re-initialised weights")
+    for p in model.parameters():  # memory-mapped tensors can be unaligned; owning copies are bit-exact
+        p.data = p.data.clone()
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike, *, required: bool = True, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many kinds for a missing tokenizer
+        if required:
+            raise UsageError(f"{path} has no usable tokenizer ({type(exc).__name__}); save one beside the model or pass token ids") from None
+        return None
+
+
+# -- variable-width format -------------------------------------------------------------------
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise MoetrimError(f"{path} has no model.safetensors")
+
+
+def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moetrim.model.varwidth import VariableWidthExperts
+    from moetrim.model.view import find_moe_layers, make_activation
+
+    record = raw.get(VARWIDTH_KEY)
+    base_type = raw.get("moetrim_base_model_type")
+    if not record or not base_type:
+        raise MoetrimError(f"{path}/config.json says moetrim_varwidth but lacks its layer record")
+    d = dict(raw)
+    d["model_type"] = base_type
+    d.pop("moetrim_base_model_type")
+    config = AutoConfig.for_model(base_type).__class__.from_dict(d)
+    if dtype == "auto" or dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    layers = {l.index: l for l in find_moe_layers(model)}
+    for key, spec in record["layers"].items():
+        layer = layers[int(key)]
+        n = spec["num_experts"]
+        with torch.device("meta"):
+            new = VariableWidthExperts(
+                spec["widths"], layer.hidden_size, make_activation(layer.experts), gated=layer.gated, has_bias=layer.has_bias
+            )
+        name = next(c for c, m in layer.block.named_children() if m is layer.experts)
+        setattr(layer.block, name, new)
+        router = layer.router
+        router.weight = nn.Parameter(torch.empty(n, layer.hidden_size, device="meta"))
+        if isinstance(getattr(router, "bias", None), nn.Parameter):
+            router.bias = nn.Parameter(torch.empty(n, device="meta"))
+        if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
+            router.e_score_correction_bias = torch.empty(n, device="meta")
+        router.num_experts = n
+        router.top_k = spec["top_k"]
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                state[k] = sf.get_tensor(k)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    tied = set(_tied_names(model))
+    missing = [k for k in missing if k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    bad = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or bad:
+        raise MoetrimError(f"{path}: weights do not match the recorded layout (missing {missing[:3]}, unexpected {unexpected[:3]}, mismatched {bad[:3]})")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    # Buffers that are not saved (rotary frequencies) are still on meta: recompute them on CPU.
+    _materialise_buffers(model, config)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise MoetrimError(f"{path}: no weights for {leftover[:3]}")
+    return model
+
+
+def _materialise_buffers(model: nn.Module, config) -> None:
+    """Recreate non-persistent buffers (e.g. rotary inv_freq) by building their modules on CPU."""
+    for name, module in model.named_modules():
+        meta_bufs = [b for b, t in module.named_buffers(recurse=False) if t.is_meta]
+        if not meta_bufs:
+            continue
+        try:
+            fresh = type(module)(config=config)
+        except TypeError:
+            try:
+                fresh = type(module)(config)
+            except Exception:
+                continue
+        for b in meta_bufs:
+            setattr(module, b, getattr(fresh, b))
+
+
+def _tied_names(model: nn.Module) -> list[str]:
+    seen: dict[int, str] = {}
+    dup = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)
+        if key in seen:
+            dup.append(name)
+        else:
+            seen[key] = name
+    return dup
+
+
+def _write_state(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
+    """Safetensors shards plus an index, as transformers lays them out; tied duplicates once."""
+    tied = set(_tied_names(model))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt", **metadata})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt", **metadata})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def is_varwidth(model: nn.Module) -> bool:
+    return getattr(model.config, VARWIDTH_KEY, None) is not None
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    plan=None,
+    profile=None,
+    recipe: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the compressed model into out_dir atomically: a temp folder beside it, then a rename.
+    An interrupted save leaves no half-written checkpoint at out_dir."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if recipe is not None:
+            model.config.moetrim = recipe
+        if is_varwidth(model):
+            _save_varwidth(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            plan.save(tmp / "plan.json")
+        if profile is not None:
+            profile.save(tmp / "profile.safetensors")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_varwidth(model: nn.Module, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    d = model.config.to_dict()
+    d["moetrim_base_model_type"] = d["model_type"]
+    d["model_type"] = VARWIDTH_MODEL_TYPE
+    d["architectures"] = [type(model).__name__]
+    dtype = next(model.parameters()).dtype
+    d["dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(out)
+        except Exception:
+            pass
+    _write_state(model, out, {"moetrim": "varwidth"})

@@ -1,0 +1,366 @@
+"""Synthetic task suite used to train the reference MoE and to measure what compression keeps.
+
+Four domains, each a deterministic generator of short question/answer items:
+
+* ``math``      -- two-step arithmetic word problems with a worked chain (GSM8K-style).
+* ``knowledge`` -- recall from a fixed, seeded synthetic fact base (countries and their attributes).
+* ``code``      -- the printed output of a tiny Python program.
+* ``strings``   -- reverse / sort / uppercase / count on a short random word.
+
+Every item is ``prompt = "Q: ...\\nA:"`` followed by ``completion = " <answer>\\n"``; the newline ends the
+answer, so greedy decoding stops there and exact match is taken on the stripped text before it.
+
+Splits are disjoint as strings: for generated domains a prompt's split is a function of a SHA-256 hash of
+the prompt itself, so the same prompt can never land in two splits; for ``knowledge`` the splits use
+disjoint sets of question templates over the same facts (the facts must be learned in training, the
+evaluation asks about them in phrasings never seen there). Nothing depends on Python's ``hash()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+DOMAINS: tuple[str, ...] = ("math", "knowledge", "code", "strings")
+SPLITS: tuple[str, ...] = ("train", "calib", "eval")
+
+# Default number of items returned when ``n`` is None (knowledge train returns every train item).
+DEFAULT_SIZES: dict[str, int] = {"train": 20_000, "calib": 256, "eval": 256}
+
+# Fixed seed of the knowledge fact base: the facts are part of the reference model, never re-rolled.
+FACT_SEED = 20240611
+NUM_ENTITIES = 128
+
+# Share of the hash space given to each split for generated domains (out of 100 buckets).
+_EVAL_BUCKETS = range(0, 8)
+_CALIB_BUCKETS = range(8, 16)
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One question; the model is scored on greedily generating ``answer`` right after ``prompt``."""
+
+    domain: str
+    prompt: str
+    answer: str
+
+    @property
+    def completion(self) -> str:
+        """What follows the prompt in running text: a space, the answer, and the newline that ends it."""
+        return " " + self.answer + "\n"
+
+    @property
+    def text(self) -> str:
+        """Full training / calibration text (prompt + answer + end-of-answer newline)."""
+        return self.prompt + self.completion
+
+
+def _stable_int(*parts: object) -> int:
+    """A seed derived from ``parts`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _split_of(prompt: str) -> str:
+    """Split that owns ``prompt``; a pure function of the string, which makes splits disjoint."""
+    bucket = _stable_int("split", prompt) % 100
+    if bucket in _EVAL_BUCKETS:
+        return "eval"
+    if bucket in _CALIB_BUCKETS:
+        return "calib"
+    return "train"
+
+
+def _q(question: str) -> str:
+    return f"Q: {question}\nA:"
+
+
+# --------------------------------------------------------------------------------------------- math
+
+_NAMES = ("Ann", "Bob", "Cal", "Dee", "Eli", "Fay", "Gus", "Ida", "Jon", "Kim",
+          "Lou", "Max", "Ned", "Ola", "Pam", "Ray", "Sue", "Tom", "Uma", "Viv")
+_OBJECTS = ("apples", "pens", "cards", "eggs", "coins", "books", "shells",
+            "stamps", "marbles", "cups", "rocks", "beads")
+
+
+def _math_item(rng: random.Random) -> TaskItem:
+    """A two-operation word problem whose answer is the worked chain plus the final number."""
+    name, obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
+    kind = rng.randrange(6)
+    while True:
+        if kind == 0:  # a + b - c
+            a, b = rng.randint(2, 49), rng.randint(2, 49)
+            s = a + b
+            c = rng.randint(2, 29)
+            r = s - c
+            q = f"{name} has {a} {obj}, buys {b} more and gives {c} away. How many now?"
+            chain = f"{a}+{b}={s}. {s}-{c}={r}."
+        elif kind == 1:  # a - b + c
+            a = rng.randint(10, 60)
+            b = rng.randint(2, a - 1)
+            s = a - b
+            c = rng.randint(2, 39)
+            r = s + c
+            q = f"{name} has {a} {obj}, loses {b} and then finds {c}. How many now?"
+            chain = f"{a}-{b}={s}. {s}+{c}={r}."
+        elif kind == 2:  # a + b * c
+            a, b, c = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 9)
+            s = b * c
+            r = a + s
+            q = f"{name} has {a} {obj} and buys {b} packs of {c}. How many now?"
+            chain = f"{b}*{c}={s}. {a}+{s}={r}."
+        elif kind == 3:  # a * b - c
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            s = a * b
+            c = rng.randint(1, s - 1)
+            r = s - c
+            q = f"{name} buys {a} boxes of {b} {obj} and gives {c} away. How many left?"
+            chain = f"{a}*{b}={s}. {s}-{c}={r}."
+        elif kind == 4:  # a + b + c
+            a, b, c = rng.randint(2, 39), rng.randint(2, 29), rng.randint(2, 29)
+            s = a + b
+            r = s + c
+            q = f"{name} has {a} {obj}, gets {b} on Monday and {c} on Tuesday. How many now?"
+            chain = f"{a}+{b}={s}. {s}+{c}={r}."
+        else:  # a - b - c
+            a = rng.randint(20, 99)
+            b = rng.randint(2, a // 2)
+            s = a - b
+            c = rng.randint(1, s - 1)
+            r = s - c
+            q = f"{name} has {a} {obj}, sells {b} and eats {c}. How many left?"
+            chain = f"{a}-{b}={s}. {s}-{c}={r}."
+        if 0 <= s <= 99 and 0 <= r <= 99:
+            return TaskItem("math", _q(q), f"{chain} The answer is {r}.")
+
+
+# ----------------------------------------------------------------------------------------- knowledge
+
+_ATTRIBUTES = ("capital", "language", "color", "animal")
+_COLORS = ("red", "blue", "green", "gold", "white", "black", "purple", "orange", "silver", "gray")
+_ANIMALS = ("fox", "owl", "bear", "wolf", "hawk", "deer", "lynx", "crane",
+            "otter", "heron", "bison", "eagle", "seal", "hare", "swan", "moose")
+_LANGUAGES = ("Orvish", "Tulan", "Kesh", "Marric", "Elvane", "Doric", "Vosk", "Pellan",
+              "Ustri", "Garish", "Nomic", "Zentic", "Brevan", "Hollic", "Samic", "Irvan")
+
+# Question templates per attribute and split. Train has many phrasings so the model learns to key on
+# the entity and the attribute word; calib and eval phrasings never appear in training.
+_KNOWLEDGE_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "capital": {
+        "train": ("What is the capital of {e}?", "Name the capital of {e}.", "{e} has which capital?",
+                  "The capital of {e} is what?", "Capital of {e}?", "Give the capital of {e}."),
+        "calib": ("Tell me the capital of {e}.",),
+        "eval": ("Which city is the capital of {e}?", "What is {e}'s capital?"),
+    },
+    "language": {
+        "train": ("What language is spoken in {e}?", "Name the language of {e}.",
+                  "{e} speaks which language?", "The language of {e} is what?", "Language of {e}?",
+                  "Give the language of {e}."),
+        "calib": ("Tell me the language of {e}.",),
+        "eval": ("Which language do people speak in {e}?", "What is {e}'s language?"),
+    },
+    "color": {
+        "train": ("What color is the flag of {e}?", "Name the flag color of {e}.",
+                  "{e} has which flag color?", "The flag color of {e} is what?", "Flag color of {e}?",
+                  "Give the flag color of {e}."),
+        "calib": ("Tell me the flag color of {e}.",),
+        "eval": ("Which color is on the flag of {e}?", "What is {e}'s flag color?"),
+    },
+    "animal": {
+        "train": ("What is the national animal of {e}?", "Name the national animal of {e}.",
+                  "{e} has which national animal?", "The national animal of {e} is what?",
+                  "National animal of {e}?", "Give the national animal of {e}."),
+        "calib": ("Tell me the national animal of {e}.",),
+        "eval": ("Which animal is the national animal of {e}?", "What is {e}'s national animal?"),
+    },
+}
+
+
+def _made_up_word(rng: random.Random, syllables: int, ending: str) -> str:
+    onsets = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr", "st")
+    vowels = ("a", "e", "i", "o", "u")
+    word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables)) + ending
+    return word.capitalize()
+
+
+@lru_cache(maxsize=1)
+def fact_base() -> dict[str, dict[str, str]]:
+    """The fixed synthetic facts: entity -> {attribute: value}. Same on every machine and run."""
+    rng = random.Random(FACT_SEED)
+    used: set[str] = set()
+    facts: dict[str, dict[str, str]] = {}
+    while len(facts) < NUM_ENTITIES:
+        entity = _made_up_word(rng, rng.choice((2, 3)), rng.choice(("", "n", "r", "l", "ria")))
+        capital = _made_up_word(rng, 1, rng.choice(("port", "vale", "ford", "ton", "mere", "holm", "wick")))
+        if entity in used or capital in used:
+            continue
+        used.update((entity, capital))
+        facts[entity] = {
+            "capital": capital,
+            "language": rng.choice(_LANGUAGES),
+            "color": rng.choice(_COLORS),
+            "animal": rng.choice(_ANIMALS),
+        }
+    return facts
+
+
+@lru_cache(maxsize=None)
+def _knowledge_pool(split: str) -> tuple[TaskItem, ...]:
+    """Every knowledge item of a split, in a fixed canonical order."""
+    items = []
+    for entity, attrs in fact_base().items():
+        for attr in _ATTRIBUTES:
+            for template in _KNOWLEDGE_TEMPLATES[attr][split]:
+                items.append(TaskItem("knowledge", _q(template.format(e=entity)), attrs[attr]))
+    return tuple(items)
+
+
+# ---------------------------------------------------------------------------------------------- code
+
+_VARS = "abcdmnpqrstuvwxyz"
+
+
+def _code_item(rng: random.Random) -> TaskItem:
+    """A one-line program using variables, reassignment, lists, max/min or a conditional."""
+    v1, v2 = rng.sample(_VARS, 2)
+    kind = rng.randrange(6)
+    while True:
+        if kind == 0:  # two variables, one operation
+            op = rng.choice("+-*")
+            if op == "*":
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+            else:
+                a, b = rng.randint(0, 49), rng.randint(0, 49)
+            prog = f"{v1}={a};{v2}={b};print({v1}{op}{v2})"
+            out = a + b if op == "+" else a - b if op == "-" else a * b
+        elif kind == 1:  # composition through a second variable
+            a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(2, 5)
+            op1, op2 = rng.choice("+-"), rng.choice("+*")
+            y = a + b if op1 == "+" else a - b
+            out = y + c if op2 == "+" else y * c
+            prog = f"{v1}={a};{v2}={v1}{op1}{b};print({v2}{op2}{c})"
+        elif kind == 2:  # reassignment
+            a, b = rng.randint(0, 49), rng.randint(1, 30)
+            op = rng.choice("+-")
+            out = a + b if op == "+" else a - b
+            prog = f"{v1}={a};{v1}={v1}{op}{b};print({v1})"
+        elif kind == 3:  # list indexing
+            vals = [rng.randint(0, 99) for _ in range(3)]
+            i = rng.choice((0, 1, 2, -1))
+            out = vals[i]
+            prog = f"{v1}=[{vals[0]},{vals[1]},{vals[2]}];print({v1}[{i}])"
+        elif kind == 4:  # max / min
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            fn = rng.choice(("max", "min"))
+            out = max(a, b) if fn == "max" else min(a, b)
+            prog = f"{v1}={a};{v2}={b};print({fn}({v1},{v2}))"
+        else:  # conditional expression
+            a, t = rng.randint(0, 20), rng.randint(0, 20)
+            yes, no = rng.randint(0, 99), rng.randint(0, 99)
+            out = yes if a > t else no
+            prog = f"{v1}={a};print({yes} if {v1}>{t} else {no})"
+        if 0 <= out <= 99:
+            return TaskItem("code", _q(prog), str(out))
+
+
+# ------------------------------------------------------------------------------------------- strings
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _strings_item(rng: random.Random) -> TaskItem:
+    """A letter-level operation on a random lowercase word (not a dictionary word: no shortcuts)."""
+    kind = rng.randrange(5)
+    length = rng.randint(3, 6) if kind == 1 else rng.randint(3, 7)
+    word = "".join(rng.choice(_LETTERS) for _ in range(length))
+    if kind == 0:
+        return TaskItem("strings", _q(f"Reverse {word}."), word[::-1])
+    if kind == 1:
+        return TaskItem("strings", _q(f"Sort the letters of {word}."), "".join(sorted(word)))
+    if kind == 2:
+        return TaskItem("strings", _q(f"Write {word} in uppercase."), word.upper())
+    if kind == 3:
+        letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(_LETTERS)
+        return TaskItem("strings", _q(f"How many {letter}'s are in {word}?"), str(word.count(letter)))
+    return TaskItem("strings", _q(f"How many letters are in {word}?"), str(len(word)))
+
+
+_GENERATORS: dict[str, Callable[[random.Random], TaskItem]] = {
+    "math": _math_item,
+    "code": _code_item,
+    "strings": _strings_item,
+}
+
+
+# ----------------------------------------------------------------------------------------------- API
+
+
+def _check(domain: str, split: str) -> None:
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+def get_items(domain: str, split: str, n: int | None = None, seed: int = 0) -> list[TaskItem]:
+    """``n`` distinct items of ``domain`` from ``split``; same arguments always give the same list.
+
+    ``n=None`` gives ``DEFAULT_SIZES[split]`` items (for knowledge/train: every train item).
+    """
+    _check(domain, split)
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if domain == "knowledge":
+        pool = list(_knowledge_pool(split))
+        random.Random(_stable_int("knowledge", split, seed)).shuffle(pool)
+        if n is None:
+            return pool if split == "train" else pool[: DEFAULT_SIZES[split]]
+        if n > len(pool):
+            raise ValueError(f"knowledge/{split} has only {len(pool)} distinct items, asked for {n}")
+        return pool[:n]
+
+    want = DEFAULT_SIZES[split] if n is None else n
+    gen = _GENERATORS[domain]
+    rng = random.Random(_stable_int(domain, split, seed))
+    seen: set[str] = set()
+    items: list[TaskItem] = []
+    misses = 0
+    while len(items) < want:
+        item = gen(rng)
+        if item.prompt in seen or _split_of(item.prompt) != split:
+            misses += 1
+            if misses > 50 * want + 10_000:  # guard against asking for more than the space holds
+                raise ValueError(f"could not draw {want} distinct {domain}/{split} items")
+            continue
+        seen.add(item.prompt)
+        items.append(item)
+    return items
+
+
+def calibration_texts(domains: list[str] | None = None, n_per_domain: int = 64, seed: int = 0) -> list[str]:
+    """Calibration texts from the calib split, interleaved across domains so any prefix is mixed."""
+    names = list(DOMAINS) if domains is None else list(domains)
+    for d in names:
+        _check(d, "calib")
+    per = [get_items(d, "calib", n_per_domain, seed) for d in names]
+    return [items[i].text for i in range(n_per_domain) for items in per]
+
+
+def parse_domains(spec: str) -> list[str]:
+    """Parse a CLI domain list such as ``"math,knowledge"`` or ``"all"`` (order kept, duplicates dropped)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"no domains given; valid domains: {', '.join(DOMAINS)} (or 'all')")
+    out: list[str] = []
+    for p in parts:
+        if p.lower() == "all":
+            names = list(DOMAINS)
+        elif p in DOMAINS:
+            names = [p]
+        else:
+            raise ValueError(f"unknown domain {p!r}; valid domains: {', '.join(DOMAINS)} (or 'all')")
+        out.extend(d for d in names if d not in out)
+    return out

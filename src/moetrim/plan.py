@@ -1,0 +1,344 @@
+"""Plans: which experts and which intermediate dimensions stay, per MoE layer, as reviewable JSON.
+
+`--ratio` is the fraction of routed-expert parameters removed. Allocation decides where:
+  global   one ranking across every layer and expert (scores not comparable across layers are
+           divided by their layer's mean first), so experts end up with different widths;
+  layer    the same ratio in every layer, ranked within the layer;
+  uniform  one width for every expert of the model (dims), or the same count per layer (experts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moetrim import criteria
+from moetrim.calibrate.profile import Profile
+from moetrim.errors import UsageError
+from moetrim.model.identity import model_fingerprint
+from moetrim.model.view import MoELayer, find_moe_layers
+
+SCHEMA_VERSION = 1
+GRANULARITIES = ("dims", "experts")
+ALLOCATIONS = ("global", "layer", "uniform")
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    experts_before: int
+    width_before: int
+    top_k: int
+    kept_experts: list[int]
+    widths: list[int]  # per kept expert
+    kept_dims: list[list[int]] | None = None  # per kept expert, ascending; None: all dims kept
+
+
+@dataclass
+class Plan:
+    granularity: str
+    criterion: str
+    ratio: float
+    allocation: str
+    seed: int
+    min_width: int | None
+    round_to: int
+    protect: int
+    exponents: list[float] | None
+    model_fingerprint: str
+    profile_digest: str | None
+    params_before: int
+    params_after: int
+    layers: list[LayerPlan]
+    schema_version: int = SCHEMA_VERSION
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["removed_fraction"] = round(self.removed_fraction, 6)
+        return d
+
+    def to_json(self) -> str:
+        # Fixed key order and compact dim lists: the same plan is the same bytes.
+        d = self.to_dict()
+        layers = d.pop("layers")
+        head = json.dumps(d, indent=1, sort_keys=True)
+        rows = ",\n".join("  " + json.dumps(l, sort_keys=True, separators=(",", ":")) for l in layers)
+        return head[:-2] + ',\n "layers": [\n' + rows + "\n ]\n}\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise UsageError(f"plan schema version {d.get('schema_version')} is not {SCHEMA_VERSION}; re-run `moetrim plan`")
+        d = dict(d)
+        d.pop("removed_fraction", None)
+        d["layers"] = [LayerPlan(**l) for l in d["layers"]]
+        return cls(**d)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"plan not found: {path}")
+    try:
+        return Plan.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise UsageError(f"{path} is not a moetrim plan: {exc}") from None
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Indices from most to least important; ties keep index order (deterministic)."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def _normalise(scores: torch.Tensor) -> torch.Tensor:
+    mean = scores[torch.isfinite(scores)].abs().mean() if torch.isfinite(scores).any() else torch.tensor(0.0)
+    return scores / mean if mean > 0 else scores
+
+
+def _round_width(width: float, round_to: int) -> int:
+    return int(round(width / round_to)) * round_to
+
+
+def _layer_scores(name: str, level: str, profile: Profile | None, layer: MoELayer, seed: int, exponents) -> torch.Tensor:
+    kw = {}
+    if exponents is not None:
+        kw = {"a": exponents[0], "b": int(exponents[1]), "p": int(exponents[2])}
+    return criteria.score(name, level, profile, layer, seed=seed, **kw)
+
+
+def _validate(model: nn.Module, profile: Profile | None, granularity: str, criterion: str, ratio: float, allocation: str):
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"unknown granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
+    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
+        raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
+    level = "dim" if granularity == "dims" else "expert"
+    crit = criteria.get_criterion(criterion, level)
+    needs_profile = criterion not in ("random", "magnitude")
+    if needs_profile and profile is None:
+        raise UsageError(f"criterion '{criterion}' needs a calibration profile (--profile or --data)")
+    if profile is not None:
+        fp = model_fingerprint(model)
+        if profile.fingerprint != fp:
+            raise UsageError("the profile was made from another model (model fingerprints differ); calibrate this model")
+        if crit.needs_gradients and not profile.has_gradients:
+            raise UsageError(f"criterion '{criterion}' needs gradients but the profile was calibrated with --no-fisher")
+    return level, crit
+
+
+# -- planning -----------------------------------------------------------------------------
+def make_plan(
+    model: nn.Module,
+    profile: Profile | None,
+    *,
+    granularity: str = "dims",
+    criterion: str = "fisher",
+    ratio: float = 0.5,
+    allocation: str | None = None,
+    min_width: int | None = None,
+    round_to: int | None = None,
+    protect: int = 0,
+    seed: int = 0,
+    exponents: list[float] | None = None,
+) -> Plan:
+    """Decide what to remove. Same inputs and seed give the same plan, bit for bit."""
+    allocation = allocation or ("global" if granularity == "dims" else "layer")
+    level, crit = _validate(model, profile, granularity, criterion, ratio, allocation)
+    if protect < 0:
+        raise UsageError("--protect must be >= 0")
+    if protect and profile is None:
+        raise UsageError("--protect needs a calibration profile (it reads max|h|)")
+    if min_width is not None and min_width < 0:
+        raise UsageError("--min-width must be >= 0")
+    if round_to is not None and round_to < 1:
+        raise UsageError("--round-to must be >= 1")
+    if exponents is not None and criterion != "unified":
+        raise UsageError("--exponents is only used with --criterion unified")
+    layers = find_moe_layers(model)
+    if any(len(set(l.widths)) != 1 for l in layers):
+        raise UsageError("this model is already compressed to different widths; plan on the original model")
+    params_before = sum(l.routed_params() for l in layers)
+    scores = [_layer_scores(criterion, level, profile, l, seed, exponents) for l in layers]
+    if granularity == "experts":
+        plans = _plan_experts(layers, scores, ratio, allocation, crit.comparable_across_layers)
+        rt = 1
+    else:
+        width = layers[0].widths[0]
+        rt = round_to if round_to is not None else _auto_round(width, ratio, allocation)
+        mw = min_width if min_width is not None else max(1, width // 32)
+        if mw % rt:
+            mw = (mw // rt + 1) * rt
+        if protect:
+            scores = [_protect(s, profile.get(l.index, "act_abs_max").double(), protect) for s, l in zip(scores, layers)]
+        plans = _plan_dims(layers, scores, ratio, allocation, crit.comparable_across_layers, mw, rt)
+        min_width = mw
+    params_after = sum(
+        sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in p.widths) for l, p in zip(layers, plans)
+    )
+    return Plan(
+        granularity=granularity,
+        criterion=criterion,
+        ratio=float(ratio),
+        allocation=allocation,
+        seed=int(seed),
+        min_width=min_width if granularity == "dims" else None,
+        round_to=rt,
+        protect=int(protect),
+        exponents=[float(x) for x in exponents] if exponents is not None else None,
+        model_fingerprint=model_fingerprint(model),
+        profile_digest=profile.digest() if profile is not None else None,
+        params_before=int(params_before),
+        params_after=int(params_after),
+        layers=plans,
+    )
+
+
+def _auto_round(width: int, ratio: float, allocation: str) -> int:
+    """Uniform widths feed transformers' grouped_mm, which needs width*bytes % 16 == 0: round to 8
+    (or 4) when that stays within 2 points of the asked ratio; other allocations keep exact counts."""
+    if allocation != "uniform":
+        return 1
+    for step in (8, 4, 2):
+        w = _round_width(width * (1 - ratio), step)
+        if w > 0 and abs((1 - w / width) - ratio) <= 0.02:
+            return step
+    return 1
+
+
+def _protect(scores: torch.Tensor, act_max: torch.Tensor, k: int) -> torch.Tensor:
+    """Never remove the k dimensions of the layer with the largest max|h|."""
+    flat = act_max.flatten()
+    top = _ranking(flat)[: min(k, flat.numel())]
+    out = scores.clone().flatten()
+    out[top] = math.inf
+    return out.view_as(scores)
+
+
+def _min_experts(layer: MoELayer) -> int:
+    return 1
+
+
+def _plan_experts(layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, allocation: str, comparable: bool) -> list[LayerPlan]:
+    keep_sets: list[list[int]] = []
+    if allocation in ("layer", "uniform"):
+        for layer, s in zip(layers, scores):
+            E, G = layer.num_experts, layer.num_groups
+            per_group = E // G
+            remove = int(round(ratio * E / G))  # same number from every group of a grouped router
+            floor = min(2, per_group) if G > 1 else 1
+            remove = min(remove, per_group - floor)
+            keep: list[int] = []
+            for g in range(G):
+                idx = torch.arange(g * per_group, (g + 1) * per_group)
+                order = idx[_ranking(s[idx])]
+                keep.extend(order[: per_group - remove].tolist())
+            keep_sets.append(sorted(keep))
+    else:
+        if any(l.num_groups > 1 for l in layers):
+            raise UsageError("global expert allocation would unbalance a grouped router; use --allocation layer")
+        normed = [s if comparable else _normalise(s) for s in scores]
+        entries = torch.cat(normed)
+        owner = torch.cat([torch.full((l.num_experts,), i) for i, l in enumerate(layers)])
+        local = torch.cat([torch.arange(l.num_experts) for l in layers])
+        total = entries.numel()
+        n_remove = int(round(ratio * total))
+        order = _ranking(entries).flip(0)  # least important first
+        removed = [set() for _ in layers]
+        for j in order.tolist():
+            if n_remove == 0:
+                break
+            li = int(owner[j])
+            if layers[li].num_experts - len(removed[li]) <= _min_experts(layers[li]):
+                continue
+            removed[li].add(int(local[j]))
+            n_remove -= 1
+        keep_sets = [sorted(set(range(l.num_experts)) - r) for l, r in zip(layers, removed)]
+    return [
+        LayerPlan(l.index, l.num_experts, l.widths[0], min(l.top_k, len(k)), k, [l.widths[0]] * len(k), None)
+        for l, k in zip(layers, keep_sets)
+    ]
+
+
+def _plan_dims(
+    layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, allocation: str, comparable: bool, min_width: int, round_to: int
+) -> list[LayerPlan]:
+    widths_per_layer: list[torch.Tensor]
+    if allocation == "uniform":
+        width = layers[0].widths[0]
+        w = max(_round_width(width * (1 - ratio), round_to), min(round_to, width), 1)
+        widths_per_layer = [torch.full((l.num_experts,), min(w, width)) for l in layers]
+    elif allocation == "layer":
+        widths_per_layer = [_widths_from_ranking([l], [s], ratio, min_width, round_to)[0] for l, s in zip(layers, scores)]
+    else:
+        normed = [s if comparable else _normalise(s) for s in scores]
+        widths_per_layer = _widths_from_ranking(layers, normed, ratio, min_width, round_to)
+    plans = []
+    for l, s, widths in zip(layers, scores, widths_per_layer):
+        widths = widths.clone()
+        if l.num_groups > 1:  # grouped routers keep every expert: groups must stay equal
+            widths = widths.clamp(min=max(min_width, round_to, 1))
+        if int((widths > 0).sum()) == 0:  # a layer keeps at least its best expert
+            best = int(_ranking(s.sum(1))[0])
+            widths[best] = max(round_to, 1)
+        kept = [e for e in range(l.num_experts) if widths[e] > 0]
+        kept_dims = [sorted(_ranking(s[e])[: int(widths[e])].tolist()) for e in kept]
+        plans.append(LayerPlan(l.index, l.num_experts, l.widths[0], min(l.top_k, len(kept)), kept, [int(widths[e]) for e in kept], kept_dims))
+    return plans
+
+
+def _widths_from_ranking(layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, min_width: int, round_to: int) -> list[torch.Tensor]:
+    """Keep the best dims across the given layers until (1 - ratio) of their parameters remain.
+
+    The first `min_width` dims of every expert (by score) are kept regardless; widths are then
+    rounded to multiples of `round_to` (an expert rounded to zero is removed)."""
+    width = layers[0].widths[0]
+    forced = []
+    for s in scores:
+        rank_in_expert = torch.argsort(_ranking_rows(s), dim=1)  # position of each dim in its expert's ranking
+        forced.append(rank_in_expert < min_width)
+    entries = torch.cat([s.flatten() for s in scores])
+    must = torch.cat([f.flatten() for f in forced])
+    cost = torch.cat([torch.full((s.numel(),), l.params_per_dim(), dtype=torch.float64) for l, s in zip(layers, scores)])
+    total = cost.sum()
+    keep_budget = (1.0 - ratio) * total
+    order = _ranking(torch.where(must, torch.full_like(entries, math.inf), entries))
+    kept_cost = torch.cumsum(cost[order], 0)
+    n_keep = int(torch.searchsorted(kept_cost, keep_budget - 1e-9).item())  # smallest prefix reaching the budget
+    n_keep = min(max(n_keep, int(must.sum())), entries.numel())
+    keep = torch.zeros(entries.numel(), dtype=torch.bool)
+    keep[order[:n_keep]] = True
+    out, start = [], 0
+    for l, s in zip(layers, scores):
+        counts = keep[start : start + s.numel()].view(s.shape).sum(1).double()
+        start += s.numel()
+        if round_to > 1:
+            counts = torch.round(counts / round_to) * round_to
+        out.append(counts.clamp(max=width).to(torch.long))
+    return out
+
+
+def _ranking_rows(s: torch.Tensor) -> torch.Tensor:
+    return torch.sort(s, dim=1, descending=True, stable=True).indices
