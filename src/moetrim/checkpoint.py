@@ -75,14 +75,33 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str | None = "cpu",
     trust_remote_code: bool = False,
+    meta: bool = False,
 ) -> nn.Module:
-    """Load an original or compressed checkpoint; fail loudly on any missing or mismatched weight."""
+    """Load an original or compressed checkpoint; fail loudly on any missing or mismatched weight.
+
+    meta=True builds the model on the meta device from its config (shapes and dtypes, no weights
+    read): enough to inspect a checkpoint of any size."""
     path = resolve_model_path(path)
     raw = _read_config(path)
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     if raw.get("model_type") == VARWIDTH_MODEL_TYPE:
-        model = _load_varwidth(path, raw, dtype, trust_remote_code)
+        model = _load_varwidth(path, raw, dtype, trust_remote_code, meta=meta)
+        if meta:
+            return model
+    elif meta:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
+            raise MoetrimError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from None
+        if dtype in (None, "auto"):
+            dtype = getattr(config, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).to(dtype)
+        return model
     else:
         from transformers import AutoModelForCausalLM
 
@@ -107,12 +126,22 @@ def load_tokenizer(path: str | os.PathLike, *, required: bool = True, trust_remo
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path)
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # transformers raises many kinds for a missing tokenizer
-        if required:
-            raise UsageError(f"{path} has no usable tokenizer ({type(exc).__name__}); save one beside the model or pass token ids") from None
-        return None
+    # AutoTokenizer happily builds an empty tokenizer from config.json alone: look for real files.
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+    problem = None
+    if not any((path / f).is_file() for f in files):
+        problem = "no tokenizer files (tokenizer.json, vocab.json, tokenizer.model)"
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            if len(tok) > 1:
+                return tok
+            problem = "an empty vocabulary"
+        except Exception as exc:  # transformers raises many kinds for a broken tokenizer
+            problem = f"a tokenizer that does not load ({type(exc).__name__})"
+    if required:
+        raise UsageError(f"{path} has {problem}; save the model's tokenizer beside it")
+    return None
 
 
 # -- variable-width format -------------------------------------------------------------------
@@ -127,7 +156,7 @@ def _weight_files(path: Path) -> list[Path]:
     raise MoetrimError(f"{path} has no model.safetensors")
 
 
-def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool) -> nn.Module:
+def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moetrim.model.varwidth import VariableWidthExperts
@@ -164,6 +193,8 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool) -> nn.
             router.e_score_correction_bias = torch.empty(n, device="meta")
         router.num_experts = n
         router.top_k = spec["top_k"]
+    if meta:
+        return model.to(dtype)
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt") as sf:
@@ -242,6 +273,23 @@ def _write_state(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def make_recipe(plan, profile, source: str | None, fmt: str) -> dict[str, Any]:
+    """The record of how a checkpoint was made, stored in its config.json under 'moetrim'."""
+    from moetrim import __version__
+
+    return {
+        "moetrim_version": __version__,
+        "source": None if source is None else str(source),
+        "format": fmt,
+        "granularity": plan.granularity,
+        "criterion": plan.criterion,
+        "ratio": plan.ratio,
+        "allocation": plan.allocation,
+        "removed_fraction": round(plan.removed_fraction, 6),
+        "profile": None if profile is None else {k: profile.meta.get(k) for k in ("tokens", "data_digest", "fisher_mode")},
+    }
+
+
 def is_varwidth(model: nn.Module) -> bool:
     return getattr(model.config, VARWIDTH_KEY, None) is not None
 
@@ -262,6 +310,8 @@ def save_checkpoint(
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if recipe is None and plan is not None:
+        recipe = make_recipe(plan, profile, source=None, fmt="varwidth" if is_varwidth(model) else "standard")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if recipe is not None:

@@ -326,8 +326,8 @@ def _widths_from_ranking(layers: list[MoELayer], scores: list[torch.Tensor], rat
     keep_budget = (1.0 - ratio) * total
     order = _ranking(torch.where(must, torch.full_like(entries, math.inf), entries))
     kept_cost = torch.cumsum(cost[order], 0)
-    n_keep = int(torch.searchsorted(kept_cost, keep_budget - 1e-9).item())  # smallest prefix reaching the budget
-    n_keep = min(max(n_keep, int(must.sum())), entries.numel())
+    n_keep = int(torch.searchsorted(kept_cost, keep_budget - 1e-9).item()) + 1  # smallest prefix reaching the budget
+    n_keep = min(max(n_keep, int(must.sum())), entries.numel()) if keep_budget > 0 else int(must.sum())
     keep = torch.zeros(entries.numel(), dtype=torch.bool)
     keep[order[:n_keep]] = True
     out, start = [], 0

@@ -26,24 +26,24 @@ class Criterion:
     doc: str = ""
 
 
-REGISTRY: dict[str, Criterion] = {}
+REGISTRY: dict[tuple[str, str], Criterion] = {}  # (level, name)
 
 
 def register(name: str, level: str, *, comparable: bool, gradients: bool = False, doc: str = ""):
     def deco(fn):
-        REGISTRY[name] = Criterion(name, level, fn, comparable, gradients, doc or (fn.__doc__ or "").strip().splitlines()[0])
+        REGISTRY[(level, name)] = Criterion(name, level, fn, comparable, gradients, doc or (fn.__doc__ or "").strip().splitlines()[0])
         return fn
 
     return deco
 
 
 def names(level: str) -> list[str]:
-    return [n for n, c in REGISTRY.items() if c.level == level]
+    return [name for (lvl, name) in REGISTRY if lvl == level]
 
 
 def get_criterion(name: str, level: str) -> Criterion:
-    crit = REGISTRY.get(name)
-    if crit is None or crit.level != level:
+    crit = REGISTRY.get((level, name))
+    if crit is None:
         raise UsageError(f"unknown {level} criterion '{name}'; choose from {', '.join(names(level))}")
     return crit
 

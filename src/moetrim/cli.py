@@ -1,0 +1,366 @@
+"""`moetrim` command line: one command per stage (calibrate, plan, apply), `compress` for all of
+them, plus inspect, merge, eval and demo. User mistakes end in one line and exit code 2; other
+failures in one line and exit code 1; never a traceback for either."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moetrim.errors import MoetrimError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make Mixture-of-Experts models smaller and faster: calibrate once, plan, apply, save.",
+)
+out = Console()
+err = Console(stderr=True)
+
+# Shared option declarations (typer reads defaults from these).
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto")
+DtypeOpt = typer.Option("auto", "--dtype", help="load dtype: auto (as saved), float32, bfloat16, float16")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="allow code shipped with the checkpoint to run")
+SeedOpt = typer.Option(0, "--seed", help="seed for data sampling and random criteria")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def handled(fn):
+    """Turn moetrim errors into a one-line message and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoetrimError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written to the output")
+            raise typer.Exit(130)
+        except MemoryError:
+            err.print("[bold red]error:[/] out of memory; lower --batch-size or --seq-len, or use --dtype bfloat16")
+            raise typer.Exit(1)
+        except Exception as exc:  # torch OOM and friends: still one line
+            if type(exc).__name__ == "OutOfMemoryError":
+                err.print("[bold red]error:[/] out of device memory; lower --batch-size or --seq-len")
+                raise typer.Exit(1)
+            raise
+
+    return wrapper
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _check_out(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} already exists; choose another --out or pass --overwrite")
+
+
+def _parse_exponents(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError("--exponents takes three numbers a,b,p (e.g. 0,1,1 for REAP)") from None
+    if len(vals) != 3:
+        raise UsageError("--exponents takes three numbers a,b,p (e.g. 0,1,1 for REAP)")
+    return vals
+
+
+def _validate_method(granularity: str, criterion: str, ratio: float, allocation: Optional[str]) -> None:
+    """Fail before any expensive work on a bad method choice."""
+    import math
+
+    from moetrim import criteria
+    from moetrim.plan import ALLOCATIONS, GRANULARITIES
+
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"unknown --granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
+    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
+        raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
+    criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
+
+
+def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool):
+    from moetrim.checkpoint import load_model
+
+    _quiet_transformers()
+    with err.status(f"loading {model_path}"):
+        return load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def _data_arg(data: str):
+    for part in data.split(","):
+        if not Path(part).is_file():
+            raise UsageError(f"data file not found: {part}")
+    return data
+
+
+def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode):
+    from moetrim.calibrate import calibrate
+    from moetrim.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    profile = calibrate(
+        model,
+        data,
+        tokenizer=tokenizer,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        fisher=fisher,
+        fisher_mode=fisher_mode,
+        progress=True,
+    )
+    return profile, tokenizer
+
+
+def _report_plan(plan, fmt: str | None = None, note: str = "") -> None:
+    t = Table(title="plan", show_header=False)
+    t.add_row("method", f"{plan.granularity} / {plan.criterion} / {plan.allocation}")
+    t.add_row("routed-expert params", f"{plan.params_before:,} -> {plan.params_after:,}")
+    t.add_row("removed", f"{plan.removed_fraction:.1%} (asked {plan.ratio:.1%})")
+    experts = [len(l.kept_experts) for l in plan.layers]
+    widths = [w for l in plan.layers for w in l.widths]
+    t.add_row("experts per layer", f"{min(experts)}..{max(experts)} of {plan.layers[0].experts_before}")
+    t.add_row("expert widths", f"{min(widths)}..{max(widths)} of {plan.layers[0].width_before}")
+    if fmt:
+        t.add_row("checkpoint", "standard (loads in plain transformers)" if fmt == "standard" else "variable-width (load with moetrim.load)")
+    out.print(t)
+    if note:
+        err.print(f"note: {note}")
+
+
+def _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir: Path, overwrite: bool):
+    from moetrim.apply import apply_plan
+    from moetrim.checkpoint import make_recipe, save_checkpoint
+
+    result = apply_plan(model, plan)
+    with err.status(f"saving {out_dir}"):
+        save_checkpoint(
+            model,
+            out_dir,
+            tokenizer=tokenizer,
+            plan=plan,
+            profile=profile,
+            recipe=make_recipe(plan, profile, model_path, result.format),
+            overwrite=overwrite,
+        )
+    _report_plan(plan, result.format, result.note)
+    out.print(f"saved [bold]{out_dir}[/]")
+
+
+# -- commands -------------------------------------------------------------------------------
+@app.command()
+@handled
+def inspect(
+    path: str = typer.Argument(..., help="model directory (or 'reference')"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    trust_remote_code: bool = TrustOpt,
+):
+    """Show a model's MoE layers, experts, widths, and parameters and memory by part (reads no weights)."""
+    from moetrim.checkpoint import load_model
+    from moetrim.summary import PARTS, summarize
+
+    _quiet_transformers()
+    s = summarize(load_model(path, meta=True, trust_remote_code=trust_remote_code))
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    out.print(f"[bold]{path}[/]: {s['family']} ({s['class']}), {s['dtype']}, {s['decoder_layers']} decoder layers, "
+              f"{len(s['moe_layers'])} MoE layers, {s['format']} format")
+    lt = Table(title="MoE layers")
+    for c in ("layer", "experts", "top-k", "width min/mean/max", "routing", "shared", "routed params"):
+        lt.add_column(c, justify="right" if c not in ("routing", "shared") else "left")
+    for l in s["moe_layers"]:
+        lt.add_row(str(l["layer"]), str(l["experts"]), str(l["top_k"]), f"{l['width_min']}/{l['width_mean']:g}/{l['width_max']}",
+                   l["routing"], ",".join(l["shared"]) or "-", f"{l['routed_params']:,}")
+    out.print(lt)
+    pt = Table(title="parameters and weight memory")
+    pt.add_column("part")
+    pt.add_column("params", justify="right")
+    pt.add_column("MiB", justify="right")
+    pt.add_column("share", justify="right")
+    for part in PARTS:
+        if s["params"][part]:
+            pt.add_row(part.replace("_", " "), f"{s['params'][part]:,}", f"{s['bytes'][part] / 2**20:.2f}", f"{s['bytes'][part] / s['total_bytes']:.1%}")
+    pt.add_row("[bold]total", f"{s['total_params']:,}", f"{s['total_bytes'] / 2**20:.2f}", "100%")
+    out.print(pt)
+
+
+@app.command("calibrate")
+@handled
+def calibrate_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
+    data: str = typer.Option(..., "--data", help=".txt or .jsonl calibration data (comma-separated for several)"),
+    out_path: Path = typer.Option(Path("profile.safetensors"), "--out", help="profile file to write"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="use at most this many tokens"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    no_fisher: bool = typer.Option(False, "--no-fisher", help="forward pass only: no gradient statistics"),
+    fisher_mode: str = typer.Option("sequence", "--fisher-mode", help="sum squared gradients per 'sequence' or per 'batch'"),
+    seed: int = SeedOpt,
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
+):
+    """Record every statistic any criterion needs, in one pass, into a profile file."""
+    _check_out(out_path, overwrite)
+    _data_arg(data)
+    model = _load(model_path, dtype, device, trust_remote_code)
+    profile, _ = _calibrate(model, model_path, data, trust_remote_code, fisher=not no_fisher, max_tokens=max_tokens,
+                            seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode)
+    profile.save(out_path)
+    out.print(f"profile of {len(profile.layers)} MoE layers, {profile.tokens:,} tokens -> [bold]{out_path}[/]")
+
+
+@app.command("plan")
+@handled
+def plan_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL"),
+    profile_path: Optional[Path] = typer.Option(None, "--profile", help="profile from `moetrim calibrate`"),
+    granularity: str = typer.Option("dims", "--granularity", help="dims (trim intermediate dimensions) or experts"),
+    criterion: str = typer.Option("fisher", "--criterion"),
+    ratio: float = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)"),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="global, layer or uniform (default: global for dims, layer for experts)"),
+    min_width: Optional[int] = typer.Option(None, "--min-width", help="smallest width an expert keeps (0 lets experts go)"),
+    round_to: Optional[int] = typer.Option(None, "--round-to", help="widths in multiples of N"),
+    protect: int = typer.Option(0, "--protect", help="never remove the K dims per layer with the largest max|h|"),
+    exponents: Optional[str] = typer.Option(None, "--exponents", help="a,b,p of the unified expert score S(a,b,p)"),
+    seed: int = SeedOpt,
+    out_path: Path = typer.Option(Path("plan.json"), "--out"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    trust_remote_code: bool = TrustOpt,
+):
+    """Decide which experts and dimensions stay; writes a JSON plan."""
+    from moetrim.calibrate import load_profile
+    from moetrim.plan import make_plan
+
+    _validate_method(granularity, criterion, ratio, allocation)
+    _check_out(out_path, overwrite)
+    profile = load_profile(profile_path) if profile_path else None
+    model = _load(model_path, "auto", "cpu", trust_remote_code)
+    plan = make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation,
+                     min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=_parse_exponents(exponents))
+    plan.save(out_path)
+    _report_plan(plan)
+    out.print(f"plan -> [bold]{out_path}[/]")
+
+
+@app.command("apply")
+@handled
+def apply_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL"),
+    plan_path: Path = typer.Option(..., "--plan"),
+    out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
+    profile_path: Optional[Path] = typer.Option(None, "--profile", help="profile to store beside the checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
+):
+    """Apply a plan: real smaller tensors, saved atomically to --out."""
+    from moetrim.calibrate import load_profile
+    from moetrim.checkpoint import load_tokenizer
+    from moetrim.plan import load_plan
+
+    _check_out(out_dir, overwrite)
+    plan = load_plan(plan_path)
+    profile = load_profile(profile_path) if profile_path else None
+    model = _load(model_path, dtype, device, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, required=False, trust_remote_code=trust_remote_code)
+    _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir, overwrite)
+
+
+@app.command()
+@handled
+def compress(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
+    data: str = typer.Option(..., "--data", help=".txt or .jsonl calibration data"),
+    out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
+    granularity: str = typer.Option("dims", "--granularity", help="dims or experts"),
+    criterion: str = typer.Option("fisher", "--criterion"),
+    ratio: float = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)"),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="global, layer or uniform"),
+    min_width: Optional[int] = typer.Option(None, "--min-width"),
+    round_to: Optional[int] = typer.Option(None, "--round-to"),
+    protect: int = typer.Option(0, "--protect"),
+    exponents: Optional[str] = typer.Option(None, "--exponents"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    fisher_mode: str = typer.Option("sequence", "--fisher-mode"),
+    seed: int = SeedOpt,
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
+):
+    """Calibrate, plan, apply and save in one go."""
+    from moetrim import criteria
+    from moetrim.plan import make_plan
+
+    _validate_method(granularity, criterion, ratio, allocation)
+    exps = _parse_exponents(exponents)
+    _check_out(out_dir, overwrite)
+    _data_arg(data)
+    model = _load(model_path, dtype, device, trust_remote_code)
+    crit = criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
+    profile, tokenizer = _calibrate(model, model_path, data, trust_remote_code, fisher=crit.needs_gradients,
+                                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode)
+    plan = make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation,
+                     min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps)
+    _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir, overwrite)
+
+
+@app.command()
+@handled
+def merge(
+    profiles: list[Path] = typer.Argument(..., help="profiles of the same model"),
+    out_path: Path = typer.Option(..., "--out"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Add profiles of the same model (from shards, ranks or sessions) into one."""
+    from moetrim.calibrate import load_profile
+
+    _check_out(out_path, overwrite)
+    if len(profiles) < 2:
+        raise UsageError("merge needs at least two profiles")
+    merged = load_profile(profiles[0])
+    for p in profiles[1:]:
+        merged = merged.merge(load_profile(p))
+    merged.save(out_path)
+    out.print(f"merged {len(profiles)} profiles, {merged.tokens:,} tokens -> [bold]{out_path}[/]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        from moetrim import cli_tasks  # noqa: F401  (registers eval and demo when present)
+    except ImportError:
+        pass
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Test-only references that do not go through moetrim's own code paths."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from moetrim.model.view import find_moe_layers
+
+
+def run_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+class _MaskRouterLogits(TorchFunctionMode):
+    """Adds -inf to the router logits of removed experts inside the stock router's own forward."""
+
+    def __init__(self, masks: dict[int, torch.Tensor]):
+        super().__init__()
+        self.masks = masks  # data_ptr of router weight -> additive mask [E]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+            mask = self.masks.get(args[1].data_ptr())
+            if mask is not None:
+                out = out + mask.to(out.dtype)
+        return out
+
+
+def masked_model_logits(model, plan, ids):
+    """Logits of the ORIGINAL model with the plan's removals masked, not sliced:
+    removed dims -> their down-projection columns zeroed; removed experts -> router logits -inf
+    (and, for sigmoid routers, the selection bias -inf), so they are never selected."""
+    m = copy.deepcopy(model)
+    masks = {}
+    for layer in find_moe_layers(m):
+        lp = next(p for p in plan.layers if p.layer == layer.index)
+        removed = [e for e in range(layer.num_experts) if e not in lp.kept_experts]
+        with torch.no_grad():
+            if lp.kept_dims is not None:
+                for e, dims in zip(lp.kept_experts, lp.kept_dims):
+                    w = layer.expert(e)
+                    drop = [j for j in range(w.width) if j not in set(dims)]
+                    w.down[:, drop] = 0
+            if removed:
+                add = torch.zeros(layer.num_experts)
+                add[removed] = float("-inf")
+                masks[layer.router.weight.data_ptr()] = add
+                corr = getattr(layer.router, "e_score_correction_bias", None)
+                if corr is not None:
+                    corr[removed] = float("-inf")
+    with _MaskRouterLogits(masks):
+        return run_logits(m, ids)
