@@ -41,8 +41,12 @@ class ApplyResult:
     note: str = ""
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True) -> ApplyResult:
-    """Compress `model` in place according to `plan` (torchao-style: one verb, model changed)."""
+def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, force_varwidth: bool = False) -> ApplyResult:
+    """Compress `model` in place according to `plan` (torchao-style: one verb, model changed).
+
+    New tensors are allocated for everything that changes; tensors of `model` are never written
+    in place, so a shallow copy sharing them with another model is safe to compress.
+    force_varwidth: use the variable-width experts even where a standard checkpoint is possible."""
     layers = find_moe_layers(model)
     if check_fingerprint and plan.model_fingerprint != model_fingerprint(model):
         raise UsageError("the plan was made for another model (model fingerprints differ)")
@@ -54,7 +58,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True) 
     counts = {len(p.kept_experts) for p in plan.layers}
     widths = {w for p in plan.layers for w in p.widths}
     note = ""
-    if len(counts) == 1 and len(widths) == 1:
+    if len(counts) == 1 and len(widths) == 1 and not force_varwidth:
         new_config = _standard_config(model, layers, counts.pop(), widths.pop(), min(p.top_k for p in plan.layers))
         if new_config is not None:
             for layer in layers:

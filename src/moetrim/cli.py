@@ -353,12 +353,92 @@ def merge(
     out.print(f"merged {len(profiles)} profiles, {merged.tokens:,} tokens -> [bold]{out_path}[/]")
 
 
+@app.command("eval")
+@handled
+def eval_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
+    tasks: str = typer.Option("all", "--tasks", help="comma-separated domains, or 'all'"),
+    n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
+):
+    """Accuracy (greedy exact match) and perplexity per task domain."""
+    from moetrim.checkpoint import load_tokenizer
+    from moetrim.data.tasks import parse_domains
+    from moetrim.evaluate.tasks_eval import evaluate_tasks
+
+    try:
+        domains = parse_domains(tasks)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if n is not None and n < 1:
+        raise UsageError("--n must be at least 1")
+    model = _load(model_path, dtype, device, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    try:
+        res = evaluate_tasks(model, tokenizer, domains, n=n, batch_size=batch_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    t = Table(title=f"{model_path}")
+    for c in ("domain", "accuracy", "perplexity", "items"):
+        t.add_column(c, justify="left" if c == "domain" else "right")
+    for d in domains:
+        t.add_row(d, f"{res['accuracy'][d]:.3f}", f"{res['perplexity'][d]:.3f}", str(res["n"][d]))
+    out.print(t)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, json_path)
+
+
+@app.command()
+@handled
+def demo(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder (default: a fresh ./moetrim-demo*)"),
+    ratio: float = typer.Option(0.5, "--ratio"),
+    criterion: str = typer.Option("fisher", "--criterion"),
+    eval_items: int = typer.Option(200, "--eval-items", help="evaluation items per domain"),
+    seed: int = SeedOpt,
+):
+    """Compress the bundled reference model (Fisher, 50% of routed-expert weights, global) and
+    compare dense vs compressed: accuracy, perplexity, memory, tokens/s."""
+    from moetrim.demo import fresh_out_dir, run_demo
+
+    _validate_method("dims", criterion, ratio, "global")
+    if eval_items < 1:
+        raise UsageError("--eval-items must be at least 1")
+    target = out_dir or fresh_out_dir()
+    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+        raise UsageError(f"{out_dir} already exists and is not empty; choose another --out")
+    _quiet_transformers()
+    res = run_demo(target, ratio=ratio, criterion=criterion, eval_items=eval_items, seed=seed, log=lambda s: err.print(s))
+    d, c = res["dense"], res["compressed"]
+    t = Table(title=f"reference model: dense vs {res['method']['criterion']} dims {res['method']['removed_fraction']:.0%} removed ({res['method']['allocation']})")
+    t.add_column("")
+    t.add_column("dense", justify="right")
+    t.add_column("compressed", justify="right")
+    t.add_column("ratio", justify="right")
+    for dom in d["accuracy"]:
+        t.add_row(f"accuracy: {dom}", f"{d['accuracy'][dom]:.3f}", f"{c['accuracy'][dom]:.3f}",
+                  f"{c['accuracy'][dom] / d['accuracy'][dom]:.2f}" if d["accuracy"][dom] else "-")
+    t.add_row("[bold]accuracy: mean", f"{d['mean_accuracy']:.3f}", f"{c['mean_accuracy']:.3f}", f"{res['ratios']['mean_accuracy']:.2f}")
+    for dom in d["perplexity"]:
+        t.add_row(f"perplexity: {dom}", f"{d['perplexity'][dom]:.3f}", f"{c['perplexity'][dom]:.3f}", f"{c['perplexity'][dom] / d['perplexity'][dom]:.2f}")
+    t.add_row("weight memory (MiB)", f"{d['weight_bytes'] / 2**20:.2f}", f"{c['weight_bytes'] / 2**20:.2f}", f"{res['ratios']['weight_bytes']:.2f}")
+    for key, label in (("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s (batch 1)"),
+                       ("decode_tokens_per_s_b8", "decode tokens/s (batch 8)")):
+        t.add_row(label, f"{d[key]:.0f}", f"{c[key]:.0f}", f"{c[key] / d[key]:.2f}")
+    out.print(t)
+    out.print(f"results -> [bold]{target / 'results.json'}[/]; compressed checkpoint -> [bold]{target / 'compressed'}[/] "
+              f"({res['method']['checkpoint_format']} format; {res['seconds']:.0f} s)")
+
+
 def main() -> None:
     """Console-script entry point."""
-    try:
-        from moetrim import cli_tasks  # noqa: F401  (registers eval and demo when present)
-    except ImportError:
-        pass
     app()
 
 

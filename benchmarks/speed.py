@@ -1,0 +1,389 @@
+"""Speed and memory of compressed MoE models at real layer shapes.
+
+For each model the real shapes (hidden size, experts, top-k, expert and shared widths, vocabulary,
+attention) are built with random weights and only a few decoder layers, so they fit this machine.
+Every variant is measured side by side with dense in the same run (alternating, medians), and
+figures are extrapolated to full depth by calculation from per-part timings:
+
+    T_full = T_outside_layers + L_full * mean(T_layer),   share s = L_full * T_experts / T_full
+    bound  = 1 / ((1 - s) + s * (1 - r))                  r = routed-expert weight fraction removed
+
+`bound` is the speed-up that removing those weights could give at most if routed-expert time fell
+in proportion to their weights (Amdahl); measured/bound says how close the runtime gets.
+
+Dense is the stock `transformers` model with the fastest experts implementation it offers for that
+regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it
+copies weights per token). Global variants use widths drawn around the target ratio (random
+weights carry no importance signal to rank by; see --width-spread).
+
+    python benchmarks/speed.py --quick            # under 10 minutes on 2 CPU cores
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --out benchmarks/results/speed-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moetrim.apply import apply_plan
+from moetrim.evaluate.throughput import prefill_seconds
+from moetrim.model.view import find_moe_layers
+from moetrim.plan import make_plan
+from moetrim.summary import weight_bytes
+
+HERE = Path(__file__).resolve().parent
+
+# Real shapes (from the public configs of these checkpoints).
+MODELS = {
+    "Qwen1.5-MoE-A2.7B": dict(
+        model_type="qwen2_moe", hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, vocab_size=151936,
+        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        intermediate_size=5632, full_layers=24, tie_word_embeddings=False,
+    ),
+    "OLMoE-1B-7B": dict(
+        model_type="olmoe", hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304,
+        num_experts=64, num_experts_per_tok=8, intermediate_size=1024, full_layers=16, tie_word_embeddings=False,
+    ),
+    "Qwen3-30B-A3B": dict(
+        model_type="qwen3_moe", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        vocab_size=151936, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+        full_layers=48, tie_word_embeddings=False,
+    ),
+    "Mixtral-8x7B": dict(
+        model_type="mixtral", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=14336, full_layers=32, tie_word_embeddings=False,
+    ),
+}
+VARIANTS = ("dense", "varwidth-0%", "dims-25%-global", "dims-50%-global", "dims-25%-uniform", "dims-50%-uniform",
+            "experts-25%", "experts-50%")
+
+
+def build(spec: dict, layers: int, dtype: torch.dtype, device: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {k: v for k, v in spec.items() if k not in ("model_type", "full_layers")}
+    cfg = AutoConfig.for_model(spec["model_type"], num_hidden_layers=layers, max_position_embeddings=4096, **kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        for layer in find_moe_layers(model):  # routers with spread so routing is not degenerate
+            layer.router.weight.normal_(0, 0.02)
+    return model.eval()
+
+
+def share(model: nn.Module, memo_from: nn.Module) -> nn.Module:
+    """A copy that shares every tensor with memo_from; apply_plan then only allocates what changes."""
+    memo = {id(t): t for t in list(memo_from.parameters()) + list(memo_from.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def global_plan(model: nn.Module, ratio: float, spread: float, seed: int):
+    """A global-allocation plan with per-expert widths drawn log-normally around the target."""
+    plan = make_plan(model, None, granularity="dims", criterion="random", ratio=ratio, allocation="global", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    layers = find_moe_layers(model)
+    width = layers[0].widths[0]
+    n = sum(l.num_experts for l in layers)
+    raw = torch.exp(torch.randn(n, generator=gen, dtype=torch.float64) * spread)
+    target = (1 - ratio) * width * n
+    w = raw * target / raw.sum()
+    for _ in range(20):  # clip to [8, width] and renormalise
+        w = w.clamp(8, width)
+        w = w * target / w.sum()
+    widths = torch.round(w).long().clamp(8, width).tolist()
+    i = 0
+    for lp in plan.layers:
+        lp.kept_experts = list(range(lp.experts_before))
+        lp.widths = widths[i : i + lp.experts_before]
+        lp.kept_dims = [list(range(k)) for k in lp.widths]
+        i += lp.experts_before
+    per_dim = layers[0].params_per_dim()
+    plan.params_after = sum(widths) * per_dim
+    return plan
+
+
+def make_variant(dense: nn.Module, name: str, spread: float, seed: int) -> tuple[nn.Module, float]:
+    if name == "dense":
+        return dense, 0.0
+    m = share(dense, dense)
+    if name == "varwidth-0%":
+        plan = make_plan(m, None, granularity="dims", criterion="random", ratio=0.0, allocation="global", seed=seed)
+        apply_plan(m, plan, force_varwidth=True)
+        return m, 0.0
+    kind, pct, *alloc = name.split("-")
+    ratio = int(pct.rstrip("%")) / 100
+    if kind == "experts":
+        plan = make_plan(m, None, granularity="experts", criterion="random", ratio=ratio, allocation="layer", seed=seed)
+    elif alloc == ["global"]:
+        plan = global_plan(m, ratio, spread, seed)
+    else:
+        plan = make_plan(m, None, granularity="dims", criterion="random", ratio=ratio, allocation="uniform", seed=seed)
+    apply_plan(m, plan)
+    return m, plan.removed_fraction
+
+
+class PartTimer:
+    """Wall time inside decoder layers and inside routed experts (forward hooks)."""
+
+    def __init__(self, model: nn.Module, device: str):
+        from moetrim.model.view import decoder_layers
+
+        self.device = device
+        self.layer_t = 0.0
+        self.expert_t = 0.0
+        self.handles = []
+        for layer in decoder_layers(model):
+            self._watch(layer, "layer_t")
+        for l in find_moe_layers(model):
+            self._watch(l.experts, "expert_t")
+
+    def _watch(self, module: nn.Module, field: str) -> None:
+        start = {}
+
+        def pre(mod, args):
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            start["t"] = time.perf_counter()
+
+        def post(mod, args, out):
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            setattr(self, field, getattr(self, field) + time.perf_counter() - start["t"])
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def reset(self) -> None:
+        self.layer_t = self.expert_t = 0.0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def timed(model: nn.Module, fn, device: str) -> dict:
+    """Total seconds and the parts inside layers / experts for one call of fn(model)."""
+    timer = PartTimer(model, device)
+    try:
+        total = fn(model, timer)
+        return {"total": total, "layers": timer.layer_t, "experts": timer.expert_t}
+    finally:
+        timer.remove()
+
+
+def full_depth(t: dict, layers: int, full_layers: int) -> dict:
+    outside = max(t["total"] - t["layers"], 0.0)
+    per_layer = t["layers"] / layers
+    total = outside + full_layers * per_layer
+    return {"total": total, "experts_share": full_layers * (t["experts"] / layers) / total if total else 0.0}
+
+
+def median_parts(samples: list[dict]) -> dict:
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+def run_model(name: str, spec: dict, args) -> list[dict]:
+    layers = args.layers or (1 if args.quick else 2)
+    if name.startswith("Mixtral") and not args.layers:
+        layers = 1
+    t0 = time.perf_counter()
+    dense = build(spec, layers, args.dtype, args.device)
+    ids = torch.randint(0, spec["vocab_size"], (8, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(args.device)
+    log(f"{name}: built {layers} layer(s) in {time.perf_counter() - t0:.0f}s; {weight_bytes(dense) / 2**30:.2f} GiB")
+    impls = ["grouped_mm", "eager"] + ([] if args.quick else ["batched_mm"])
+    if args.device == "cuda":
+        impls = ["grouped_mm", "eager", "batched_mm"]
+
+    def prefill(m, timer):
+        return prefill_seconds(m, ids[:1])
+
+    def decode(b):
+        def fn(m, timer):
+            # the prompt pass is not timed: the part timers restart once it is done
+            with torch.inference_mode():
+                out = m(input_ids=ids[:b, :16], use_cache=True, logits_to_keep=1)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                timer.reset()
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    out = m(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t
+        return fn
+
+    regime_fns = {"prefill": prefill, "decode": decode(1), "decode_b8": decode(8)}
+    tokens = {"prefill": args.prompt_len, "decode": args.steps, "decode_b8": 8 * args.steps}
+
+    def measure(m: nn.Module, regime: str) -> dict:
+        return timed(m, regime_fns[regime], args.device)
+
+    def set_impl(m: nn.Module, impl: str) -> None:
+        m.set_experts_implementation(impl)
+
+    rows = []
+    # Dense: pick the fastest stock implementation per regime (measured, alternating).
+    dense_best: dict[str, tuple[str, dict]] = {}
+    for regime in regime_fns:
+        cands = [i for i in impls if not (regime == "prefill" and i == "batched_mm")]
+        samples = {i: [] for i in cands}
+        for i in cands:  # warm-up, then one sample each to pick the fastest (repeats come below)
+            set_impl(dense, i)
+            measure(dense, regime)
+            samples[i].append(measure(dense, regime))
+        med = {i: median_parts(s) for i, s in samples.items()}
+        best = min(med, key=lambda i: med[i]["total"])
+        dense_best[regime] = (best, med[best])
+        log(f"  dense {regime}: " + ", ".join(f"{i} {tokens[regime] / med[i]['total']:.1f} tok/s" for i in cands) + f" -> {best}")
+    set_impl(dense, "grouped_mm")
+    full = spec["full_layers"]
+    dense_bytes = weight_bytes(dense)
+    moe0 = find_moe_layers(dense)
+    routed0 = sum(l.routed_params() for l in moe0)
+    for variant in VARIANTS:
+        m, removed = make_variant(dense, variant, args.width_spread, args.seed)
+        row = {"model": name, "variant": variant, "layers": layers, "full_layers": full, "removed_fraction": round(removed, 4)}
+        # weight bytes at full depth by calculation: non-layer bytes + full_layers * per-layer bytes
+        vb = weight_bytes(m)
+        dense_full = _outside_bytes(dense) + full * (dense_bytes - _outside_bytes(dense)) / layers
+        var_full = _outside_bytes(m) + full * (vb - _outside_bytes(m)) / layers
+        row["weight_bytes_ratio"] = var_full / dense_full
+        row["weight_bytes_ratio_measured_depth"] = vb / dense_bytes
+        row["routed_params_ratio"] = sum(l.routed_params() for l in find_moe_layers(m)) / routed0
+        for regime in regime_fns:
+            impl, _ = dense_best[regime]
+            if variant == "dense":
+                samples_d = [dense_best[regime][1]]
+                samples_v = samples_d
+            else:
+                set_impl(dense, impl)
+                if _is_stock(m):
+                    set_impl(m, impl)
+                measure(m, regime)  # warm-up
+                sd, sv = [], []
+                for _ in range(args.repeats):
+                    sd.append(measure(dense, regime))
+                    sv.append(measure(m, regime))
+                samples_d, samples_v = [median_parts(sd)], [median_parts(sv)]
+            d, v = samples_d[0], samples_v[0]
+            fd, fv = full_depth(d, layers, full), full_depth(v, layers, full)
+            s = fd["experts_share"]
+            bound = 1.0 / ((1 - s) + s * (1 - removed))
+            key = "prefill" if regime == "prefill" else regime
+            row[f"{key}_speedup"] = fd["total"] / fv["total"]
+            row[f"{key}_speedup_measured_depth"] = d["total"] / v["total"]
+            row[f"{key}_bound"] = bound
+            row[f"{key}_vs_bound"] = row[f"{key}_speedup"] / bound
+            row[f"{key}_experts_share"] = s
+            row[f"{key}_tokens_per_s_measured_depth"] = tokens[regime] / v["total"]
+            row[f"{key}_dense_impl"] = impl
+        set_impl(dense, "grouped_mm")
+        rows.append(row)
+        log(f"  {variant:18s} bytes {row['weight_bytes_ratio']:.3f}  prefill x{row['prefill_speedup']:.2f} (bound {row['prefill_bound']:.2f})"
+            f"  decode x{row['decode_speedup']:.2f} (bound {row['decode_bound']:.2f})  decode b8 x{row['decode_b8_speedup']:.2f} (bound {row['decode_b8_bound']:.2f})")
+        if m is not dense:
+            del m
+            gc.collect()
+    del dense
+    gc.collect()
+    return rows
+
+
+def _is_stock(m: nn.Module) -> bool:
+    return not any(getattr(l.experts, "is_moetrim_varwidth", False) for l in find_moe_layers(m))
+
+
+def _outside_bytes(model: nn.Module) -> int:
+    """Weight bytes outside the decoder layers (embeddings, final norm, LM head)."""
+    from moetrim.model.view import decoder_layers
+
+    inside = {id(p) for p in decoder_layers(model).parameters()}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in inside and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    head = (f"### {title}\n\n| model | variant | weight bytes | prefill | decode b1 (bound, measured/bound) | decode b8 (bound, measured/bound) |\n"
+            "|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        body += (f"| {r['model']} | {r['variant']} | {r['weight_bytes_ratio']:.3f} | x{r['prefill_speedup']:.2f} | "
+                 f"x{r['decode_speedup']:.2f} ({r['decode_bound']:.2f}, {r['decode_vs_bound']:.2f}) | "
+                 f"x{r['decode_b8_speedup']:.2f} ({r['decode_b8_bound']:.2f}, {r['decode_b8_vs_bound']:.2f}) |\n")
+    return head + body
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 decoder layer per model, fewer repeats")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers built per model (default 1 quick, 2 full; Mixtral 1)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    args.steps = args.steps or (8 if args.quick else 16)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    out = args.out or HERE / "results" / ("speed-gpu.json" if args.device.startswith("cuda") else "speed.json")
+    names = [n.strip() for n in args.models.split(",")]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"error: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = []
+    for n in names:
+        rows += run_model(n, MODELS[n], args)
+    meta = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "prompt_len": args.prompt_len,
+        "decode_steps": args.steps,
+        "repeats": args.repeats,
+        "width_spread": args.width_spread,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "note": "speed-ups and weight ratios extrapolated to full depth from per-part timings; *_measured_depth at the built depth",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    table = markdown(rows, f"speed ({meta['device']}, {meta['dtype']}, {'quick' if args.quick else 'full'})")
+    print(table)
+    print(f"wrote {out} in {meta['seconds']:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
