@@ -27,7 +27,7 @@ def profiled():
     out = {}
     for fam in FAMILIES:
         m = tiny_model(fam)
-        out[fam] = (m, calibrate(m, [ids], seq_len=32, batch_size=2))
+        out[fam] = (m, calibrate(m, [ids], seq_len=32, batch_size=2, grad_magnitude=True))
     return out
 
 

@@ -62,7 +62,7 @@ def test_fisher_and_grad_magnitude_match_brute_force(family):
     model = tiny_model(family)
     model.set_experts_implementation("eager")
     ids = torch.randint(0, 127, (3, 20), generator=torch.Generator().manual_seed(5))
-    prof = calibrate(model, [ids], seq_len=20, batch_size=3)
+    prof = calibrate(model, [ids], seq_len=20, batch_size=3, grad_magnitude=True)
     fisher, gm = brute_force(model, ids)
     for l in find_moe_layers(model):
         ours, ref = prof.get(l.index, "fisher"), fisher[l.index]
@@ -71,6 +71,18 @@ def test_fisher_and_grad_magnitude_match_brute_force(family):
         assert abs(float(scale) - 1.0) < 1e-3
         assert torch.allclose(ours, ref, rtol=1e-3, atol=1e-6 * float(ref.max()))
         assert torch.allclose(prof.get(l.index, "grad_magnitude"), gm[l.index], rtol=1e-3, atol=1e-6 * float(gm[l.index].max()))
+
+
+def test_grad_magnitude_is_opt_in():
+    model = tiny_model("qwen3_moe")
+    ids = torch.randint(0, 127, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain = calibrate(model, [ids], seq_len=16)
+    with pytest.raises(moetrim.UsageError, match="--grad-magnitude"):
+        plain.get(0, "grad_magnitude")
+    full = calibrate(model, [ids], seq_len=16, grad_magnitude=True)
+    assert torch.equal(plain.get(0, "fisher"), full.get(0, "fisher"))
+    with pytest.raises(moetrim.UsageError, match="no-fisher"):
+        calibrate(model, [ids], seq_len=16, fisher=False, grad_magnitude=True)
 
 
 def test_batch_fisher_mode_squares_batch_gradients():

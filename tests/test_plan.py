@@ -18,7 +18,7 @@ from moetrim.tiny import tiny_model
 def setup():
     m = tiny_model("qwen3_moe", num_hidden_layers=4)
     ids = torch.randint(0, 127, (4, 32), generator=torch.Generator().manual_seed(3))
-    return m, calibrate(m, [ids], seq_len=32, batch_size=2)
+    return m, calibrate(m, [ids], seq_len=32, batch_size=2, grad_magnitude=True)
 
 
 def test_same_inputs_same_plan_bytes(setup, tmp_path):

@@ -114,7 +114,7 @@ def _data_arg(data: str):
     return data
 
 
-def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode):
+def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False):
     from moetrim.calibrate import calibrate
     from moetrim.checkpoint import load_tokenizer
 
@@ -129,6 +129,7 @@ def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens
         seed=seed,
         fisher=fisher,
         fisher_mode=fisher_mode,
+        grad_magnitude=grad_magnitude,
         progress=True,
     )
     return profile, tokenizer
@@ -218,6 +219,7 @@ def calibrate_cmd(
     batch_size: int = typer.Option(4, "--batch-size"),
     no_fisher: bool = typer.Option(False, "--no-fisher", help="forward pass only: no gradient statistics"),
     fisher_mode: str = typer.Option("sequence", "--fisher-mode", help="sum squared gradients per 'sequence' or per 'batch'"),
+    grad_magnitude: bool = typer.Option(False, "--grad-magnitude", help="also record per-sequence weight-gradient magnitudes (costs more)"),
     seed: int = SeedOpt,
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = DeviceOpt,
@@ -229,7 +231,7 @@ def calibrate_cmd(
     _data_arg(data)
     model = _load(model_path, dtype, device, trust_remote_code)
     profile, _ = _calibrate(model, model_path, data, trust_remote_code, fisher=not no_fisher, max_tokens=max_tokens,
-                            seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode)
+                            seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, grad_magnitude=grad_magnitude)
     profile.save(out_path)
     out.print(f"profile of {len(profile.layers)} MoE layers, {profile.tokens:,} tokens -> [bold]{out_path}[/]")
 
@@ -327,7 +329,8 @@ def compress(
     model = _load(model_path, dtype, device, trust_remote_code)
     crit = criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
     profile, tokenizer = _calibrate(model, model_path, data, trust_remote_code, fisher=crit.needs_gradients,
-                                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode)
+                                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode,
+                                    grad_magnitude=criterion == "grad_magnitude")
     plan = make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation,
                      min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps)
     _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir, overwrite)

@@ -25,7 +25,9 @@ from moetrim.model.view import MoELayer
 class LayerRecorder:
     """Running sums of one MoE layer (float64 accumulators on the model's device)."""
 
-    def __init__(self, layer: MoELayer, device: torch.device, gradients: bool, fisher_mode: str = "sequence"):
+    def __init__(
+        self, layer: MoELayer, device: torch.device, gradients: bool, fisher_mode: str = "sequence", grad_magnitude: bool = False
+    ):
         widths = set(layer.widths)
         if len(widths) != 1:
             raise ValueError("calibrate the original model: its experts must all have one width")
@@ -34,6 +36,7 @@ class LayerRecorder:
         self.I = widths.pop()
         self.gradients = gradients
         self.fisher_mode = fisher_mode
+        self.want_grad_magnitude = gradients and grad_magnitude
         f64 = {"dtype": torch.float64, "device": device}
         E, I = self.E, self.I
         self.tokens = torch.zeros((), **f64)
@@ -46,6 +49,7 @@ class LayerRecorder:
         if gradients:
             self.taylor = torch.zeros(E, I, **f64)
             self.fisher = torch.zeros(E, I, **f64)
+        if self.want_grad_magnitude:
             self.grad_magnitude = torch.zeros(E, I, **f64)
         self.mask: torch.Tensor | None = None
         self.seq_len = 1
@@ -134,6 +138,7 @@ class LayerRecorder:
         if self.gradients:
             out[f"layers.{l}.taylor"] = self.taylor
             out[f"layers.{l}.fisher"] = self.fisher
+        if self.want_grad_magnitude:
             out[f"layers.{l}.grad_magnitude"] = self.grad_magnitude
         return out
 
@@ -184,7 +189,7 @@ class ProfilingExperts(nn.Module):
                 continue
             x = xs[start : start + n]
             gu = self._in_proj(e, x)
-            if track_grad and not gu.requires_grad:
+            if track_grad and rec.want_grad_magnitude and not gu.requires_grad:
                 gu.requires_grad_(True)  # first MoE layer: nothing upstream needs a gradient
             h = m._apply_gate(gu) if self.gated else m.act_fn(gu)
             pieces.append((e, start, x, gu, h))
@@ -201,7 +206,7 @@ class ProfilingExperts(nn.Module):
             n = x.shape[0]
             h_e = h_used[s : s + n]
             y = self._out_proj(e, h_e)
-            if track_grad:
+            if track_grad and rec.want_grad_magnitude:
                 rec.grad_magnitude_hooks(e, x, gu, h_e, y, seq[s : s + n], self.interleaved)
             ys.append(y)
         y_all = torch.cat(ys)

@@ -17,6 +17,7 @@ per dim [E, I]    act_abs_sum            Σ |h|      (h: intermediate activation
                   taylor                 Σ ∂L/∂m    (m: a multiplicative mask on h, at 1)
                   fisher                 Σ_s (∂L_s/∂m)², one gradient per sequence s (or per batch)
                   grad_magnitude         Σ_s Σ |∂L_s/∂W| over the dim's gate row, up row, down column
+                                         (only with grad_magnitude=True / --grad-magnitude)
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Profile:
             return self.stats[f"layers.{layer}.moments"][:, b, p]
         key = f"layers.{layer}.{name}"
         if key not in self.stats:
+            if name == "grad_magnitude" and self.has_gradients:
+                raise UsageError("profile has no 'grad_magnitude': calibrate with --grad-magnitude")
             if name in GRADIENT_STATS:
                 raise UsageError(f"profile has no '{name}': it was calibrated with --no-fisher; recalibrate without it")
             raise UsageError(f"unknown statistic '{name}'; known: {', '.join(self.names())}")
@@ -102,7 +105,7 @@ class Profile:
         if self.fingerprint != other.fingerprint:
             raise UsageError("cannot merge profiles of different models (model fingerprints differ)")
         if set(self.stats) != set(other.stats):
-            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher?)")
+            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher or --grad-magnitude?)")
         if self.meta.get("fisher_mode") != other.meta.get("fisher_mode"):
             raise UsageError("cannot merge profiles whose Fisher was summed per sequence and per batch")
         merged = {}

@@ -43,12 +43,16 @@ def calibrate(
     seed: int = 0,
     fisher: bool = True,
     fisher_mode: str = "sequence",
+    grad_magnitude: bool = False,
     progress: bool = False,
 ) -> Profile:
     """Run calibration data through `model` once and return its Profile.
 
     data: a .txt/.jsonl path (comma-separated for several), a list of strings, or an iterable of
     input_ids tensors. With fisher=False only a forward pass runs (no gradient statistics).
+    grad_magnitude=True also records the trimming paper's per-sequence weight-gradient magnitudes;
+    it needs every sequence's weight gradients (about batch-size times the work of one weight
+    gradient), so it is off unless asked for.
     The model is left exactly as it was (modules restored, requires_grad flags restored).
     """
     if fisher_mode not in FISHER_MODES:
@@ -70,7 +74,9 @@ def calibrate(
                 total += piece.numel()
         chunks = [c for _, c in sorted(picked, key=lambda t: t[0])]
     device = next(model.parameters()).device
-    recorders = [LayerRecorder(layer, device, fisher, fisher_mode) for layer in layers]
+    if grad_magnitude and not fisher:
+        raise UsageError("grad-magnitude needs gradients: drop --no-fisher")
+    recorders = [LayerRecorder(layer, device, fisher, fisher_mode, grad_magnitude) for layer in layers]
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval()
@@ -114,6 +120,7 @@ def calibrate(
         "data_digest": data_digest(chunks),
         "fisher": "true" if fisher else "false",
         "fisher_mode": fisher_mode if fisher else "",
+        "grad_magnitude": "true" if fisher and grad_magnitude else "false",
         "hidden_size": str(layers[0].hidden_size),
     }
     return Profile(stats, meta)
