@@ -29,6 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from report import update_section  # noqa: E402
 from speed import MODELS, build  # noqa: E402  (same real shapes as the speed benchmark)
 
 MODES = ("forward", "calibrate_forward", "forward_backward", "calibrate_fisher")
@@ -176,14 +177,19 @@ def main(argv=None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
-    print(f"### calibration cost ({args.model}, {args.layers} layer(s), batch {args.batch}x{args.seq_len}, {args.device} {args.dtype})\n")
-    print("| pass | seconds | peak MiB above model |\n|---|---|---|")
+    lines = [f"### calibration cost ({args.model} shapes, {args.layers} layer(s), batch {args.batch}x{args.seq_len}, {args.device} {args.dtype})", "",
+             f"`python benchmarks/calibration_cost.py{' --quick' if args.quick else ''}`; plain passes use the stock `{args.impl}` experts; "
+             "a plain forward+backward computes every weight gradient, as training does.", "",
+             "| pass | seconds (median) | peak MiB above the loaded model |", "|---|---|---|"]
     for m in MODES:
-        print(f"| {m} | {med[m]:.3f} | {peaks[m] / 2**20:.0f} |")
-    print(f"\ntime: forward-only calibration / forward = {result['time_ratio_forward']:.2f} (target <= 1.15); "
-          f"Fisher calibration / forward+backward = {result['time_ratio_fisher']:.2f} (target <= 1.3)")
-    print(f"memory: forward-only calibration / forward = {result['memory_ratio_forward']:.2f} (target <= 1.15); "
-          f"Fisher calibration / forward+backward = {result['memory_ratio_fisher']:.2f} (target <= 1.3)")
+        lines.append(f"| {m.replace('_', ' ')} | {med[m]:.3f} | {peaks[m] / 2**20:.0f} |")
+    lines += ["", f"- time: forward-only calibration / forward = **{result['time_ratio_forward']:.2f}** (target <= 1.15); "
+              f"Fisher calibration / forward+backward = **{result['time_ratio_fisher']:.2f}** (target <= 1.3)",
+              f"- peak memory: forward-only calibration / forward = **{result['memory_ratio_forward']:.2f}** (target <= 1.15); "
+              f"Fisher calibration / forward+backward = **{result['memory_ratio_fisher']:.2f}** (target <= 1.3)", ""]
+    table = "\n".join(lines)
+    print(table)
+    update_section("calibration-cost-gpu" if args.device.startswith("cuda") else "calibration-cost", table)
     return 0
 
 

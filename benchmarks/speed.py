@@ -23,7 +23,6 @@ weights carry no importance signal to rank by; see --width-spread).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -36,13 +35,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrim.apply import apply_plan
+from moetrim.apply import apply_plan, shared_copy
 from moetrim.evaluate.throughput import prefill_seconds
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
 from moetrim.summary import weight_bytes
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from report import update_section  # noqa: E402
 
 # Real shapes (from the public configs of these checkpoints).
 MODELS = {
@@ -83,12 +84,6 @@ def build(spec: dict, layers: int, dtype: torch.dtype, device: str) -> nn.Module
     return model.eval()
 
 
-def share(model: nn.Module, memo_from: nn.Module) -> nn.Module:
-    """A copy that shares every tensor with memo_from; apply_plan then only allocates what changes."""
-    memo = {id(t): t for t in list(memo_from.parameters()) + list(memo_from.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 def global_plan(model: nn.Module, ratio: float, spread: float, seed: int):
     """A global-allocation plan with per-expert widths drawn log-normally around the target."""
     plan = make_plan(model, None, granularity="dims", criterion="random", ratio=ratio, allocation="global", seed=seed)
@@ -117,7 +112,7 @@ def global_plan(model: nn.Module, ratio: float, spread: float, seed: int):
 def make_variant(dense: nn.Module, name: str, spread: float, seed: int) -> tuple[nn.Module, float]:
     if name == "dense":
         return dense, 0.0
-    m = share(dense, dense)
+    m = shared_copy(dense)
     if name == "varwidth-0%":
         plan = make_plan(m, None, granularity="dims", criterion="random", ratio=0.0, allocation="global", seed=seed)
         apply_plan(m, plan, force_varwidth=True)
@@ -380,7 +375,12 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     os.replace(tmp, out)
     table = markdown(rows, f"speed ({meta['device']}, {meta['dtype']}, {'quick' if args.quick else 'full'})")
+    table += (f"\n`python benchmarks/speed.py{' --quick' if args.quick else ''}`: layers built per model: "
+              + ", ".join(sorted({f"{r['model']} {r['layers']} of {r['full_layers']}" for r in rows}))
+              + f"; {meta['threads']} threads; speed-ups and weight ratios extrapolated to full depth from per-part timings; "
+              "bound = Amdahl limit from the measured share of time in routed experts; in brackets: (bound, measured/bound).\n")
     print(table)
+    update_section("speed-gpu" if args.device.startswith("cuda") else "speed", table)
     print(f"wrote {out} in {meta['seconds']:.0f}s", file=sys.stderr)
     return 0
 

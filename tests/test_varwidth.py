@@ -69,3 +69,15 @@ def test_backward_through_varwidth_matches_masked_stock():
     o = layer.experts.offsets[1]
     g_ours = layer.experts.down.grad[o : o + len(dims)].t()  # [H, w]
     assert torch.allclose(g_ours, g_ref[e][:, dims], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_copy_compresses_without_touching_the_original():
+    from moetrim.apply import shared_copy
+
+    base = tiny_model("qwen2_moe")
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    m = shared_copy(base)
+    assert m.model.embed_tokens.weight is base.model.embed_tokens.weight
+    moetrim.apply_plan(m, make_plan(m, None, criterion="random", ratio=0.5, allocation="global"))
+    assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
+    assert moetrim.routed_expert_param_count(m) < moetrim.routed_expert_param_count(base)

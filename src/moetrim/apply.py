@@ -77,6 +77,15 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     return ApplyResult("varwidth", note)
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose modules are new but whose tensors are shared with it.
+
+    `apply_plan` never writes tensors in place, so the copy can be compressed while the original
+    stays intact, at the memory cost of the compressed tensors only: try many plans on one load."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def _check_layer_plan(layer: MoELayer, p: LayerPlan) -> None:
     if p.experts_before != layer.num_experts or p.width_before != layer.widths[0] or len(set(layer.widths)) != 1:
         raise UsageError(f"plan does not match layer {layer.index}: it expects {p.experts_before} experts of width {p.width_before}")

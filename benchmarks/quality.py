@@ -1,0 +1,232 @@
+"""What each compression method keeps, measured on the bundled reference model's task suite.
+
+Three experiments, all on `moetrim.reference_model()`:
+
+1. Grid: every dimension criterion and every expert criterion at 25% and 50% of routed-expert
+   parameters removed; per-domain exact-match accuracy and the mean.
+   - task-agnostic: calibrated on a mixture of all domains, evaluated on every domain;
+   - task-specific: calibrated on one domain, evaluated on that domain.
+2. Critical dimensions: remove only the k most important dimensions (k = 1 ... 64) ranked by
+   math-calibrated Fisher, by activation, and at random; math vs knowledge accuracy against k.
+3. Dense reference figures for every domain.
+
+    python benchmarks/quality.py --quick     # smaller grid, < 15 minutes on 2 CPU cores
+    python benchmarks/quality.py             # the full grid
+
+Writes benchmarks/results/quality.json, benchmarks/results/critical_dims.png and a table in
+benchmarks/README.md. Nothing here is tuned to favour a method: every method gets the same
+calibration data, seed, allocation defaults and evaluation items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from report import update_section  # noqa: E402
+
+import moetrim  # noqa: E402
+from moetrim.apply import apply_plan, shared_copy  # noqa: E402
+from moetrim.calibrate import calibrate  # noqa: E402
+from moetrim.data.tasks import DOMAINS, calibration_texts  # noqa: E402
+from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
+from moetrim.model.view import find_moe_layers  # noqa: E402
+from moetrim.plan import make_plan  # noqa: E402
+
+DIM_CRITERIA = ("fisher", "taylor", "activation", "router_weighted", "output_aware", "magnitude", "random")
+EXPERT_CRITERIA = ("frequency", "soft_frequency", "ean", "reap", "man", "msan", "random")
+CRITICAL_K = (1, 2, 4, 8, 12, 16, 32, 64)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def remove_top_k(model, scores: dict[int, torch.Tensor], k: int):
+    """A plan that removes exactly the k highest-scoring dimensions over the whole model."""
+    plan = make_plan(model, None, granularity="dims", criterion="random", ratio=0.0, allocation="global")
+    layers = find_moe_layers(model)
+    flat = torch.cat([scores[l.index].flatten() for l in layers])
+    top = torch.sort(flat, descending=True, stable=True).indices[:k].tolist()
+    width = layers[0].widths[0]
+    per_layer = layers[0].num_experts * width
+    drop: dict[tuple[int, int], set[int]] = {}
+    for t in top:
+        li, rest = divmod(t, per_layer)
+        e, j = divmod(rest, width)
+        drop.setdefault((li, e), set()).add(j)
+    for li, lp in enumerate(plan.layers):
+        dims = []
+        for e in lp.kept_experts:
+            gone = drop.get((li, e), set())
+            dims.append([j for j in range(width) if j not in gone])
+        lp.kept_dims = dims
+        lp.widths = [len(d) for d in dims]
+    plan.criterion = "remove-top-k"
+    return plan
+
+
+def evaluate(model, tok, domains, n) -> dict:
+    res = evaluate_tasks(model, tok, list(domains), n=n, batch_size=64)
+    return {"accuracy": res["accuracy"], "perplexity": res["perplexity"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer evaluation items and calibration texts")
+    ap.add_argument("--items", type=int, default=None, help="evaluation items per domain (default 200, quick 60)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration items per domain (default 128, quick 64)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    args = ap.parse_args(argv)
+    n_items = args.items or (60 if args.quick else 200)
+    n_calib = args.calib or (64 if args.quick else 128)
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    model = moetrim.load("reference", dtype=torch.float32)
+    tok = moetrim.load_tokenizer("reference")
+    domains = list(DOMAINS)
+
+    log("calibrating: mixture and each domain")
+    prof_mix = calibrate(model, calibration_texts(domains, n_per_domain=n_calib, seed=args.seed), tokenizer=tok,
+                         seq_len=256, batch_size=8, seed=args.seed)
+    prof_dom = {d: calibrate(model, calibration_texts([d], n_per_domain=n_calib * 2, seed=args.seed), tokenizer=tok,
+                             seq_len=256, batch_size=8, seed=args.seed) for d in domains}
+    dense = evaluate(model, tok, domains, n_items)
+    log(f"dense: {dense['accuracy']}")
+    rows = []
+
+    def run(setting, granularity, criterion, ratio, profile, eval_domains):
+        m = shared_copy(model)
+        plan = make_plan(m, profile, granularity=granularity, criterion=criterion, ratio=ratio, seed=args.seed)
+        apply_plan(m, plan)
+        res = evaluate(m, tok, eval_domains, n_items)
+        row = {"setting": setting, "granularity": granularity, "criterion": criterion, "ratio": ratio,
+               "removed_fraction": round(plan.removed_fraction, 4), "allocation": plan.allocation, **res}
+        del m
+        return row
+
+    methods = [("dims", c) for c in DIM_CRITERIA] + [("experts", c) for c in EXPERT_CRITERIA]
+    for granularity, criterion in methods:
+        for ratio in (0.25, 0.5):
+            row = run("task-agnostic", granularity, criterion, ratio, prof_mix, domains)
+            row["mean_accuracy"] = sum(row["accuracy"].values()) / len(domains)
+            rows.append(row)
+            spec = {"accuracy": {}, "perplexity": {}}
+            for d in domains:
+                r = run("task-specific", granularity, criterion, ratio, prof_dom[d], [d])
+                spec["accuracy"][d] = r["accuracy"][d]
+                spec["perplexity"][d] = r["perplexity"][d]
+            rows.append({"setting": "task-specific", "granularity": granularity, "criterion": criterion, "ratio": ratio,
+                         "removed_fraction": row["removed_fraction"], "allocation": row["allocation"], **spec,
+                         "mean_accuracy": sum(spec["accuracy"].values()) / len(domains)})
+            log(f"{granularity:7s} {criterion:15s} {ratio:.2f}: agnostic {row['mean_accuracy']:.3f}  specific {rows[-1]['mean_accuracy']:.3f}"
+                f"  ({time.perf_counter() - t0:.0f}s)")
+
+    log("critical dimensions (math-calibrated)")
+    layers = find_moe_layers(model)
+    pm = prof_dom["math"]
+    gen = torch.Generator().manual_seed(args.seed)
+    rankings = {
+        "fisher": {l.index: pm.get(l.index, "fisher") for l in layers},
+        "activation": {l.index: pm.get(l.index, "act_abs_sum") for l in layers},
+        "random": {l.index: torch.rand(pm.get(l.index, "fisher").shape, generator=gen, dtype=torch.float64) for l in layers},
+    }
+    critical = []
+    for method, scores in rankings.items():
+        for k in CRITICAL_K:
+            m = shared_copy(model)
+            apply_plan(m, remove_top_k(m, scores, k))
+            res = evaluate(m, tok, ["math", "knowledge"], n_items)
+            critical.append({"ranking": method, "k": k, **res})
+            log(f"  {method:10s} k={k:3d}: math {res['accuracy']['math']:.3f} knowledge {res['accuracy']['knowledge']:.3f}")
+            del m
+
+    result = {
+        "meta": {"quick": args.quick, "items_per_domain": n_items, "calib_items_per_domain": n_calib, "seed": args.seed,
+                 "calibration_tokens": {"mixture": prof_mix.tokens, **{d: p.tokens for d, p in prof_dom.items()}},
+                 "seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads()},
+        "dense": dense,
+        "grid": rows,
+        "critical_dims": critical,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, args.out)
+    png = plot_critical(critical, dense, args.out.parent / "critical_dims.png")
+    table = markdown(result, png)
+    print(table)
+    update_section("quality", table)
+    log(f"wrote {args.out}, {png} and benchmarks/README.md in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def plot_critical(critical: list[dict], dense: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, domain in zip(axes, ("math", "knowledge")):
+        for method, style in (("fisher", "o-"), ("activation", "s--"), ("random", "^:")):
+            pts = [(r["k"], r["accuracy"][domain]) for r in critical if r["ranking"] == method]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"top-k by {method}")
+        ax.axhline(dense["accuracy"][domain], color="gray", lw=0.8, label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("dimensions removed (k)")
+        ax.set_title(f"{domain} accuracy")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("exact-match accuracy")
+    axes[1].legend(loc="lower left")
+    fig.suptitle("Removing only the k most important dimensions (math-calibrated ranking)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def markdown(result: dict, png: Path) -> str:
+    dense = result["dense"]["accuracy"]
+    doms = list(dense)
+    meta = result["meta"]
+    lines = [f"### Quality on the reference model ({'quick' if meta['quick'] else 'full'}: {meta['items_per_domain']} eval items per domain)",
+             "", "`python benchmarks/quality.py" + (" --quick" if meta["quick"] else "") + "`; exact-match accuracy.", ""]
+    for setting in ("task-agnostic", "task-specific"):
+        lines += [f"**{setting}** ({'calibrated on the mixture of all domains' if setting == 'task-agnostic' else 'calibrated on the evaluated domain'})", "",
+                  "| granularity | criterion | removed | " + " | ".join(doms) + " | mean |",
+                  "|---|---|---|" + "---|" * (len(doms) + 1)]
+        lines.append("| dense | - | 0% | " + " | ".join(f"{dense[d]:.3f}" for d in doms) + f" | {sum(dense.values()) / len(doms):.3f} |")
+        for r in result["grid"]:
+            if r["setting"] != setting:
+                continue
+            lines.append(f"| {r['granularity']} | {r['criterion']} | {r['ratio']:.0%} | "
+                         + " | ".join(f"{r['accuracy'][d]:.3f}" for d in doms) + f" | {r['mean_accuracy']:.3f} |")
+        lines.append("")
+    lines += ["**critical dimensions** (remove only the k most important dims, math-calibrated ranking): math / knowledge accuracy", "",
+              "| ranking | " + " | ".join(f"k={k}" for k in CRITICAL_K) + " |", "|---|" + "---|" * len(CRITICAL_K)]
+    for method in ("fisher", "activation", "random"):
+        cells = []
+        for k in CRITICAL_K:
+            r = next(x for x in result["critical_dims"] if x["ranking"] == method and x["k"] == k)
+            cells.append(f"{r['accuracy']['math']:.2f} / {r['accuracy']['knowledge']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", f"![critical dimensions](results/{png.name})", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
