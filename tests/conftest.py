@@ -33,7 +33,7 @@ def calib_text(tmp_path_factory):
 
     rng = random.Random(0)
     words = "the cat sat on a mat while dogs ran over green hills and rivers flow into the sea".split()
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(50)) for _ in range(30))
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(6))
     path = tmp_path_factory.mktemp("data") / "calib.txt"
     path.write_text(text)
     return path

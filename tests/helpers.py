@@ -37,7 +37,7 @@ class _MaskRouterLogits(TorchFunctionMode):
 def masked_model_logits(model, plan, ids):
     """Logits of the ORIGINAL model with the plan's removals masked, not sliced:
     removed dims -> their down-projection columns zeroed; removed experts -> router logits -inf
-    (and, for sigmoid routers, the selection bias -inf), so they are never selected."""
+    (and any selection bias -inf), so they are never selected."""
     m = copy.deepcopy(model)
     masks = {}
     for layer in find_moe_layers(m):
@@ -52,9 +52,11 @@ def masked_model_logits(model, plan, ids):
             if removed:
                 add = torch.zeros(layer.num_experts)
                 add[removed] = float("-inf")
-                masks[layer.router.weight.data_ptr()] = add
-                corr = getattr(layer.router, "e_score_correction_bias", None)
-                if corr is not None:
-                    corr[removed] = float("-inf")
+                masks[layer.router_weight.data_ptr()] = add
+                for module, name, axis in layer.expert_indexed_tensors():  # selection biases
+                    t = getattr(module, name)
+                    if t is not layer.router_weight and t.is_floating_point() and t.shape[axis] == layer.num_experts:
+                        if name != "bias":  # an additive logit bias (GPT-OSS) is covered by the logit mask
+                            t.index_fill_(axis, torch.tensor(removed), float("-inf"))
     with _MaskRouterLogits(masks):
         return run_logits(m, ids)

@@ -87,7 +87,7 @@ def test_zero_width_experts_are_removed_with_router_rows(profiled, eval_ids):
     m = copy.deepcopy(base)
     moetrim.apply_plan(m, plan)
     for layer, lp in zip(find_moe_layers(m), plan.layers):
-        assert layer.router.weight.shape[0] == len(lp.kept_experts) == layer.num_experts
+        assert layer.router_weight.shape[0] == len(lp.kept_experts) == layer.num_experts
         assert layer.top_k <= layer.num_experts
 
 

@@ -112,23 +112,29 @@ def _dims(p: LayerPlan, width: int) -> list[torch.Tensor]:
 
 
 # -- router ---------------------------------------------------------------------------------
+def resize_expert_tensors(layer: MoELayer, keep: list[int] | None, n: int) -> None:
+    """Give every expert-indexed tensor around the router (its weight, biases, correction biases,
+    expert-bias buffers) `n` experts: the rows `keep`, or (keep=None) empty meta tensors to load into."""
+    old = layer.num_experts
+    for module, name, axis in layer.expert_indexed_tensors():
+        t = getattr(module, name)
+        if keep is not None:
+            new = t.detach().index_select(axis, torch.tensor(keep, dtype=torch.long, device=t.device)).clone()
+        else:
+            shape = list(t.shape)
+            shape[axis] = n
+            new = torch.empty(shape, dtype=t.dtype, device="meta")
+        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+    for m in [*layer.router.modules(), layer.block]:
+        if getattr(m, "num_experts", None) == old:
+            m.num_experts = n
+
+
 def _slice_router(layer: MoELayer, p: LayerPlan) -> None:
-    keep = torch.tensor(p.kept_experts, dtype=torch.long)
-    router = layer.router
-    with torch.no_grad():
-        router.weight = nn.Parameter(router.weight.index_select(0, keep.to(router.weight.device)).clone(), requires_grad=router.weight.requires_grad)
-        bias = getattr(router, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            router.bias = nn.Parameter(bias.index_select(0, keep.to(bias.device)).clone(), requires_grad=bias.requires_grad)
-        corr = getattr(router, "e_score_correction_bias", None)
-        if isinstance(corr, torch.Tensor):
-            router.e_score_correction_bias = corr.index_select(0, keep.to(corr.device)).clone()
-    router.num_experts = len(p.kept_experts)
-    router.top_k = p.top_k
+    resize_expert_tensors(layer, p.kept_experts, len(p.kept_experts))
+    layer.router.top_k = p.top_k
     if hasattr(layer.block, "top_k"):
         layer.block.top_k = p.top_k
-    if hasattr(layer.block, "num_experts"):
-        layer.block.num_experts = len(p.kept_experts)
 
 
 # -- standard path --------------------------------------------------------------------------
@@ -208,10 +214,12 @@ def _expected_shapes(model: nn.Module, layers: list[MoELayer], n_experts: int, w
             elif name in ("gate_up_proj_bias", "up_proj_bias"):
                 s[1] = s[1] // old * width
             shapes[f"{prefix}.{name}"] = tuple(s)
-        rprefix = next(n for n, m in model.named_modules() if m is layer.router)
-        for name, t in list(layer.router.named_parameters(recurse=False)) + list(layer.router.named_buffers(recurse=False)):
-            if t.ndim >= 1 and t.shape[0] == layer.num_experts:
-                shapes[f"{rprefix}.{name}"] = (n_experts, *t.shape[1:])
+        names = {id(m): n for n, m in model.named_modules()}
+        for module, name, axis in layer.expert_indexed_tensors():
+            t = getattr(module, name)
+            shape = list(t.shape)
+            shape[axis] = n_experts
+            shapes[f"{names[id(module)]}.{name}"] = tuple(shape)
     return shapes
 
 

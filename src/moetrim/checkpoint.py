@@ -159,6 +159,7 @@ def _weight_files(path: Path) -> list[Path]:
 def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from moetrim.apply import resize_expert_tensors
     from moetrim.model.varwidth import VariableWidthExperts
     from moetrim.model.view import find_moe_layers, make_activation
 
@@ -185,13 +186,8 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
             )
         name = next(c for c, m in layer.block.named_children() if m is layer.experts)
         setattr(layer.block, name, new)
+        resize_expert_tensors(layer, None, n)
         router = layer.router
-        router.weight = nn.Parameter(torch.empty(n, layer.hidden_size, device="meta"))
-        if isinstance(getattr(router, "bias", None), nn.Parameter):
-            router.bias = nn.Parameter(torch.empty(n, device="meta"))
-        if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
-            router.e_score_correction_bias = torch.empty(n, device="meta")
-        router.num_experts = n
         router.top_k = spec["top_k"]
     if meta:
         return model.to(dtype)

@@ -23,7 +23,7 @@ def model_fingerprint(model: nn.Module) -> str:
     cfg = model.config.to_dict()
     h.update(json.dumps({k: cfg.get(k) for k in _CONFIG_KEYS}, sort_keys=True).encode())
     for layer in find_moe_layers(model):
-        w = layer.router.weight.detach()
+        w = layer.router_weight.detach()
         h.update(f"{layer.index}:{tuple(w.shape)}:{layer.widths[0]}".encode())
         h.update(w.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -6,6 +6,8 @@ and `ExpertWeights`, so adding a family means teaching this file one more naming
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -137,6 +139,25 @@ class _GateShim:
             self.act_fn = act
 
 
+@functools.lru_cache(maxsize=None)
+def _routes_with_sigmoid(router_cls: type) -> bool:
+    """Whether a router class scores experts with a sigmoid (DeepSeek-V3 style) rather than a softmax."""
+    try:
+        src = inspect.getsource(router_cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "sigmoid" in src
+
+
+def _experts_shape(experts: nn.Module) -> tuple[int, int]:
+    """(num_experts, hidden_size) of an experts module."""
+    if _is_varwidth(experts):
+        return experts.num_experts, experts.hidden_dim
+    down = experts.down_proj
+    transposed = bool(getattr(experts, "is_transposed", False))
+    return int(down.shape[0]), int(down.shape[2] if transposed else down.shape[1])
+
+
 @dataclass
 class MoELayer:
     """A sparse MoE block of one decoder layer, seen through one interface."""
@@ -147,14 +168,36 @@ class MoELayer:
     router: nn.Module
     experts: nn.Module
     shared: list[tuple[str, nn.Module]]  # every other child of the block (shared experts, their gates)
+    router_weight_name: str = "weight"  # path of the [E, H] logits weight inside the router
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.router.get_parameter(self.router_weight_name)
 
     @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        return int(self.router_weight.shape[0])
 
     @property
     def hidden_size(self) -> int:
-        return int(self.router.weight.shape[1])
+        return int(self.router_weight.shape[1])
+
+    def expert_indexed_tensors(self) -> list[tuple[nn.Module, str, int]]:
+        """(module, attribute, axis) of every tensor indexed by expert outside the experts module:
+        the router weight and bias, correction biases ([E] or [1, E]), expert-bias buffers."""
+        E = self.num_experts
+        found: list[tuple[nn.Module, str, int]] = []
+        for module in [*self.router.modules(), self.block]:
+            for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t is None:
+                    continue
+                if t.ndim == 1 and t.shape[0] == E:
+                    found.append((module, name, 0))
+                elif t.ndim == 2 and t.shape[0] == E and t.shape[1] == self.hidden_size:
+                    found.append((module, name, 0))
+                elif t.ndim == 2 and t.shape[0] == 1 and t.shape[1] == E:
+                    found.append((module, name, 1))
+        return found
 
     @property
     def top_k(self) -> int:
@@ -177,9 +220,7 @@ class MoELayer:
     @property
     def routing(self) -> str:
         """How router logits become probabilities: 'sigmoid' for DeepSeek-V3-style routers, else 'softmax'."""
-        if hasattr(self.router, "e_score_correction_bias"):
-            return "sigmoid"
-        return "softmax"
+        return "sigmoid" if _routes_with_sigmoid(type(self.router)) else "softmax"
 
     @property
     def num_groups(self) -> int:
@@ -249,18 +290,26 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             if not (_is_varwidth(experts) or _is_fused_stock(experts)):
                 unknown.append(f"layer {i}: {type(block).__name__}.experts is {type(experts).__name__}")
                 continue
-            router = next(
-                (getattr(block, n) for n in _ROUTER_NAMES if isinstance(getattr(getattr(block, n, None), "weight", None), torch.Tensor)),
-                None,
-            )
-            if router is None or router.weight.ndim != 2:
-                unknown.append(f"layer {i}: {type(block).__name__} has experts but no router with a [E, H] weight")
+            n_exp, hidden = _experts_shape(experts)
+            router, weight_name = None, None
+            for rname in _ROUTER_NAMES:
+                cand = getattr(block, rname, None)
+                if not isinstance(cand, nn.Module) or cand is experts:
+                    continue
+                weight_name = next(
+                    (n for n, p in cand.named_parameters() if p.ndim == 2 and tuple(p.shape) == (n_exp, hidden)), None
+                )
+                if weight_name is not None:
+                    router = cand
+                    break
+            if router is None:
+                unknown.append(f"layer {i}: {type(block).__name__} has experts but no router with a [{n_exp}, {hidden}] weight")
                 continue
             if not hasattr(router, "top_k"):
                 unknown.append(f"layer {i}: router {type(router).__name__} has no top_k")
                 continue
             shared = [(n, m) for n, m in block.named_children() if m is not experts and m is not router]
-            found.append(MoELayer(i, prefix_of[id(block)], block, router, experts, shared))
+            found.append(MoELayer(i, prefix_of[id(block)], block, router, experts, shared, weight_name))
             break
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
