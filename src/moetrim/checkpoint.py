@@ -48,13 +48,9 @@ def resolve_device(name: str | None) -> str:
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """'reference' names the bundled reference model; anything else is a directory."""
-    if str(name_or_path) == "reference":
-        try:
-            from moetrim.reference import REFERENCE_DIR
-        except ImportError:
-            raise UsageError("the bundled reference model is not installed with this build") from None
-        return Path(REFERENCE_DIR)
-    return Path(name_or_path)
+    from moetrim.reference import resolve_model_path as resolve
+
+    return resolve(str(name_or_path))
 
 
 def _read_config(path: Path) -> dict:

@@ -402,6 +402,7 @@ def eval_cmd(
 @handled
 def demo(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder (default: a fresh ./moetrim-demo*)"),
+    model_path: str = typer.Option("reference", "--model", help="model directory with a tokenizer (default: the bundled reference)"),
     ratio: float = typer.Option(0.5, "--ratio"),
     criterion: str = typer.Option("fisher", "--criterion"),
     eval_items: int = typer.Option(200, "--eval-items", help="evaluation items per domain"),
@@ -418,9 +419,11 @@ def demo(
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
         raise UsageError(f"{out_dir} already exists and is not empty; choose another --out")
     _quiet_transformers()
-    res = run_demo(target, ratio=ratio, criterion=criterion, eval_items=eval_items, seed=seed, log=lambda s: err.print(s))
+    res = run_demo(target, model=model_path, ratio=ratio, criterion=criterion, eval_items=eval_items, seed=seed,
+                   log=lambda s: err.print(s))
     d, c = res["dense"], res["compressed"]
-    t = Table(title=f"reference model: dense vs {res['method']['criterion']} dims {res['method']['removed_fraction']:.0%} removed ({res['method']['allocation']})")
+    title = "tiny random model (no reference weights bundled)" if res["method"]["fallback_tiny_random_model"] else str(res["method"]["model"])
+    t = Table(title=f"{title}: dense vs {res['method']['criterion']} dims {res['method']['removed_fraction']:.0%} removed ({res['method']['allocation']})")
     t.add_column("")
     t.add_column("dense", justify="right")
     t.add_column("compressed", justify="right")
@@ -428,7 +431,8 @@ def demo(
     for dom in d["accuracy"]:
         t.add_row(f"accuracy: {dom}", f"{d['accuracy'][dom]:.3f}", f"{c['accuracy'][dom]:.3f}",
                   f"{c['accuracy'][dom] / d['accuracy'][dom]:.2f}" if d["accuracy"][dom] else "-")
-    t.add_row("[bold]accuracy: mean", f"{d['mean_accuracy']:.3f}", f"{c['mean_accuracy']:.3f}", f"{res['ratios']['mean_accuracy']:.2f}")
+    acc_ratio = res["ratios"]["mean_accuracy"]
+    t.add_row("[bold]accuracy: mean", f"{d['mean_accuracy']:.3f}", f"{c['mean_accuracy']:.3f}", "-" if acc_ratio is None else f"{acc_ratio:.2f}")
     for dom in d["perplexity"]:
         t.add_row(f"perplexity: {dom}", f"{d['perplexity'][dom]:.3f}", f"{c['perplexity'][dom]:.3f}", f"{c['perplexity'][dom] / d['perplexity'][dom]:.2f}")
     t.add_row("weight memory (MiB)", f"{d['weight_bytes'] / 2**20:.2f}", f"{c['weight_bytes'] / 2**20:.2f}", f"{res['ratios']['weight_bytes']:.2f}")

@@ -57,9 +57,23 @@ def compare_throughput(
     prefill_batch: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{name: {"prefill_tokens_per_s", "decode_tokens_per_s" (batch 1), "decode_tokens_per_s_b{B}"}}."""
+    """{name: {"prefill_tokens_per_s", "decode_tokens_per_s" (batch 1), "decode_tokens_per_s_b{B}"}}.
+
+    threads: CPU threads while measuring (None: leave as is). Small models are timed best on one
+    thread: intra-op threads only add synchronisation, and on a busy machine make timings erratic."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _compare(models, vocab_size, prompt_len, decode_steps, batch_sizes, prefill_batch, repeats, seed, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compare(models, vocab_size, prompt_len, decode_steps, batch_sizes, prefill_batch, repeats, seed, progress):
     gen = torch.Generator().manual_seed(seed)
     device = next(next(iter(models.values())).parameters()).device
     prompt = torch.randint(0, vocab_size, (max(max(batch_sizes), prefill_batch), prompt_len), generator=gen).to(device)
