@@ -237,10 +237,6 @@ def _protect(scores: torch.Tensor, act_max: torch.Tensor, k: int) -> torch.Tenso
     return out.view_as(scores)
 
 
-def _min_experts(layer: MoELayer) -> int:
-    return 1
-
-
 def _plan_experts(layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, allocation: str, comparable: bool) -> list[LayerPlan]:
     keep_sets: list[list[int]] = []
     if allocation in ("layer", "uniform"):
@@ -271,7 +267,7 @@ def _plan_experts(layers: list[MoELayer], scores: list[torch.Tensor], ratio: flo
             if n_remove == 0:
                 break
             li = int(owner[j])
-            if layers[li].num_experts - len(removed[li]) <= _min_experts(layers[li]):
+            if layers[li].num_experts - len(removed[li]) <= 1:  # every layer keeps at least one expert
                 continue
             removed[li].add(int(local[j]))
             n_remove -= 1

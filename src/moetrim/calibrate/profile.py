@@ -23,7 +23,6 @@ per dim [E, I]    act_abs_sum            Σ |h|      (h: intermediate activation
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moetrim.errors import MoetrimError, UsageError
+from moetrim.errors import UsageError
 
 PROFILE_VERSION = "1"
 EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")
@@ -158,8 +157,3 @@ def data_digest(chunks: list[torch.Tensor]) -> str:
     for c in chunks:
         h.update(c.to(torch.int64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def meta_json(meta: dict) -> dict[str, str]:
-    """safetensors metadata must be str -> str."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
