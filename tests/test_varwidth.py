@@ -81,3 +81,16 @@ def test_shared_copy_compresses_without_touching_the_original():
     moetrim.apply_plan(m, make_plan(m, None, criterion="random", ratio=0.5, allocation="global"))
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
     assert moetrim.routed_expert_param_count(m) < moetrim.routed_expert_param_count(base)
+
+
+def test_one_token_fast_path_matches_dispatch():
+    m = tiny_model("olmoe")
+    moetrim.apply_plan(m, make_plan(m, None, criterion="random", ratio=0.5, allocation="global", seed=4))
+    ex = find_moe_layers(m)[0].experts
+    x = torch.randn(3, 64)
+    idx = torch.tensor([[1, 5], [7, 0], [2, 2 + 1]])
+    w = torch.rand(3, 2)
+    with torch.no_grad():
+        batched = ex(x, idx, w)
+        single = torch.cat([ex(x[i : i + 1], idx[i : i + 1], w[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-6, rtol=0)

@@ -134,6 +134,12 @@ class VariableWidthExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, hidden = hidden_states.shape
         top_k = top_k_index.shape[-1]
+        if num_tokens == 1:  # one-token decode: no dispatch to sort, just the k experts
+            out = None
+            for j, e in enumerate(top_k_index[0].tolist()):
+                y = self.expert_forward(e, hidden_states) * top_k_weights[0, j].to(hidden_states.dtype)
+                out = y if out is None else out + y
+            return out
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
