@@ -255,6 +255,9 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         var_full = _outside_bytes(m) + full * (vb - _outside_bytes(m)) / layers
         row["weight_bytes_ratio"] = var_full / dense_full
         row["weight_bytes_ratio_measured_depth"] = vb / dense_bytes
+        # parameter arithmetic: removing a fraction r of routed-expert weights at full depth
+        routed_bytes_full = full * sum(l.experts.down_proj.element_size() * l.routed_params() for l in moe0) / layers
+        row["weight_bytes_ratio_arithmetic"] = 1 - removed * routed_bytes_full / dense_full
         row["routed_params_ratio"] = sum(l.routed_params() for l in find_moe_layers(m)) / routed0
         for regime in regime_fns:
             impl, _ = dense_best[regime]
