@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -86,44 +87,47 @@ _OBJECTS = ("apples", "pens", "cards", "eggs", "coins", "books", "shells",
             "stamps", "marbles", "cups", "rocks", "beads")
 
 
+_MATH_TEMPLATES = (
+    "{n} has {a} {o}, buys {b} more and gives {c} away. How many now?",  # a + b - c
+    "{n} has {a} {o}, loses {b} and then finds {c}. How many now?",  # a - b + c
+    "{n} has {a} {o} and buys {b} packs of {c}. How many now?",  # a + b * c
+    "{n} buys {a} boxes of {b} {o} and gives {c} away. How many left?",  # a * b - c
+    "{n} has {a} {o}, gets {b} on Monday and {c} on Tuesday. How many now?",  # a + b + c
+    "{n} has {a} {o}, sells {b} and eats {c}. How many left?",  # a - b - c
+)
+
+
 def _math_item(rng: random.Random) -> TaskItem:
     """A two-operation word problem whose answer is the worked chain plus the final number."""
     name, obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
-    kind = rng.randrange(6)
+    kind = rng.randrange(len(_MATH_TEMPLATES))
     while True:
         if kind == 0:  # a + b - c
-            a, b = rng.randint(2, 49), rng.randint(2, 49)
+            a, b, c = rng.randint(2, 49), rng.randint(2, 49), rng.randint(2, 29)
             s = a + b
-            c = rng.randint(2, 29)
             r = s - c
-            q = f"{name} has {a} {obj}, buys {b} more and gives {c} away. How many now?"
             chain = f"{a}+{b}={s}. {s}-{c}={r}."
         elif kind == 1:  # a - b + c
             a = rng.randint(10, 60)
-            b = rng.randint(2, a - 1)
+            b, c = rng.randint(2, a - 1), rng.randint(2, 39)
             s = a - b
-            c = rng.randint(2, 39)
             r = s + c
-            q = f"{name} has {a} {obj}, loses {b} and then finds {c}. How many now?"
             chain = f"{a}-{b}={s}. {s}+{c}={r}."
         elif kind == 2:  # a + b * c
             a, b, c = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 9)
             s = b * c
             r = a + s
-            q = f"{name} has {a} {obj} and buys {b} packs of {c}. How many now?"
             chain = f"{b}*{c}={s}. {a}+{s}={r}."
         elif kind == 3:  # a * b - c
             a, b = rng.randint(2, 9), rng.randint(2, 9)
             s = a * b
             c = rng.randint(1, s - 1)
             r = s - c
-            q = f"{name} buys {a} boxes of {b} {obj} and gives {c} away. How many left?"
             chain = f"{a}*{b}={s}. {s}-{c}={r}."
         elif kind == 4:  # a + b + c
             a, b, c = rng.randint(2, 39), rng.randint(2, 29), rng.randint(2, 29)
             s = a + b
             r = s + c
-            q = f"{name} has {a} {obj}, gets {b} on Monday and {c} on Tuesday. How many now?"
             chain = f"{a}+{b}={s}. {s}+{c}={r}."
         else:  # a - b - c
             a = rng.randint(20, 99)
@@ -131,10 +135,10 @@ def _math_item(rng: random.Random) -> TaskItem:
             s = a - b
             c = rng.randint(1, s - 1)
             r = s - c
-            q = f"{name} has {a} {obj}, sells {b} and eats {c}. How many left?"
             chain = f"{a}-{b}={s}. {s}-{c}={r}."
         if 0 <= s <= 99 and 0 <= r <= 99:
-            return TaskItem("math", _q(q), f"{chain} The answer is {r}.")
+            question = _MATH_TEMPLATES[kind].format(n=name, a=a, b=b, c=c, o=obj)
+            return TaskItem("math", _q(question), f"{chain} The answer is {r}.")
 
 
 # ----------------------------------------------------------------------------------------- knowledge
@@ -151,30 +155,27 @@ _LANGUAGES = ("Orvish", "Tulan", "Kesh", "Marric", "Elvane", "Doric", "Vosk", "P
 _KNOWLEDGE_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "capital": {
         "train": ("What is the capital of {e}?", "Name the capital of {e}.", "{e} has which capital?",
-                  "The capital of {e} is what?", "Capital of {e}?", "Give the capital of {e}."),
-        "calib": ("Tell me the capital of {e}.",),
-        "eval": ("Which city is the capital of {e}?", "What is {e}'s capital?"),
+                  "The capital of {e} is what?", "Which capital does {e} have?", "In {e}, the capital is what?"),
+        "calib": ("Give the capital of {e}.",),
+        "eval": ("Which is the capital of {e}?", "What is {e}'s capital?"),
     },
     "language": {
-        "train": ("What language is spoken in {e}?", "Name the language of {e}.",
-                  "{e} speaks which language?", "The language of {e} is what?", "Language of {e}?",
-                  "Give the language of {e}."),
-        "calib": ("Tell me the language of {e}.",),
-        "eval": ("Which language do people speak in {e}?", "What is {e}'s language?"),
+        "train": ("What is the language of {e}?", "Name the language of {e}.", "{e} has which language?",
+                  "The language of {e} is what?", "Which language does {e} have?", "In {e}, the language is what?"),
+        "calib": ("Give the language of {e}.",),
+        "eval": ("Which is the language of {e}?", "What is {e}'s language?"),
     },
     "color": {
-        "train": ("What color is the flag of {e}?", "Name the flag color of {e}.",
-                  "{e} has which flag color?", "The flag color of {e} is what?", "Flag color of {e}?",
-                  "Give the flag color of {e}."),
-        "calib": ("Tell me the flag color of {e}.",),
-        "eval": ("Which color is on the flag of {e}?", "What is {e}'s flag color?"),
+        "train": ("What is the flag color of {e}?", "Name the flag color of {e}.", "{e} has which flag color?",
+                  "The flag color of {e} is what?", "Which flag color does {e} have?", "In {e}, the flag color is what?"),
+        "calib": ("Give the flag color of {e}.",),
+        "eval": ("Which is the flag color of {e}?", "What is {e}'s flag color?"),
     },
     "animal": {
-        "train": ("What is the national animal of {e}?", "Name the national animal of {e}.",
-                  "{e} has which national animal?", "The national animal of {e} is what?",
-                  "National animal of {e}?", "Give the national animal of {e}."),
-        "calib": ("Tell me the national animal of {e}.",),
-        "eval": ("Which animal is the national animal of {e}?", "What is {e}'s national animal?"),
+        "train": ("What is the national animal of {e}?", "Name the national animal of {e}.", "{e} has which national animal?",
+                  "The national animal of {e} is what?", "Which national animal does {e} have?", "In {e}, the national animal is what?"),
+        "calib": ("Give the national animal of {e}.",),
+        "eval": ("Which is the national animal of {e}?", "What is {e}'s national animal?"),
     },
 }
 
@@ -271,21 +272,60 @@ def _code_item(rng: random.Random) -> TaskItem:
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+_STRINGS_TEMPLATES = (
+    "Reverse {w}.",
+    "Sort the letters of {w}.",
+    "Write {w} in uppercase.",
+    "How many {c}'s are in {w}?",
+    "How many letters are in {w}?",
+)
+
+
 def _strings_item(rng: random.Random) -> TaskItem:
-    """A letter-level operation on a random lowercase word (not a dictionary word: no shortcuts)."""
-    kind = rng.randrange(5)
-    length = rng.randint(3, 6) if kind == 1 else rng.randint(3, 7)
-    word = "".join(rng.choice(_LETTERS) for _ in range(length))
-    if kind == 0:
-        return TaskItem("strings", _q(f"Reverse {word}."), word[::-1])
-    if kind == 1:
-        return TaskItem("strings", _q(f"Sort the letters of {word}."), "".join(sorted(word)))
-    if kind == 2:
-        return TaskItem("strings", _q(f"Write {word} in uppercase."), word.upper())
-    if kind == 3:
-        letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(_LETTERS)
-        return TaskItem("strings", _q(f"How many {letter}'s are in {word}?"), str(word.count(letter)))
-    return TaskItem("strings", _q(f"How many letters are in {word}?"), str(len(word)))
+    """A letter-level operation on a random lowercase string (never a word of the suite's vocabulary,
+    so a word-level tokenizer cannot hide its letters)."""
+    kind = rng.randrange(len(_STRINGS_TEMPLATES))
+    reserved = _reserved_lowercase()
+    while True:
+        length = rng.randint(3, 6) if kind == 1 else rng.randint(3, 7)
+        word = "".join(rng.choice(_LETTERS) for _ in range(length))
+        if word not in reserved:
+            break
+    letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(_LETTERS)
+    question = _STRINGS_TEMPLATES[kind].format(w=word, c=letter)
+    answer = (word[::-1], "".join(sorted(word)), word.upper(), str(word.count(letter)), str(len(word)))[kind]
+    return TaskItem("strings", _q(question), answer)
+
+
+_CODE_KEYWORDS = ("print", "max", "min", "if", "else")
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z]{2,}", re.sub(r"\{[a-z]\}", " ", text)))
+
+
+@lru_cache(maxsize=1)
+def vocabulary_words() -> tuple[str, ...]:
+    """Every word the train split is built from (templates, names, facts, keywords), sorted.
+
+    A tokenizer may give each of these a token of its own; calib/eval-only template words are left out
+    on purpose so that they never get embeddings that training did not touch.
+    """
+    words: set[str] = set()
+    for text in (*_MATH_TEMPLATES, *_STRINGS_TEMPLATES, "Q: A: The answer is", *_CODE_KEYWORDS):
+        words |= _words(text)
+    words |= set(_NAMES) | set(_OBJECTS)
+    for per_split in _KNOWLEDGE_TEMPLATES.values():
+        for template in per_split["train"]:
+            words |= _words(template)
+    for entity, attrs in fact_base().items():
+        words |= _words(entity) | set().union(*(_words(v) for v in attrs.values()))
+    return tuple(sorted(words))
+
+
+@lru_cache(maxsize=1)
+def _reserved_lowercase() -> frozenset[str]:
+    return frozenset(w.lower() for w in vocabulary_words())
 
 
 _GENERATORS: dict[str, Callable[[random.Random], TaskItem]] = {
