@@ -1,6 +1,8 @@
 """What calibration costs over a plain pass of the same model and batch, in time and peak memory.
 
     plain forward            stock model, no_grad, fastest stock experts implementation
+    plain body forward       the same without the LM head (forward-only calibration has no use for
+                             logits, so this isolates what the instrumentation itself costs)
     plain forward+backward   stock model, loss.backward() with every weight trainable
     calibrate --no-fisher    moetrim's instrumented forward (statistics only)
     calibrate (Fisher)       instrumented forward + backward (only the masks get gradients)
@@ -32,7 +34,7 @@ sys.path.insert(0, str(HERE))
 from report import update_section  # noqa: E402
 from speed import MODELS, build  # noqa: E402  (same real shapes as the speed benchmark)
 
-MODES = ("forward", "calibrate_forward", "forward_backward", "calibrate_fisher")
+MODES = ("forward", "body_forward", "calibrate_forward", "forward_backward", "calibrate_fisher")
 
 
 def step_fn(mode: str, model, ids):
@@ -42,6 +44,12 @@ def step_fn(mode: str, model, ids):
         def run():
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
+    elif mode == "body_forward":
+        body = getattr(model, model.base_model_prefix)
+
+        def run():
+            with torch.no_grad():
+                body(input_ids=ids, use_cache=False)
     elif mode == "forward_backward":
         def run():
             model.zero_grad(set_to_none=True)
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
         "grad_magnitude": args.grad_magnitude,
         "seconds": med, "peak_bytes": peaks,
         "time_ratio_forward": med["calibrate_forward"] / med["forward"],
+        "time_ratio_forward_vs_body": med["calibrate_forward"] / med["body_forward"],
+        "memory_ratio_forward_vs_body": peaks["calibrate_forward"] / max(peaks["body_forward"], 1),
         "time_ratio_fisher": med["calibrate_fisher"] / med["forward_backward"],
         "memory_ratio_forward": peaks["calibrate_forward"] / max(peaks["forward"], 1),
         "memory_ratio_fisher": peaks["calibrate_fisher"] / max(peaks["forward_backward"], 1),
@@ -186,7 +196,9 @@ def main(argv=None) -> int:
     lines += ["", f"- time: forward-only calibration / forward = **{result['time_ratio_forward']:.2f}** (target <= 1.15); "
               f"Fisher calibration / forward+backward = **{result['time_ratio_fisher']:.2f}** (target <= 1.3)",
               f"- peak memory: forward-only calibration / forward = **{result['memory_ratio_forward']:.2f}** (target <= 1.15); "
-              f"Fisher calibration / forward+backward = **{result['memory_ratio_fisher']:.2f}** (target <= 1.3)", ""]
+              f"Fisher calibration / forward+backward = **{result['memory_ratio_fisher']:.2f}** (target <= 1.3)",
+              f"- instrumentation alone: forward-only calibration / body forward (no LM head) = "
+              f"**{result['time_ratio_forward_vs_body']:.2f}** time, **{result['memory_ratio_forward_vs_body']:.2f}** memory", ""]
     table = "\n".join(lines)
     print(table)
     update_section("calibration-cost-gpu" if args.device.startswith("cuda") else "calibration-cost", table)

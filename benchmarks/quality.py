@@ -10,8 +10,8 @@ Three experiments, all on `moetrim.reference_model()`:
    math-calibrated Fisher, by activation, and at random; math vs knowledge accuracy against k.
 3. Dense reference figures for every domain.
 
-    python benchmarks/quality.py --quick     # smaller grid, < 15 minutes on 2 CPU cores
-    python benchmarks/quality.py             # the full grid
+    python benchmarks/quality.py --quick     # 64 calibration texts per domain, 200 eval items: minutes on 2 CPU cores
+    python benchmarks/quality.py             # 128 calibration texts per domain, 256 eval items
 
 Writes benchmarks/results/quality.json, benchmarks/results/critical_dims.png and a table in
 benchmarks/README.md. Nothing here is tuned to favour a method: every method gets the same
@@ -45,6 +45,7 @@ from moetrim.plan import make_plan  # noqa: E402
 DIM_CRITERIA = ("fisher", "taylor", "activation", "router_weighted", "output_aware", "magnitude", "random")
 EXPERT_CRITERIA = ("frequency", "soft_frequency", "ean", "reap", "man", "msan", "random")
 CRITICAL_K = (1, 2, 4, 8, 12, 16, 32, 64)
+DEFAULT_OUT = HERE / "results" / "quality.json"
 
 
 def log(msg: str) -> None:
@@ -82,18 +83,20 @@ def evaluate(model, tok, domains, n) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer evaluation items and calibration texts")
-    ap.add_argument("--items", type=int, default=None, help="evaluation items per domain (default 200, quick 60)")
+    ap.add_argument("--quick", action="store_true", help="fewer calibration texts (64 per domain) and 200 eval items per domain")
+    ap.add_argument("--items", type=int, default=None, help="evaluation items per domain (default 256, quick 200)")
     ap.add_argument("--calib", type=int, default=None, help="calibration items per domain (default 128, quick 64)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    ap.add_argument("--model", default="reference", help="model directory trained on the task suite (default: the bundled reference)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    n_items = args.items or (60 if args.quick else 200)
+    n_items = args.items or (200 if args.quick else 256)
     n_calib = args.calib or (64 if args.quick else 128)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = moetrim.load("reference", dtype=torch.float32)
-    tok = moetrim.load_tokenizer("reference")
+    model = moetrim.load(args.model, dtype=torch.float32)
+    tok = moetrim.load_tokenizer(args.model)
     domains = list(DOMAINS)
 
     log("calibrating: mixture and each domain")
@@ -166,7 +169,8 @@ def main(argv=None) -> int:
     png = plot_critical(critical, dense, args.out.parent / "critical_dims.png")
     table = markdown(result, png)
     print(table)
-    update_section("quality", table)
+    if args.out.resolve() == DEFAULT_OUT.resolve():  # experiments written elsewhere leave the README alone
+        update_section("quality", table)
     log(f"wrote {args.out}, {png} and benchmarks/README.md in {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -224,8 +228,56 @@ def markdown(result: dict, png: Path) -> str:
             r = next(x for x in result["critical_dims"] if x["ranking"] == method and x["k"] == k)
             cells.append(f"{r['accuracy']['math']:.2f} / {r['accuracy']['knowledge']:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", f"![critical dimensions](results/{png.name})", ""]
+    lines += ["", f"![critical dimensions](results/{png.name})", "", "**What this run shows** (computed from the JSON above):", ""]
+    lines += [f"- {f}" for f in findings(result)]
+    lines.append("")
     return "\n".join(lines)
+
+
+def findings(result: dict) -> list[str]:
+    """Plain statements read off the measured numbers, including where the papers' claims do not hold."""
+    dense = result["dense"]["accuracy"]
+    dense_mean = sum(dense.values()) / len(dense)
+    grid = result["grid"]
+
+    def row(setting, gran, crit, ratio):
+        return next(r for r in grid if (r["setting"], r["granularity"], r["criterion"], r["ratio"]) == (setting, gran, crit, ratio))
+
+    out = []
+    for ratio in (0.25, 0.5):
+        fisher = row("task-agnostic", "dims", "fisher", ratio)["mean_accuracy"]
+        dims = [r for r in grid if r["setting"] == "task-agnostic" and r["granularity"] == "dims" and r["ratio"] == ratio]
+        experts = [r for r in grid if r["setting"] == "task-agnostic" and r["granularity"] == "experts" and r["ratio"] == ratio]
+        best_d = max(dims, key=lambda r: r["mean_accuracy"])
+        best_e = max(experts, key=lambda r: r["mean_accuracy"])
+        out.append(
+            f"{ratio:.0%} removed, task-agnostic: Fisher dimension pruning keeps {fisher / dense_mean:.2f} of dense mean accuracy "
+            f"({fisher:.3f} vs {dense_mean:.3f}); best dimension criterion {best_d['criterion']} ({best_d['mean_accuracy']:.3f}); "
+            f"best expert criterion {best_e['criterion']} ({best_e['mean_accuracy']:.3f}). "
+            + ("Fisher dimension pruning beats every expert criterion here." if fisher > best_e["mean_accuracy"]
+               else "Fisher dimension pruning does NOT beat the best expert criterion here.")
+        )
+    for setting, favoured in (("task-agnostic", ("man", "msan")), ("task-specific", ("frequency", "soft_frequency", "reap"))):
+        for ratio in (0.25, 0.5):
+            ranked = sorted((r for r in grid if r["setting"] == setting and r["granularity"] == "experts" and r["ratio"] == ratio),
+                            key=lambda r: (-r["mean_accuracy"], r["criterion"]))
+            order = ", ".join(f"{r['criterion']} {r['mean_accuracy']:.3f}" for r in ranked)
+            places = [i + 1 for i, r in enumerate(ranked) if r["criterion"] in favoured]
+            out.append(f"expert criteria, {setting}, {ratio:.0%}: {order}. The principle's picks ({', '.join(favoured)}) place "
+                       f"{', '.join(map(str, places))} of {len(ranked)}.")
+    crit = result["critical_dims"]
+    for method in ("fisher", "activation", "random"):
+        pts = sorted((r for r in crit if r["ranking"] == method), key=lambda r: r["k"])
+        half = next((r for r in pts if r["accuracy"]["math"] <= 0.5 * dense["math"]), None)
+        last = pts[-1]
+        if half is None:
+            out.append(f"critical dimensions by {method}: math accuracy never falls to half of dense up to k={last['k']} "
+                       f"(math {last['accuracy']['math']:.2f}, knowledge {last['accuracy']['knowledge']:.2f} at k={last['k']}).")
+        else:
+            out.append(f"critical dimensions by {method}: removing k={half['k']} dims halves math accuracy "
+                       f"(math {half['accuracy']['math']:.2f}, knowledge {half['accuracy']['knowledge']:.2f}; dense "
+                       f"{dense['math']:.2f} / {dense['knowledge']:.2f}).")
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ figures are extrapolated to full depth by calculation from per-part timings:
     bound  = 1 / ((1 - s) + s * (1 - r))                  r = routed-expert weight fraction removed
 
 `bound` is the speed-up that removing those weights could give at most if routed-expert time fell
-in proportion to their weights (Amdahl); measured/bound says how close the runtime gets.
+in proportion to their weights (Amdahl); measured/bound says how close the runtime gets. `r` is
+1 - (routed weights the variant touched) / (routed weights dense touched on the same inputs), each
+expert's width counted per token routed to it in prefill (compute-bound) and per call that hit it
+in decode (memory-bound: a weight is read once per step). A few decode steps touch only some
+experts, and under non-uniform widths those may have kept more or less than the average; removing
+weights nobody reads cannot speed anything up, and pruning whole experts leaves a token's k
+experts as wide as before. `*_bound_nominal` uses the overall removed fraction instead.
 
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
 regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it
@@ -138,10 +144,22 @@ class PartTimer:
         self.layer_t = 0.0
         self.expert_t = 0.0
         self.handles = []
+        moe = find_moe_layers(model)
+        self.hits = [torch.zeros(l.num_experts, dtype=torch.float64) for l in moe]  # token-slots per expert
+        self.calls_hit = [torch.zeros(l.num_experts, dtype=torch.float64) for l in moe]  # calls touching it
         for layer in decoder_layers(model):
             self._watch(layer, "layer_t")
-        for l in find_moe_layers(model):
+        for i, l in enumerate(moe):
+            self.handles.append(l.experts.register_forward_pre_hook(self._counter(i)))  # before the clock starts
             self._watch(l.experts, "expert_t")
+
+    def _counter(self, i: int):
+        def pre(mod, args):
+            counts = torch.bincount(args[1].reshape(-1).cpu(), minlength=self.hits[i].numel()).double()
+            self.hits[i] += counts
+            self.calls_hit[i] += (counts > 0).double()
+
+        return pre
 
     def _watch(self, module: nn.Module, field: str) -> None:
         start = {}
@@ -160,6 +178,8 @@ class PartTimer:
 
     def reset(self) -> None:
         self.layer_t = self.expert_t = 0.0
+        for t in (*self.hits, *self.calls_hit):
+            t.zero_()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -171,7 +191,8 @@ def timed(model: nn.Module, fn, device: str) -> dict:
     timer = PartTimer(model, device)
     try:
         total = fn(model, timer)
-        return {"total": total, "layers": timer.layer_t, "experts": timer.expert_t}
+        return {"total": total, "layers": timer.layer_t, "experts": timer.expert_t,
+                "hits": [h.clone() for h in timer.hits], "calls_hit": [c.clone() for c in timer.calls_hit]}
     finally:
         timer.remove()
 
@@ -184,7 +205,17 @@ def full_depth(t: dict, layers: int, full_layers: int) -> dict:
 
 
 def median_parts(samples: list[dict]) -> dict:
-    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+    """Median of each timing; expert hit counts are summed over the samples."""
+    out = {k: statistics.median(s[k] for s in samples) for k in ("total", "layers", "experts")}
+    for k in ("hits", "calls_hit"):
+        out[k] = [sum(s[k][i] for s in samples) for i in range(len(samples[0][k]))]
+    return out
+
+
+def touched_width(model: nn.Module, counts: list[torch.Tensor]) -> float:
+    """Expert width summed over what the workload touched, each expert weighted by ``counts``."""
+    return sum(float((c * torch.tensor(layer.widths, dtype=torch.float64)).sum())
+               for layer, c in zip(find_moe_layers(model), counts))
 
 
 def run_model(name: str, spec: dict, args) -> list[dict]:
@@ -271,18 +302,24 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 if not args.quick:
                     measure(m, regime)  # warm-up (torch has no JIT here; quick mode skips it)
                 sd, sv = [], []
-                for _ in range(args.repeats):
+                # a 512-token prefill is a long, steady window: quick mode times it once per side
+                for _ in range(1 if (args.quick and regime == "prefill") else args.repeats):
                     sd.append(measure(dense, regime))
                     sv.append(measure(m, regime))
                 samples_d, samples_v = [median_parts(sd)], [median_parts(sv)]
             d, v = samples_d[0], samples_v[0]
             fd, fv = full_depth(d, layers, full), full_depth(v, layers, full)
             s = fd["experts_share"]
-            bound = 1.0 / ((1 - s) + s * (1 - removed))
+            # removed share of the routed weights the run touched, against dense on the same inputs
+            key_c = "hits" if regime == "prefill" else "calls_hit"
+            touched = 1.0 - touched_width(m, v[key_c]) / touched_width(dense, d[key_c])
+            bound = 1.0 / ((1 - s) + s * (1 - touched))
             key = "prefill" if regime == "prefill" else regime
             row[f"{key}_speedup"] = fd["total"] / fv["total"]
             row[f"{key}_speedup_measured_depth"] = d["total"] / v["total"]
             row[f"{key}_bound"] = bound
+            row[f"{key}_bound_nominal"] = 1.0 / ((1 - s) + s * (1 - removed))
+            row[f"{key}_touched_removed_fraction"] = touched
             row[f"{key}_vs_bound"] = row[f"{key}_speedup"] / bound
             row[f"{key}_experts_share"] = s
             row[f"{key}_tokens_per_s_measured_depth"] = tokens[regime] / v["total"]
@@ -331,6 +368,30 @@ def markdown(rows: list[dict], title: str) -> str:
     return head + body
 
 
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets read off the rows: one entry per model, each check with its figures."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        g, u, v0 = by.get("dims-50%-global"), by.get("dims-50%-uniform"), by.get("varwidth-0%")
+        t = {}
+        if g:
+            t["weight_bytes_vs_arithmetic"] = g["weight_bytes_ratio"] / g["weight_bytes_ratio_arithmetic"]
+            for k in ("decode", "decode_b8"):
+                t[f"{k}_vs_bound"] = g[f"{k}_vs_bound"]
+                if u:
+                    t[f"{k}_global_vs_uniform"] = g[f"{k}_speedup"] / u[f"{k}_speedup"]
+        if v0:
+            t["varwidth_0_slowest_vs_dense"] = min(v0[f"{k}_speedup"] for k in ("prefill", "decode", "decode_b8"))
+        t["met"] = bool(
+            (not g or (abs(t["weight_bytes_vs_arithmetic"] - 1) <= 0.01 and t["decode_vs_bound"] >= 0.9
+                       and t.get("decode_global_vs_uniform", 1.0) >= 0.95))
+            and (not v0 or t["varwidth_0_slowest_vs_dense"] >= 0.97)
+        )
+        out[model] = t
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 decoder layer per model, fewer repeats")
@@ -373,17 +434,27 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "note": "speed-ups and weight ratios extrapolated to full depth from per-part timings; *_measured_depth at the built depth",
     }
+    checks = targets(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"meta": meta, "targets": checks, "rows": rows}, indent=1))
     os.replace(tmp, out)
     table = markdown(rows, f"speed ({meta['device']}, {meta['dtype']}, {'quick' if args.quick else 'full'})")
     table += (f"\n`python benchmarks/speed.py{' --quick' if args.quick else ''}`: layers built per model: "
               + ", ".join(sorted({f"{r['model']} {r['layers']} of {r['full_layers']}" for r in rows}))
               + f"; {meta['threads']} threads; speed-ups and weight ratios extrapolated to full depth from per-part timings; "
-              "bound = Amdahl limit from the measured share of time in routed experts; in brackets: (bound, measured/bound).\n")
+              "bound = Amdahl limit from the measured share of time in routed experts and the removed fraction of the "
+              "routed weights the run touched; in brackets: (bound, measured/bound).\n")
+    table += "\nTargets (dims-50%-global; weight bytes within 1% of arithmetic, decode b1 >= 0.9 of bound, >= 0.95 of uniform; "
+    table += "varwidth-0% >= 0.97 of dense in every regime):\n\n| model | bytes / arithmetic | decode b1 / bound | decode b8 / bound | "
+    table += "b1 global / uniform | varwidth-0% slowest regime | met |\n|---|---|---|---|---|---|---|\n"
+    for model, t in checks.items():
+        table += (f"| {model} | {t.get('weight_bytes_vs_arithmetic', float('nan')):.4f} | {t.get('decode_vs_bound', float('nan')):.2f} | "
+                  f"{t.get('decode_b8_vs_bound', float('nan')):.2f} | {t.get('decode_global_vs_uniform', float('nan')):.2f} | "
+                  f"{t.get('varwidth_0_slowest_vs_dense', float('nan')):.2f} | {'yes' if t['met'] else 'no'} |\n")
     print(table)
-    update_section("speed-gpu" if args.device.startswith("cuda") else "speed", table)
+    if args.out is None:  # experiments written elsewhere leave the README alone
+        update_section("speed-gpu" if args.device.startswith("cuda") else "speed", table)
     print(f"wrote {out} in {meta['seconds']:.0f}s", file=sys.stderr)
     return 0
 

@@ -52,7 +52,7 @@ HPARAMS: dict = {
     "num_key_value_heads": 4,
     "num_experts": 16,
     "num_experts_per_tok": 2,
-    "moe_intermediate_size": 64,
+    "moe_intermediate_size": 128,  # wide enough that half the dims can go
     "shared_expert_intermediate_size": 128,
     "norm_topk_prob": False,
     "router_aux_loss_coef": 0.01,
@@ -60,11 +60,11 @@ HPARAMS: dict = {
     "initializer_range": 0.06,
     "max_position_embeddings": 256,
     # data
-    "train_items_per_domain": {"math": 150_000, "code": 100_000, "strings": 80_000},  # knowledge: all
-    "domain_weights": {"math": 0.3, "knowledge": 0.25, "code": 0.25, "strings": 0.2},
+    "train_items_per_domain": {"math": 150_000, "code": 150_000, "strings": 120_000},  # knowledge: all
+    "domain_weights": {"math": 0.28, "knowledge": 0.12, "code": 0.32, "strings": 0.28},
     "prompt_loss_weight": 0.1,  # answers carry the task; a little prompt loss keeps it a sane LM
     # optimisation
-    "steps": 6000,
+    "steps": 7000,
     "tokens_per_batch": 2048,  # padded tokens per step (batches are length-bucketed)
     "lr": 2e-3,
     "min_lr_ratio": 0.05,

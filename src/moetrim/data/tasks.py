@@ -150,33 +150,18 @@ _ANIMALS = ("fox", "owl", "bear", "wolf", "hawk", "deer", "lynx", "crane",
 _LANGUAGES = ("Orvish", "Tulan", "Kesh", "Marric", "Elvane", "Doric", "Vosk", "Pellan",
               "Ustri", "Garish", "Nomic", "Zentic", "Brevan", "Hollic", "Samic", "Irvan")
 
-# Question templates per attribute and split. Train has many phrasings so the model learns to key on
-# the entity and the attribute word; calib and eval phrasings never appear in training.
-_KNOWLEDGE_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
-    "capital": {
-        "train": ("What is the capital of {e}?", "Name the capital of {e}.", "{e} has which capital?",
-                  "The capital of {e} is what?", "Which capital does {e} have?", "In {e}, the capital is what?"),
-        "calib": ("Give the capital of {e}.",),
-        "eval": ("Which is the capital of {e}?", "What is {e}'s capital?"),
-    },
-    "language": {
-        "train": ("What is the language of {e}?", "Name the language of {e}.", "{e} has which language?",
-                  "The language of {e} is what?", "Which language does {e} have?", "In {e}, the language is what?"),
-        "calib": ("Give the language of {e}.",),
-        "eval": ("Which is the language of {e}?", "What is {e}'s language?"),
-    },
-    "color": {
-        "train": ("What is the flag color of {e}?", "Name the flag color of {e}.", "{e} has which flag color?",
-                  "The flag color of {e} is what?", "Which flag color does {e} have?", "In {e}, the flag color is what?"),
-        "calib": ("Give the flag color of {e}.",),
-        "eval": ("Which is the flag color of {e}?", "What is {e}'s flag color?"),
-    },
-    "animal": {
-        "train": ("What is the national animal of {e}?", "Name the national animal of {e}.", "{e} has which national animal?",
-                  "The national animal of {e} is what?", "Which national animal does {e} have?", "In {e}, the national animal is what?"),
-        "calib": ("Give the national animal of {e}.",),
-        "eval": ("Which is the national animal of {e}?", "What is {e}'s national animal?"),
-    },
+# How each attribute is named in questions.
+_ATTRIBUTE_PHRASES = {"capital": "capital", "language": "language", "color": "flag color",
+                      "animal": "national animal"}
+
+# Question forms per split ({a}: attribute phrase, {e}: entity). Train has many phrasings, with the entity
+# at the start, middle and end, so the model learns to key on entity + attribute; calib and eval forms
+# never occur in training (eval reuses train words in new orders so no eval-only word is unseen).
+_KNOWLEDGE_FORMS: dict[str, tuple[str, ...]] = {
+    "train": ("What is the {a} of {e}?", "Name the {a} of {e}.", "{e} has which {a}?",
+              "{e}'s {a} is what?", "Which {a} does {e} have?", "In {e}, the {a} is what?"),
+    "calib": ("Give the {a} of {e}.",),
+    "eval": ("Which is the {a} of {e}?", "What is {e}'s {a}?"),
 }
 
 
@@ -187,9 +172,13 @@ def _made_up_word(rng: random.Random, syllables: int, ending: str) -> str:
     return word.capitalize()
 
 
-@lru_cache(maxsize=1)
 def fact_base() -> dict[str, dict[str, str]]:
-    """The fixed synthetic facts: entity -> {attribute: value}. Same on every machine and run."""
+    """The fixed synthetic facts: entity -> {attribute: value} (a copy). Same on every machine and run."""
+    return {entity: dict(attrs) for entity, attrs in _fact_base().items()}
+
+
+@lru_cache(maxsize=1)
+def _fact_base() -> dict[str, dict[str, str]]:
     rng = random.Random(FACT_SEED)
     used: set[str] = set()
     facts: dict[str, dict[str, str]] = {}
@@ -212,10 +201,11 @@ def fact_base() -> dict[str, dict[str, str]]:
 def _knowledge_pool(split: str) -> tuple[TaskItem, ...]:
     """Every knowledge item of a split, in a fixed canonical order."""
     items = []
-    for entity, attrs in fact_base().items():
+    for entity, attrs in _fact_base().items():
         for attr in _ATTRIBUTES:
-            for template in _KNOWLEDGE_TEMPLATES[attr][split]:
-                items.append(TaskItem("knowledge", _q(template.format(e=entity)), attrs[attr]))
+            for form in _KNOWLEDGE_FORMS[split]:
+                question = form.format(a=_ATTRIBUTE_PHRASES[attr], e=entity)
+                items.append(TaskItem("knowledge", _q(question), attrs[attr]))
     return tuple(items)
 
 
@@ -225,26 +215,27 @@ _VARS = "abcdmnpqrstuvwxyz"
 
 
 def _code_item(rng: random.Random) -> TaskItem:
-    """A one-line program using variables, reassignment, lists, max/min or a conditional."""
+    """A one-line program using variables, reassignment, lists, max/min or a conditional.
+
+    The answer is the printed value with no worked steps, so arithmetic operands are single digits (the
+    model must look variables up and compute in one pass); the math domain carries multi-digit chains.
+    """
     v1, v2 = rng.sample(_VARS, 2)
     kind = rng.randrange(6)
     while True:
         if kind == 0:  # two variables, one operation
             op = rng.choice("+-*")
-            if op == "*":
-                a, b = rng.randint(0, 9), rng.randint(0, 9)
-            else:
-                a, b = rng.randint(0, 49), rng.randint(0, 49)
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
             prog = f"{v1}={a};{v2}={b};print({v1}{op}{v2})"
             out = a + b if op == "+" else a - b if op == "-" else a * b
         elif kind == 1:  # composition through a second variable
-            a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(2, 5)
+            a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(2, 4)
             op1, op2 = rng.choice("+-"), rng.choice("+*")
             y = a + b if op1 == "+" else a - b
             out = y + c if op2 == "+" else y * c
             prog = f"{v1}={a};{v2}={v1}{op1}{b};print({v2}{op2}{c})"
         elif kind == 2:  # reassignment
-            a, b = rng.randint(0, 49), rng.randint(1, 30)
+            a, b = rng.randint(0, 19), rng.randint(1, 9)
             op = rng.choice("+-")
             out = a + b if op == "+" else a - b
             prog = f"{v1}={a};{v1}={v1}{op}{b};print({v1})"
@@ -259,7 +250,7 @@ def _code_item(rng: random.Random) -> TaskItem:
             out = max(a, b) if fn == "max" else min(a, b)
             prog = f"{v1}={a};{v2}={b};print({fn}({v1},{v2}))"
         else:  # conditional expression
-            a, t = rng.randint(0, 20), rng.randint(0, 20)
+            a, t = rng.randint(0, 9), rng.randint(0, 9)
             yes, no = rng.randint(0, 99), rng.randint(0, 99)
             out = yes if a > t else no
             prog = f"{v1}={a};print({yes} if {v1}>{t} else {no})"
@@ -287,7 +278,7 @@ def _strings_item(rng: random.Random) -> TaskItem:
     kind = rng.randrange(len(_STRINGS_TEMPLATES))
     reserved = _reserved_lowercase()
     while True:
-        length = rng.randint(3, 6) if kind == 1 else rng.randint(3, 7)
+        length = rng.randint(3, 6)
         word = "".join(rng.choice(_LETTERS) for _ in range(length))
         if word not in reserved:
             break
@@ -315,10 +306,11 @@ def vocabulary_words() -> tuple[str, ...]:
     for text in (*_MATH_TEMPLATES, *_STRINGS_TEMPLATES, "Q: A: The answer is", *_CODE_KEYWORDS):
         words |= _words(text)
     words |= set(_NAMES) | set(_OBJECTS)
-    for per_split in _KNOWLEDGE_TEMPLATES.values():
-        for template in per_split["train"]:
-            words |= _words(template)
-    for entity, attrs in fact_base().items():
+    for form in _KNOWLEDGE_FORMS["train"]:
+        words |= _words(form)
+    for phrase in _ATTRIBUTE_PHRASES.values():
+        words |= _words(phrase)
+    for entity, attrs in _fact_base().items():
         words |= _words(entity) | set().union(*(_words(v) for v in attrs.values()))
     return tuple(sorted(words))
 
