@@ -17,6 +17,10 @@ experts, and under non-uniform widths those may have kept more or less than the 
 weights nobody reads cannot speed anything up, and pruning whole experts leaves a token's k
 experts as wide as before. `*_bound_nominal` uses the overall removed fraction instead.
 
+Decode steps run the model body on fixed next tokens (the same for every variant, so routing is
+identical); the LM head's one-token time is measured once per model and added to every decode
+total, since it is the same module in every variant. Each repeat alternates which side runs first.
+
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
 regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it
 copies weights per token). Global variants use widths drawn around the target ratio (random
@@ -233,20 +237,38 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     def prefill(m, timer):
         return prefill_seconds(m, ids[:1])
 
-    def decode(b):
-        def fn(m, timer):
-            # the prompt pass is not timed: the part timers restart once it is done
-            with torch.inference_mode():
-                out = m(input_ids=ids[:b, :16], use_cache=True, logits_to_keep=1)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                timer.reset()
+    # Decode runs the model body on fixed next tokens (the same for every variant, so routing is
+    # identical) and adds the LM head's one-token time, measured once: the head is the same module in
+    # every variant, and at one built layer its vocabulary-sized read would otherwise dominate the run.
+    def head_seconds(b: int) -> float:
+        h = torch.randn(b, 1, spec["hidden_size"], dtype=args.dtype, device=args.device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(3):
                 t = time.perf_counter()
                 for _ in range(args.steps):
-                    out = m(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    dense.lm_head(dense.model.norm(h)).argmax(-1)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-                return time.perf_counter() - t
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    head = {b: head_seconds(b) for b in (1, 8)}
+    log(f"  LM head + final norm, {args.steps} one-token steps: b1 {head[1]:.3f}s, b8 {head[8]:.3f}s (added to every decode total)")
+
+    def decode(b):
+        def fn(m, timer):
+            body = getattr(m, m.base_model_prefix)
+            # the prompt pass is not timed: the part timers restart once it is done
+            with torch.inference_mode():
+                cache = body(input_ids=ids[:b, :16], use_cache=True).past_key_values
+                timer.reset()
+                t = time.perf_counter()
+                for i in range(args.steps):
+                    cache = body(input_ids=ids[:b, 16 + i : 17 + i], past_key_values=cache, use_cache=True).past_key_values
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t + head[b]
         return fn
 
     regime_fns = {"prefill": prefill, "decode": decode(1), "decode_b8": decode(8)}
@@ -303,9 +325,9 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     measure(m, regime)  # warm-up (torch has no JIT here; quick mode skips it)
                 sd, sv = [], []
                 # a 512-token prefill is a long, steady window: quick mode times it once per side
-                for _ in range(1 if (args.quick and regime == "prefill") else args.repeats):
-                    sd.append(measure(dense, regime))
-                    sv.append(measure(m, regime))
+                for r in range(args.repeats):  # alternate which side goes first
+                    for side in ((dense, sd), (m, sv)) if r % 2 == 0 else ((m, sv), (dense, sd)):
+                        side[1].append(measure(side[0], regime))
                 samples_d, samples_v = [median_parts(sd)], [median_parts(sv)]
             d, v = samples_d[0], samples_v[0]
             fd, fv = full_depth(d, layers, full), full_depth(v, layers, full)
@@ -407,7 +429,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
-    args.steps = args.steps or (4 if args.quick else 16)
+    args.steps = args.steps or (8 if args.quick else 16)
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)

@@ -33,10 +33,10 @@ def test_packed_storage_has_no_padding():
     moetrim.apply_plan(m, plan)
     for layer, lp in zip(find_moe_layers(m), plan.layers):
         ex = layer.experts
-        assert ex.gate_up.shape == (2 * sum(lp.widths), 64) and ex.down.shape == (sum(lp.widths), 64)
-        assert ex.gate_up.is_contiguous() and ex.down.is_contiguous()
+        assert ex.gate_up.shape == (2 * sum(lp.widths), 64) and ex.down_blocks.shape == (sum(lp.widths) * 64,)
+        assert ex.gate_up.is_contiguous() and ex.down_blocks.is_contiguous()
         w = ex.expert_weights(3)  # views into the packed storage, not copies
-        assert w.gate.data_ptr() >= ex.gate_up.data_ptr() and w.down.data_ptr() >= ex.down.data_ptr()
+        assert w.gate.data_ptr() >= ex.gate_up.data_ptr() and w.down.data_ptr() >= ex.down_blocks.data_ptr() and w.down.is_contiguous()
     assert moetrim.routed_expert_param_count(m) == plan.params_after
 
 
@@ -67,7 +67,8 @@ def test_backward_through_varwidth_matches_masked_stock():
     e = lp.kept_experts[1]
     dims = torch.tensor(lp.kept_dims[1])
     o = layer.experts.offsets[1]
-    g_ours = layer.experts.down.grad[o : o + len(dims)].t()  # [H, w]
+    H = layer.experts.hidden_dim
+    g_ours = layer.experts.down_blocks.grad[o * H : (o + len(dims)) * H].view(H, len(dims))  # [H, w]
     assert torch.allclose(g_ours, g_ref[e][:, dims], atol=1e-6, rtol=1e-4)
 
 
