@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
-    args.steps = args.steps or (8 if args.quick else 16)
+    args.steps = args.steps or (6 if args.quick else 16)
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
