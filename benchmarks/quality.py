@@ -38,6 +38,7 @@ import moetrim  # noqa: E402
 from moetrim.apply import apply_plan, shared_copy  # noqa: E402
 from moetrim.calibrate import calibrate  # noqa: E402
 from moetrim.data.tasks import DOMAINS, calibration_texts  # noqa: E402
+from moetrim.errors import MoetrimError  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.model.view import find_moe_layers  # noqa: E402
 from moetrim.plan import make_plan  # noqa: E402
@@ -95,8 +96,12 @@ def main(argv=None) -> int:
     n_calib = args.calib or (64 if args.quick else 128)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = moetrim.load(args.model, dtype=torch.float32)
-    tok = moetrim.load_tokenizer(args.model)
+    try:
+        model = moetrim.load(args.model, dtype=torch.float32)
+        tok = moetrim.load_tokenizer(args.model)
+    except MoetrimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     domains = list(DOMAINS)
 
     log("calibrating: mixture and each domain")
@@ -169,9 +174,11 @@ def main(argv=None) -> int:
     png = plot_critical(critical, dense, args.out.parent / "critical_dims.png")
     table = markdown(result, png)
     print(table)
+    wrote = [str(args.out), str(png)]
     if args.out.resolve() == DEFAULT_OUT.resolve():  # experiments written elsewhere leave the README alone
         update_section("quality", table)
-    log(f"wrote {args.out}, {png} and benchmarks/README.md in {time.perf_counter() - t0:.0f}s")
+        wrote.append("benchmarks/README.md")
+    log(f"wrote {', '.join(wrote)} in {time.perf_counter() - t0:.0f}s")
     return 0
 
 
@@ -240,14 +247,13 @@ def findings(result: dict) -> list[str]:
     dense_mean = sum(dense.values()) / len(dense)
     grid = result["grid"]
 
-    def row(setting, gran, crit, ratio):
-        return next(r for r in grid if (r["setting"], r["granularity"], r["criterion"], r["ratio"]) == (setting, gran, crit, ratio))
+    def select(setting, gran, ratio):
+        return [r for r in grid if (r["setting"], r["granularity"], r["ratio"]) == (setting, gran, ratio)]
 
     out = []
     for ratio in (0.25, 0.5):
-        fisher = row("task-agnostic", "dims", "fisher", ratio)["mean_accuracy"]
-        dims = [r for r in grid if r["setting"] == "task-agnostic" and r["granularity"] == "dims" and r["ratio"] == ratio]
-        experts = [r for r in grid if r["setting"] == "task-agnostic" and r["granularity"] == "experts" and r["ratio"] == ratio]
+        dims, experts = select("task-agnostic", "dims", ratio), select("task-agnostic", "experts", ratio)
+        fisher = next(r for r in dims if r["criterion"] == "fisher")["mean_accuracy"]
         best_d = max(dims, key=lambda r: r["mean_accuracy"])
         best_e = max(experts, key=lambda r: r["mean_accuracy"])
         out.append(
@@ -259,8 +265,7 @@ def findings(result: dict) -> list[str]:
         )
     for setting, favoured in (("task-agnostic", ("man", "msan")), ("task-specific", ("frequency", "soft_frequency", "reap"))):
         for ratio in (0.25, 0.5):
-            ranked = sorted((r for r in grid if r["setting"] == setting and r["granularity"] == "experts" and r["ratio"] == ratio),
-                            key=lambda r: (-r["mean_accuracy"], r["criterion"]))
+            ranked = sorted(select(setting, "experts", ratio), key=lambda r: (-r["mean_accuracy"], r["criterion"]))
             order = ", ".join(f"{r['criterion']} {r['mean_accuracy']:.3f}" for r in ranked)
             places = [i + 1 for i, r in enumerate(ranked) if r["criterion"] in favoured]
             out.append(f"expert criteria, {setting}, {ratio:.0%}: {order}. The principle's picks ({', '.join(favoured)}) place "

@@ -242,12 +242,13 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     # every variant, and at one built layer its vocabulary-sized read would otherwise dominate the run.
     def head_seconds(b: int) -> float:
         h = torch.randn(b, 1, spec["hidden_size"], dtype=args.dtype, device=args.device)
+        norm = getattr(dense, dense.base_model_prefix).norm
         times = []
         with torch.inference_mode():
             for _ in range(3):
                 t = time.perf_counter()
                 for _ in range(args.steps):
-                    dense.lm_head(dense.model.norm(h)).argmax(-1)
+                    dense.lm_head(norm(h)).argmax(-1)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
@@ -324,7 +325,6 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 if not args.quick:
                     measure(m, regime)  # warm-up (torch has no JIT here; quick mode skips it)
                 sd, sv = [], []
-                # a 512-token prefill is a long, steady window: quick mode times it once per side
                 for r in range(args.repeats):  # alternate which side goes first
                     for side in ((dense, sd), (m, sv)) if r % 2 == 0 else ((m, sv), (dense, sd)):
                         side[1].append(measure(side[0], regime))
@@ -434,6 +434,9 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     out = args.out or HERE / "results" / ("speed-gpu.json" if args.device.startswith("cuda") else "speed.json")
+    if args.prompt_len < 16 + args.steps:  # decode starts after a 16-token prompt and feeds prompt tokens
+        print(f"error: --prompt-len must be at least 16 + decode steps ({16 + args.steps}), got {args.prompt_len}", file=sys.stderr)
+        return 2
     names = [n.strip() for n in args.models.split(",")]
     unknown = [n for n in names if n not in MODELS]
     if unknown:

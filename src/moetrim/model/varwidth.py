@@ -138,9 +138,8 @@ class VariableWidthExperts(nn.Module):
         return y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        num_tokens, hidden = hidden_states.shape
         top_k = top_k_index.shape[-1]
-        if num_tokens == 1:  # one-token decode: no dispatch to sort, just the k experts
+        if hidden_states.shape[0] == 1:  # one-token decode: no dispatch to sort, just the k experts
             out = None
             for j, e in enumerate(top_k_index[0].tolist()):
                 y = self.expert_forward(e, hidden_states) * top_k_weights[0, j].to(hidden_states.dtype)
