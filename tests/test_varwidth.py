@@ -95,3 +95,132 @@ def test_one_token_fast_path_matches_dispatch():
         batched = ex(x, idx, w)
         single = torch.cat([ex(x[i : i + 1], idx[i : i + 1], w[i : i + 1]) for i in range(3)])
     assert torch.allclose(batched, single, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_few_token_and_many_token_dispatch_agree(family, monkeypatch):
+    """Decode-sized calls take a gather/unsort path, prefill-sized ones scatter-add: same outputs and gradients."""
+    import moetrim.model.varwidth as vw
+
+    m = tiny_model(family)
+    moetrim.apply_plan(m, make_plan(m, None, criterion="random", ratio=0.5, allocation="global", seed=5))
+    ex = find_moe_layers(m)[0].experts
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 64, generator=g)
+    idx = torch.stack([torch.randperm(ex.num_experts, generator=g)[:2] for _ in range(9)])
+    w = torch.rand(9, 2, generator=g)
+
+    def run():
+        ex.zero_grad()
+        out = ex(x, idx, w)
+        out.pow(2).sum().backward()
+        return out.detach(), ex.gate_up.grad.clone(), ex.down_blocks.grad.clone()
+
+    small = run()
+    monkeypatch.setattr(vw, "_SMALL_DISPATCH", 0)
+    large = run()
+    for a, b in zip(small, large):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _module(widths, hidden=32, seed=0, dtype=torch.float32):
+    """A packed module with the stock gated-SiLU activation and random weights."""
+    from moetrim.model.view import _GatedActivation
+
+    ex = VariableWidthExperts(widths, hidden, _GatedActivation(torch.nn.SiLU()), dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) * 0.3)
+    return ex
+
+
+def _routing(n_tokens, n_experts, k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(n_tokens)])
+    return torch.randn(n_tokens, 32, generator=g), idx, torch.rand(n_tokens, k, generator=g)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("widths", [[8] * 6, [8, 8, 8, 12, 16, 16, 4, 4], [3, 5, 7, 9, 11, 13], [6, 6, 6, 10, 10]])
+def test_inference_paths_equal_the_training_path(widths, tokens, monkeypatch):
+    """Without gradients the module uses cached views and one grouped GEMM per run of equal widths;
+    with them, fresh per-expert views. Both compute the same function, in every dispatch regime."""
+    import moetrim.model.varwidth as vw
+
+    if tokens == 40:
+        monkeypatch.setattr(vw, "_SMALL_DISPATCH", 0)  # the many-token scatter-add path
+    ex = _module(widths)
+    x, idx, w = _routing(tokens, len(widths), 3)
+    train = ex(x, idx, w)
+    assert train.requires_grad
+    with torch.inference_mode():
+        infer = ex(x, idx, w)
+    with torch.no_grad():
+        no_grad = ex(x, idx, w)
+    assert torch.allclose(infer, train.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(infer, no_grad)
+    monkeypatch.setattr(VariableWidthExperts, "_grouped_ok", lambda self, x: False)
+    with torch.no_grad():
+        assert torch.allclose(ex(x, idx, w), no_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_runs_group_consecutive_equal_widths():
+    assert _module([8, 8, 8, 12, 16, 16, 4]).runs == [(0, 3, 8), (3, 1, 12), (4, 2, 16), (6, 1, 4)]
+
+
+def test_view_cache_follows_the_weights():
+    """Cached views see in-place edits, and are rebuilt when a parameter gets new storage or dtype."""
+    ex = _module([8, 8, 12, 16])
+    x, idx, w = _routing(5, 4, 2)
+    with torch.no_grad():
+        before = ex(x, idx, w)
+        ex.down_blocks.mul_(2)  # in place: same storage, the views see it
+        assert torch.allclose(ex(x, idx, w), 2 * before, atol=1e-5, rtol=1e-5)
+        ex.down_blocks.data = ex.down_blocks.data / 2  # new storage: the cache is rebuilt
+        assert torch.allclose(ex(x, idx, w), before, atol=1e-6, rtol=1e-6)
+        ex.to(torch.float64)
+        out64 = ex(x.double(), idx, w.double())
+    assert out64.dtype == torch.float64 and torch.allclose(out64.float(), before, atol=1e-5, rtol=1e-5)
+
+
+def test_copies_do_not_carry_the_view_cache():
+    ex = _module([8, 8, 12])
+    x, idx, w = _routing(4, 3, 2)
+    with torch.no_grad():
+        before = ex(x, idx, w)
+    assert "_view_cache" in ex.__dict__
+    twin = copy.deepcopy(ex)
+    assert "_view_cache" not in twin.__dict__
+    with torch.no_grad():
+        twin.gate_up.zero_()
+        assert torch.equal(ex(x, idx, w), before) and twin(x, idx, w).abs().max() == 0
+
+
+def test_views_cached_in_inference_mode_train_frozen_experts():
+    """Gradients still reach the input (adapters, earlier layers) after the cache was built in
+    inference mode, when the experts themselves are frozen."""
+    ex = _module([8, 8, 12, 16])
+    x, idx, w = _routing(5, 4, 2)
+    with torch.inference_mode():
+        ex(x, idx, w)
+    ex.requires_grad_(False)
+    x = x.clone().requires_grad_(True)
+    ex(x, idx, w).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("widths,calls", [([8] * 6, 2), ([8, 8, 12, 16, 16], 4), ([6, 6, 6], 0), ([3, 5, 7], 0)])
+def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
+    """Runs of equal widths go through one grouped GEMM per projection (16-byte strides needed);
+    the rest through per-expert matmuls."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: seen.append(1) or real(*a, **k))
+    ex = _module(widths)
+    x, idx, w = _routing(6, len(widths), 3)
+    with torch.no_grad():
+        ex(x, idx, w)
+    assert len(seen) == calls

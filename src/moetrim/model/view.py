@@ -111,7 +111,7 @@ def make_activation(experts: nn.Module) -> Callable[[torch.Tensor | None, torch.
 
     apply_gate = type(experts)._apply_gate
     if apply_gate is hf_moe._default_apply_gate:
-        return lambda gate, up: act_fn(gate) * up
+        return _GatedActivation(act_fn)
     concatenated = bool(getattr(experts, "is_concatenated", True))
     shim = _GateShim(experts)
 
@@ -123,6 +123,22 @@ def make_activation(experts: nn.Module) -> Callable[[torch.Tensor | None, torch.
         return apply_gate(shim, gu)
 
     return custom
+
+
+class _GatedActivation:
+    """act(gate) * up. Calls the activation module's ``forward`` directly (the module call's hook
+    machinery costs microseconds per expert at decode sizes) and multiplies in place when no gradient
+    is recorded."""
+
+    def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.act_fn = act_fn
+        self._act = getattr(act_fn, "forward", act_fn)
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._act(gate) * up
+        h = self._act(gate)
+        return h.mul_(up) if h.data_ptr() != gate.data_ptr() else h * up
 
 
 class _GateShim:
