@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrim.model.varwidth_grad import VariableWidthFunction
 from moetrim.model.view import ExpertWeights
 
 # Dispatches whose routed copies [T*k, H] have at most this many elements (4 MiB at fp32) take the
@@ -148,9 +149,10 @@ class VariableWidthExperts(nn.Module):
         """Views built once: per expert (gate_up^T [H, rows*I_e], its bias, down^T [I_e, H], its bias),
         and per run of two or more equal-width experts (gate_up^T [G, H, rows*I], down^T [G, I, H]).
 
-        Only used where no gradient is taken: at decode sizes, making these views on every call cost
-        ~5% of the experts' time on CPU (measured on Qwen3-30B-A3B shapes). The cache is keyed on the
-        storage it views, so replacing a parameter (``.to()``, loading with ``assign``) rebuilds it.
+        Made without autograd (the training path differentiates in one node, see varwidth_grad): at
+        decode sizes, making these views on every call cost ~5% of the experts' time on CPU (measured
+        on Qwen3-30B-A3B shapes). The cache is keyed on the storage it views, so replacing a
+        parameter (``.to()``, loading with ``assign``) rebuilds it.
         """
         key = (self.gate_up.data_ptr(), self.down_blocks.data_ptr(), self.gate_up.device, self.gate_up.dtype,
                None if self.gate_up_bias is None else self.gate_up_bias.data_ptr(),
@@ -192,14 +194,17 @@ class VariableWidthExperts(nn.Module):
             ok = False
         return ok and self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
 
-    def _runner(self, views: Callable[[int], tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def _runner(self, views: list[tuple], keep: list[torch.Tensor] | None = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """run(e, x [n, H]) -> expert e's output [n, H] before routing weight, with names bound locally:
-        at decode sizes this loop runs once per expert hit, and every lookup shows next to the matmuls."""
+        at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls.
+        With ``keep``, each expert's pre-activations are appended to it (the backward needs them)."""
         act, gated, widths, mm, addmm = self.activation, self.gated, self.widths, torch.mm, torch.addmm
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
-            gate_up_t, gate_up_bias, down_t, down_bias = views(e)
+            gate_up_t, gate_up_bias, down_t, down_bias = views[e]
             gu = mm(x, gate_up_t) if gate_up_bias is None else addmm(gate_up_bias, x, gate_up_t)
+            if keep is not None:
+                keep.append(gu)
             if gated:
                 w = widths[e]
                 h = act(gu[:, :w], gu[:, w:])
@@ -209,17 +214,48 @@ class VariableWidthExperts(nn.Module):
 
         return run
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Output of expert e (before routing weight) for tokens x [n, H]."""
-        return self._runner(self._views_of)(e, x)
+    def _activate(self, e: int, gu: torch.Tensor) -> torch.Tensor:
+        """Expert e's intermediate activation h [n, I_e] from its gate/up pre-activations [n, rows*I_e]."""
+        if not self.gated:
+            return self.activation(None, gu)
+        w = self.widths[e]
+        return self.activation(gu[:, :w], gu[:, w:])
+
+    def _sort(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
+        """Slots (token, k) sorted by expert, once per call: (order, counts per expert, token of each
+        slot, routing weight of each slot)."""
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()[: self.num_experts]
+        weight_of_slot = top_k_weights.reshape(-1).index_select(0, order).to(dtype)
+        return order, counts, order // top_k_index.shape[-1], weight_of_slot
+
+    def _scatter(self, hidden_states, counts, token_of_slot, weight_of_slot, keep=None) -> torch.Tensor:
+        """Per expert, gather its tokens, compute, scatter-add. No [T*k, H] temporaries: buffers that
+        large go to mmap in glibc and page-fault on every call, which cost ~30% of prefill time on CPU.
+        A token meets each expert at most once, so no index repeats within one index_add_
+        (deterministic, also on CUDA); contributions are added in expert order."""
+        run = self._runner(self._expert_views()[0], keep)
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                tokens = token_of_slot[start : start + n]
+                y = run(e, hidden_states.index_select(0, tokens))
+                out.index_add_(0, tokens, y * weight_of_slot[start : start + n, None])
+                start += n
+        return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        # Views made per call when a gradient may flow to the weights (training); cached otherwise.
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            run, run_views = self._runner(self._views_of), None
-        else:
-            views, run_views = self._expert_views()
-            run = self._runner(views.__getitem__)
+        if torch.is_grad_enabled() and (
+            hidden_states.requires_grad or top_k_weights.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):  # training: one autograd node for the layer (see varwidth_grad)
+            return VariableWidthFunction.apply(
+                hidden_states, top_k_weights, self.gate_up, self.gate_up_bias, self.down_blocks, self.down_bias,
+                self, top_k_index,
+            )
+        views, run_views = self._expert_views()
+        run = self._runner(views)
         top_k = top_k_index.shape[-1]
         dtype = hidden_states.dtype
         if hidden_states.shape[0] == 1:  # one-token decode: no dispatch to sort, just the k experts
@@ -228,48 +264,32 @@ class VariableWidthExperts(nn.Module):
                 y = run(e, hidden_states) * top_k_weights[0, j].to(dtype)
                 out = y if out is None else out + y
             return out
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of_slot = order // top_k
-        weight_of_slot = top_k_weights.reshape(-1).index_select(0, order).to(dtype)
-        if flat.numel() * self.hidden_dim <= _SMALL_DISPATCH:
-            # Few tokens (decode): one gather, per-expert slices, one unsort and a sum over k (in slot
-            # order, so deterministic on every device). A per-expert index_add_ costs ~40 us on CPU here.
-            x = hidden_states.index_select(0, token_of_slot)
-            grouped = run_views is not None and self._grouped_ok(x)
-            ys = []
-            start = 0
-            for (first, count, w), rv in zip(self.runs, run_views or [None] * len(self.runs)):
-                if grouped and rv is not None and (w * x.element_size()) % 16 == 0:
-                    # equal widths: one grouped GEMM per projection (its kernels need 16-byte strides)
-                    n = sum(counts[first : first + count])
-                    if n:
-                        ys.append(self._grouped(x[start : start + n], counts[first : first + count], w, rv))
-                        start += n
-                    continue
-                for e in range(first, first + count):
-                    n = counts[e]
-                    if n:
-                        ys.append(run(e, x[start : start + n]))
-                        start += n
-            y = torch.cat(ys) * weight_of_slot[:, None]
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            return y.index_select(0, inverse).view(-1, top_k, self.hidden_dim).sum(1)
-        # Many tokens: per expert, gather its tokens, compute, scatter-add. No [T*k, H] temporaries:
-        # buffers that large go to mmap in glibc and page-fault on every call, which cost ~30% of prefill
-        # time on CPU. A token meets each expert at most once, so no index repeats within one index_add_
-        # (deterministic, also on CUDA); contributions are added in expert order.
-        out = torch.zeros_like(hidden_states)
+        order, counts, token_of_slot, weight_of_slot = self._sort(top_k_index, top_k_weights, dtype)
+        if order.numel() * self.hidden_dim > _SMALL_DISPATCH:
+            return self._scatter(hidden_states, counts, token_of_slot, weight_of_slot)
+        # Few tokens (decode): one gather, per-expert slices, one unsort and a sum over k (in slot order,
+        # so deterministic on every device). A per-expert index_add_ costs ~40 us on CPU at these sizes.
+        x = hidden_states.index_select(0, token_of_slot)
+        grouped = self._grouped_ok(x)
+        ys = []
         start = 0
-        for e, n in enumerate(counts[: self.num_experts]):
-            if n:
-                tokens = token_of_slot[start : start + n]
-                y = run(e, hidden_states.index_select(0, tokens))
-                out.index_add_(0, tokens, y * weight_of_slot[start : start + n, None])
-                start += n
-        return out
+        for (first, count, w), rv in zip(self.runs, run_views):
+            if grouped and rv is not None and (w * x.element_size()) % 16 == 0:
+                # equal widths: one grouped GEMM per projection (its kernels need 16-byte strides)
+                n = sum(counts[first : first + count])
+                if n:
+                    ys.append(self._grouped(x[start : start + n], counts[first : first + count], w, rv))
+                    start += n
+                continue
+            for e in range(first, first + count):
+                n = counts[e]
+                if n:
+                    ys.append(run(e, x[start : start + n]))
+                    start += n
+        y = torch.cat(ys) * weight_of_slot[:, None]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return y.index_select(0, inverse).view(-1, top_k, self.hidden_dim).sum(1)
 
     def _grouped(self, x: torch.Tensor, counts: list[int], w: int, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """A run of equal-width experts on its tokens x (sorted by expert): two grouped GEMMs."""

@@ -1,0 +1,201 @@
+"""The variable-width experts module against the stock `transformers` experts on the same layer.
+
+One routed-experts layer per model at its real shape (random weights), uncompressed: the stock
+module under each experts implementation `transformers` offers, and moetrim's
+`VariableWidthExperts` holding the same weights at full width. Nothing else of the model runs, so
+this isolates what the module itself costs. Regimes:
+
+    decode_b1   1 token;  16 calls, each with a different routing
+    decode_b8   8 tokens; 16 calls, each with a different routing
+    prefill     512 tokens, one call
+    train       256 tokens, forward + backward with gradients for the input, the routing weights and
+                every expert weight (what fine-tuning does)
+
+Decode calls rotate through different routings so that the experts they read are not all still in
+the last-level cache (480 MiB here, enough to hold a few experts of any of these models) from the
+call before; a real model reads other layers in between. Sides are measured in back-to-back pairs,
+alternating which goes first, and each side's fastest sample is compared (noise on a shared machine
+only adds time); each pair's ratio is kept in the JSON to show the spread. `ratio` is the fastest
+stock implementation's time over ours: >= 1 means ours is at least as fast. Target: >= 0.97.
+
+    python benchmarks/experts_module.py --quick      # a few minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from report import update_section  # noqa: E402
+from speed import MODELS  # noqa: E402  (the same real shapes)
+
+TOKENS = {"decode_b1": 1, "decode_b8": 8, "prefill": 512, "train": 256}
+ROUTINGS = {"decode_b1": 16, "decode_b8": 16, "prefill": 1, "train": 1}
+
+
+def stock_experts(spec: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """The family's own experts module for one layer at the real shape, weights N(0, 0.02)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from moetrim.model.view import find_moe_layers
+
+    kw = {k: v for k, v in spec.items() if k not in ("model_type", "full_layers")}
+    cfg = AutoConfig.for_model(spec["model_type"], num_hidden_layers=1, **kw)
+    with torch.device("meta"):
+        cls = type(find_moe_layers(AutoModelForCausalLM.from_config(cfg))[0].experts)
+    with no_init_weights():
+        experts = cls(cfg).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    return experts, cfg
+
+
+def ours(experts: torch.nn.Module) -> torch.nn.Module:
+    from moetrim.model.varwidth import VariableWidthExperts
+    from moetrim.model.view import make_activation, stock_expert_weights
+
+    weights = [stock_expert_weights(experts, e) for e in range(experts.num_experts)]
+    width = weights[0].up.shape[0]
+    return VariableWidthExperts.from_weights(
+        weights, [torch.arange(width)] * len(weights), make_activation(experts), gated=True, has_bias=False
+    )
+
+
+def workload(cfg, regime: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    n, k = TOKENS[regime], cfg.num_experts_per_tok
+    experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    x = torch.randn(n, cfg.hidden_size, generator=gen)
+    routings = [torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(n)]) for _ in range(ROUTINGS[regime])]
+    weights = torch.rand(n, k, generator=gen).softmax(-1)
+    return x, routings, weights
+
+
+def call(module, regime: str, x, routings, weights) -> float:
+    """Seconds for one measurement of `regime`."""
+    if regime == "train":
+        for p in module.parameters():
+            p.grad = None
+        xg, wg = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        t = time.perf_counter()
+        out = module(xg, routings[0], wg)
+        out.backward(torch.ones_like(out))
+        return time.perf_counter() - t
+    with torch.inference_mode():
+        t = time.perf_counter()
+        for r in routings:
+            module(x, r, weights)
+        return time.perf_counter() - t
+
+
+def run_model(name: str, args) -> list[dict]:
+    t0 = time.perf_counter()
+    stock, cfg = stock_experts(MODELS[name], args.dtype)
+    mine = ours(stock)
+    log(f"{name}: built in {time.perf_counter() - t0:.0f}s")
+    rows = []
+    for regime in TOKENS:
+        x, routings, weights = workload(cfg, regime, args.seed)
+        x, weights = x.to(args.dtype), weights.to(args.dtype)
+        impls = ["grouped_mm", "eager"] + (["batched_mm"] if regime.startswith("decode") and not args.quick else [])
+        if regime == "train" and args.quick:
+            impls = ["grouped_mm"]  # eager's backward makes a weight-sized zero tensor per expert: ~45 s a step
+        stock.train(regime == "train")
+        mine.train(regime == "train")
+
+        def stock_fn(impl):
+            def fn():
+                stock.config._experts_implementation = impl
+                return call(stock, regime, x, routings, weights)
+            return fn
+
+        sides = {impl: stock_fn(impl) for impl in impls}
+        sides["moetrim"] = lambda: call(mine, regime, x, routings, weights)
+        for fn in sides.values():  # warm-up
+            fn()
+        samples = {k: [] for k in sides}
+        order = list(sides)
+        repeats = args.repeats * (2 if regime.startswith("decode") else 1)  # decode samples are short and noisier
+        for r in range(repeats):
+            for k in order if r % 2 == 0 else order[::-1]:
+                samples[k].append(sides[k]())
+        best = {k: min(v) for k, v in samples.items()}
+        fastest_stock = min(impls, key=lambda i: best[i])
+        row = {
+            "model": name, "regime": regime, "tokens": TOKENS[regime], "calls": ROUTINGS[regime],
+            "seconds": {k: round(v, 6) for k, v in best.items()},
+            "fastest_stock": fastest_stock,
+            "ratio": best[fastest_stock] / best["moetrim"],
+            "ratio_pairs": [round(a / b, 4) for a, b in zip(samples[fastest_stock], samples["moetrim"])],
+        }
+        rows.append(row)
+        log(f"  {regime:9s} " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items())
+            + f"  -> {fastest_stock} / moetrim = {row['ratio']:.3f}")
+    del stock, mine
+    gc.collect()
+    return rows
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats; training against grouped_mm only")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",")]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"error: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    args.dtype = getattr(torch, args.dtype)
+    args.repeats = args.repeats or (4 if args.quick else 8)
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    rows = [r for n in names for r in run_model(n, args)]
+    meta = {"device": "cpu", "dtype": str(args.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "quick": args.quick, "repeats": args.repeats, "seconds": round(time.perf_counter() - t0, 1),
+            "torch": torch.__version__}
+    out = args.out or HERE / "results" / "experts_module.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    table = (f"### experts module at 0% ({meta['device']}, {meta['dtype']}, {'quick' if args.quick else 'full'})\n\n"
+             "Fastest stock implementation's time / `VariableWidthExperts`' time on the same uncompressed layer "
+             "(>= 1: ours at least as fast; target >= 0.97).\n\n| model | " + " | ".join(TOKENS) + " |\n|---|"
+             + "---|" * len(TOKENS) + "\n")
+    for name in names:
+        by = {r["regime"]: r for r in rows if r["model"] == name}
+        table += f"| {name} | " + " | ".join(f"{by[g]['ratio']:.2f} ({by[g]['fastest_stock']})" for g in TOKENS) + " |\n"
+    table += (f"\n`python benchmarks/experts_module.py{' --quick' if args.quick else ''}`; {meta['threads']} threads; "
+              "in brackets the fastest stock implementation. Decode: 16 calls with different routings; prefill 512 "
+              "tokens; train: forward and backward on 256 tokens" + (" (against grouped_mm only in quick mode)" if args.quick else "") + ".\n")
+    print(table)
+    if args.out is None:
+        update_section("experts-module", table)
+    log(f"wrote {out} in {meta['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

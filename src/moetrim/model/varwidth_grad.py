@@ -1,0 +1,83 @@
+"""Training through variable-width experts: one autograd node per layer, gradients written per block.
+
+Letting autograd differentiate each expert's slice of the packed weights separately makes every
+slice's backward allocate a zero tensor the size of the whole parameter and add into it: with 64
+experts hit, 64 full-size temporaries per parameter per step (measured 45 s for one OLMoE-shaped
+layer on 64 tokens, against 0.7 s for the stock grouped GEMM). Here the backward allocates each
+weight gradient once and writes every expert's block in place with ``mm(out=...)``.
+
+The expert's elementwise function (any family's activation) is differentiated by autograd locally,
+on the saved pre-activations, so no activation needs a hand-written derivative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class VariableWidthFunction(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]) over packed variable-width experts."""
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_weights, gate_up, gate_up_bias, down_blocks, down_bias, module, top_k_index):
+        order, counts, token_of_slot, weight_of_slot = module._sort(top_k_index, top_k_weights, hidden.dtype)
+        pre_activations: list[torch.Tensor] = []
+        out = module._scatter(hidden, counts, token_of_slot, weight_of_slot, keep=pre_activations)
+        ctx.save_for_backward(hidden, order, token_of_slot, weight_of_slot)
+        ctx.pre_activations, ctx.counts, ctx.module = pre_activations, counts, module
+        ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        hidden, order, token_of_slot, weight_of_slot = ctx.saved_tensors
+        module, counts = ctx.module, ctx.counts
+        need_x, need_w, need_gu, need_gub, need_down, need_db = ctx.needs_input_grad[:6]
+        views = module._expert_views()[0]
+        hdim = module.hidden_dim
+        g_hidden = torch.zeros_like(hidden) if need_x else None
+        g_slot = torch.zeros_like(weight_of_slot) if need_w else None
+        g_gate_up = torch.zeros_like(module.gate_up) if need_gu else None
+        g_gate_up_bias = torch.zeros_like(module.gate_up_bias) if need_gub else None
+        g_down = torch.zeros_like(module.down_blocks) if need_down else None
+        g_down_bias = torch.zeros_like(module.down_bias) if need_db else None
+        start = 0
+        pre = iter(ctx.pre_activations)
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            o, w, r = module._blocks(e)
+            rows = module._rows * w
+            tokens = token_of_slot[start : start + n]
+            slot_w = weight_of_slot[start : start + n, None]
+            gate_up_t, _, down_t, d_bias = views[e]
+            with torch.enable_grad():
+                gu = next(pre).detach().requires_grad_(True)
+                h = module._activate(e, gu)
+            g = grad_out.index_select(0, tokens)  # d out / d y, before the routing weight
+            g_y_down = torch.mm(g, down_t.t())  # [n, w] = g @ down
+            if need_w:  # d out / d w = <g, y>, and <g, h @ down^T> = <g @ down, h>
+                g_slot[start : start + n] = (g_y_down * h.detach()).sum(1)
+                if d_bias is not None:
+                    g_slot[start : start + n] += g @ d_bias
+            (g_gu,) = torch.autograd.grad(h, gu, g_y_down * slot_w)
+            gw = g * slot_w  # gradient of the expert's output y
+            if need_down:
+                torch.mm(gw.t(), h.detach(), out=g_down.narrow(0, o * hdim, w * hdim).view(hdim, w))
+            if need_db:
+                g_down_bias[e] = gw.sum(0)
+            if need_gu:
+                torch.mm(g_gu.t(), hidden.index_select(0, tokens), out=g_gate_up.narrow(0, r, rows))
+            if need_gub:
+                g_gate_up_bias.narrow(0, r, rows).copy_(g_gu.sum(0))
+            if need_x:
+                g_hidden.index_add_(0, tokens, torch.mm(g_gu, gate_up_t.t()))
+            start += n
+        g_weights = None
+        if need_w:
+            g_flat = torch.empty_like(g_slot)
+            g_flat[order] = g_slot
+            g_weights = g_flat.view(ctx.weights_shape).to(ctx.weights_dtype)
+        return g_hidden, g_weights, g_gate_up, g_gate_up_bias, g_down, g_down_bias, None, None
