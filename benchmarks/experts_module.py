@@ -107,7 +107,7 @@ def run_model(name: str, args) -> list[dict]:
     mine = ours(stock)
     log(f"{name}: built in {time.perf_counter() - t0:.0f}s")
     rows = []
-    for regime in TOKENS:
+    for regime in args.regimes:
         x, routings, weights = workload(cfg, regime, args.seed)
         x, weights = x.to(args.dtype), weights.to(args.dtype)
         impls = ["grouped_mm", "eager"] + (["batched_mm"] if regime.startswith("decode") and not args.quick else [])
@@ -128,7 +128,8 @@ def run_model(name: str, args) -> list[dict]:
             fn()
         samples = {k: [] for k in sides}
         order = list(sides)
-        repeats = args.repeats * (2 if regime.startswith("decode") else 1)  # decode samples are short and noisier
+        # decode samples are short and noisier; training steps vary with the allocator (weight-sized gradients)
+        repeats = args.repeats * 2 if regime.startswith("decode") else args.repeats + 2 if regime == "train" else args.repeats
         for r in range(repeats):
             for k in order if r % 2 == 0 else order[::-1]:
                 samples[k].append(sides[k]())
@@ -157,6 +158,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats; training against grouped_mm only")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
+    ap.add_argument("--regimes", default=",".join(TOKENS), help="comma-separated subset of: " + ", ".join(TOKENS))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -166,6 +168,11 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         print(f"error: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    args.regimes = [g.strip() for g in args.regimes.split(",")]
+    bad = [g for g in args.regimes if g not in TOKENS]
+    if bad:
+        print(f"error: unknown regime {bad[0]!r}; choose from {', '.join(TOKENS)}", file=sys.stderr)
         return 2
     args.dtype = getattr(torch, args.dtype)
     args.repeats = args.repeats or (4 if args.quick else 8)
@@ -186,7 +193,7 @@ def main(argv=None) -> int:
              + "---|" * len(TOKENS) + "\n")
     for name in names:
         by = {r["regime"]: r for r in rows if r["model"] == name}
-        table += f"| {name} | " + " | ".join(f"{by[g]['ratio']:.2f} ({by[g]['fastest_stock']})" for g in TOKENS) + " |\n"
+        table += f"| {name} | " + " | ".join(f"{by[g]['ratio']:.2f} ({by[g]['fastest_stock']})" if g in by else "-" for g in TOKENS) + " |\n"
     table += (f"\n`python benchmarks/experts_module.py{' --quick' if args.quick else ''}`; {meta['threads']} threads; "
               "in brackets the fastest stock implementation. Decode: 16 calls with different routings; prefill 512 "
               "tokens; train: forward and backward on 256 tokens" + (" (against grouped_mm only in quick mode)" if args.quick else "") + ".\n")

@@ -39,17 +39,24 @@ class VariableWidthFunction(torch.autograd.Function):
         hdim = module.hidden_dim
         g_hidden = torch.zeros_like(hidden) if need_x else None
         g_slot = torch.zeros_like(weight_of_slot) if need_w else None
-        g_gate_up = torch.zeros_like(module.gate_up) if need_gu else None
-        g_gate_up_bias = torch.zeros_like(module.gate_up_bias) if need_gub else None
-        g_down = torch.zeros_like(module.down_blocks) if need_down else None
-        g_down_bias = torch.zeros_like(module.down_bias) if need_db else None
+        # Weight gradients start empty: every expert hit writes its whole block, the others are zeroed
+        # below (zero-filling the whole weight first was ~10% of a training step at Qwen1.5 shapes).
+        g_gate_up = torch.empty_like(module.gate_up) if need_gu else None
+        g_gate_up_bias = torch.empty_like(module.gate_up_bias) if need_gub else None
+        g_down = torch.empty_like(module.down_blocks) if need_down else None
+        g_down_bias = torch.empty_like(module.down_bias) if need_db else None
         start = 0
         pre = iter(ctx.pre_activations)
         for e, n in enumerate(counts):
-            if not n:
-                continue
             o, w, r = module._blocks(e)
             rows = module._rows * w
+            if not n:
+                for grad, block in ((g_gate_up, (r, rows)), (g_gate_up_bias, (r, rows)), (g_down, (o * hdim, w * hdim))):
+                    if grad is not None:
+                        grad.narrow(0, *block).zero_()
+                if g_down_bias is not None:
+                    g_down_bias[e].zero_()
+                continue
             tokens = token_of_slot[start : start + n]
             slot_w = weight_of_slot[start : start + n, None]
             gate_up_t, _, down_t, d_bias = views[e]
