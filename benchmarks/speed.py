@@ -27,7 +27,8 @@ Every variant is warmed up (a short prompt, two decode steps), then measured in 
 with dense, alternating which side goes first. A speed-up compares each side's fastest sample: noise
 on a shared machine only ever adds time (pairs of identical work differ by up to 15% here), so the
 minimum is the steadiest estimate of what the code costs; each pair's own ratio is kept in the JSON
-(`*_speedup_pairs`) to show the spread.
+(`*_speedup_pairs`) to show the spread. The variants the targets read (varwidth-0%, dims-50%
+global and uniform) get two more pairs than --repeats, the others one fewer.
 
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
 regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it
@@ -84,6 +85,7 @@ MODELS = {
         num_local_experts=8, num_experts_per_tok=2, intermediate_size=14336, full_layers=32, tie_word_embeddings=False,
     ),
 }
+TARGET_VARIANTS = ("varwidth-0%", "dims-50%-global", "dims-50%-uniform")
 VARIANTS = ("dense", "varwidth-0%", "dims-25%-global", "dims-50%-global", "dims-25%-uniform", "dims-50%-uniform",
             "experts-25%", "experts-50%")
 
@@ -356,7 +358,9 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     set_impl(m, impl)
                 measure(m, regime, warm=True)
                 pairs = []
-                for r in range(args.repeats):  # back-to-back pairs, alternating which side goes first
+                # the variants the targets read get two more pairs, the others one fewer (at least 2)
+                n_pairs = args.repeats + 2 if variant in TARGET_VARIANTS else max(2, args.repeats - 1)
+                for r in range(n_pairs):  # back-to-back pairs, alternating which side goes first
                     if r % 2 == 0:
                         d = measure(dense, regime)
                         pairs.append((d, measure(m, regime)))
@@ -498,9 +502,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 16 quick, 32 full)")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 12 quick, 32 full)")
     ap.add_argument("--steps-b8", type=int, default=None, help="decode steps per measurement at batch 8 (default 6 quick, 16 full)")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="back-to-back pairs per variant and regime (default 3 quick, 5 full; +2 for the variants the targets read, -1 for the others)")
     ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -515,7 +519,7 @@ def main(argv=None) -> int:
         write(src, data["meta"], data["rows"], update_readme=args.out is None)
         return 0
     args.dtype = getattr(torch, args.dtype)
-    args.steps = args.steps or (16 if args.quick else 32)
+    args.steps = args.steps or (12 if args.quick else 32)
     args.steps_b8 = args.steps_b8 or (6 if args.quick else 16)
     args.repeats = args.repeats or (3 if args.quick else 5)
     if args.device == "cpu":
