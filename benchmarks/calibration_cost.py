@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import update_section  # noqa: E402
+from report import update_section, write_json  # noqa: E402
 from speed import MODELS, build  # noqa: E402  (same real shapes as the speed benchmark)
 
 MODES = ("forward", "body_forward", "calibrate_forward", "forward_backward", "calibrate_fisher")
@@ -183,10 +183,7 @@ def main(argv=None) -> int:
         "memory_ratio_fisher": peaks["calibrate_fisher"] / max(peaks["forward_backward"], 1),
     }
     out = args.out or HERE / "results" / ("calibration_cost-gpu.json" if args.device.startswith("cuda") else "calibration_cost.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    write_json(out, result)
     lines = [f"### calibration cost ({args.model} shapes, {args.layers} layer(s), batch {args.batch}x{args.seq_len}, {args.device} {args.dtype})", "",
              f"`python benchmarks/calibration_cost.py{' --quick' if args.quick else ''}`; plain passes use the stock `{args.impl}` experts; "
              "a plain forward+backward computes every weight gradient, as training does.", "",

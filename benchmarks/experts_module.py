@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import update_section  # noqa: E402
+from report import update_section, write_json  # noqa: E402
 from speed import MODELS  # noqa: E402  (the same real shapes)
 
 TOKENS = {"decode_b1": 1, "decode_b8": 8, "prefill": 512, "train": 256}
@@ -183,10 +182,7 @@ def main(argv=None) -> int:
             "quick": args.quick, "repeats": args.repeats, "seconds": round(time.perf_counter() - t0, 1),
             "torch": torch.__version__}
     out = args.out or HERE / "results" / "experts_module.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    write_json(out, {"meta": meta, "rows": rows})
     table = (f"### experts module at 0% ({meta['device']}, {meta['dtype']}, {'quick' if args.quick else 'full'})\n\n"
              "Fastest stock implementation's time / `VariableWidthExperts`' time on the same uncompressed layer "
              "(>= 1: ours at least as fast; target >= 0.97).\n\n| model | " + " | ".join(TOKENS) + " |\n|---|"

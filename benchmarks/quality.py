@@ -21,7 +21,6 @@ calibration data, seed, allocation defaults and evaluation items.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import update_section  # noqa: E402
+from report import update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply import apply_plan, shared_copy  # noqa: E402
@@ -167,10 +166,7 @@ def main(argv=None) -> int:
         "grid": rows,
         "critical_dims": critical,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     png = plot_critical(critical, dense, args.out.parent / "critical_dims.png")
     table = markdown(result, png)
     print(table)

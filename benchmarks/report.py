@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,16 @@ def update_section(name: str, text: str, readme: Path = README) -> None:
         body = head + block + rest.split(end, 1)[1]
     else:
         body = body.rstrip() + "\n\n" + block + "\n"
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(body)
-    os.replace(tmp, readme)
+    write_text_atomic(readme, body)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so an interrupted run leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))

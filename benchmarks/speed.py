@@ -46,7 +46,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ from moetrim.summary import weight_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from report import update_section  # noqa: E402
+from report import update_section, write_json  # noqa: E402
 
 # Real shapes (from the public configs of these checkpoints).
 MODELS = {
@@ -374,19 +373,18 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
             key_c = "hits" if regime == "prefill" else "calls_hit"
             touched = 1.0 - touched_width(m, v[key_c]) / touched_width(dense, d[key_c])
             bound = 1.0 / ((1 - s) + s * (1 - touched))
-            key = regime
-            row[f"{key}_speedup"] = fd["total"] / fv["total"]
-            row[f"{key}_speedup_measured_depth"] = d["total"] / v["total"]
+            row[f"{regime}_speedup"] = fd["total"] / fv["total"]
+            row[f"{regime}_speedup_measured_depth"] = d["total"] / v["total"]
             # each back-to-back pair's own ratio, to show the spread the fastest-of estimate sits in
-            row[f"{key}_speedup_pairs"] = [round(full_depth(a, layers, full)["total"] / full_depth(b, layers, full)["total"], 4)
+            row[f"{regime}_speedup_pairs"] = [round(full_depth(a, layers, full)["total"] / full_depth(b, layers, full)["total"], 4)
                                            for a, b in pairs]
-            row[f"{key}_bound"] = bound
-            row[f"{key}_bound_nominal"] = 1.0 / ((1 - s) + s * (1 - removed))
-            row[f"{key}_touched_removed_fraction"] = touched
-            row[f"{key}_vs_bound"] = row[f"{key}_speedup"] / bound
-            row[f"{key}_experts_share"] = s
-            row[f"{key}_tokens_per_s_measured_depth"] = tokens[regime] / v["total"]
-            row[f"{key}_dense_impl"] = impl
+            row[f"{regime}_bound"] = bound
+            row[f"{regime}_bound_nominal"] = 1.0 / ((1 - s) + s * (1 - removed))
+            row[f"{regime}_touched_removed_fraction"] = touched
+            row[f"{regime}_vs_bound"] = row[f"{regime}_speedup"] / bound
+            row[f"{regime}_experts_share"] = s
+            row[f"{regime}_tokens_per_s_measured_depth"] = tokens[regime] / v["total"]
+            row[f"{regime}_dense_impl"] = impl
         set_impl(dense, "grouped_mm")
         rows.append(row)
         log(f"  {variant:18s} bytes {row['weight_bytes_ratio']:.3f}  prefill x{row['prefill_speedup']:.2f} (bound {row['prefill_bound']:.2f})"
@@ -464,10 +462,7 @@ def targets(rows: list[dict]) -> dict:
 def write(out: Path, meta: dict, rows: list[dict], update_readme: bool) -> None:
     """Targets, JSON (atomically) and the Markdown table; the README section only for the default output."""
     checks = targets(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "targets": checks, "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    write_json(out, {"meta": meta, "targets": checks, "rows": rows})
     quick = meta["quick"]
     table = markdown(rows, f"speed ({meta['device']}, {meta['dtype']}, {'quick' if quick else 'full'})")
     table += (f"\n`python benchmarks/speed.py{' --quick' if quick else ''}` ({meta['seconds']:.0f} s): layers built per model: "
@@ -510,13 +505,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report-only", action="store_true", help="measure nothing: recompute targets and tables from the JSON")
     args = ap.parse_args(argv)
+    out = args.out or HERE / "results" / ("speed-gpu.json" if args.device.startswith("cuda") else "speed.json")
     if args.report_only:
-        src = args.out or HERE / "results" / ("speed-gpu.json" if args.device.startswith("cuda") else "speed.json")
-        if not src.is_file():
-            print(f"error: {src} does not exist; run the benchmark first", file=sys.stderr)
+        try:
+            data = json.loads(out.read_text())
+            meta, rows = data["meta"], data["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: cannot read results from {out} ({type(e).__name__}); run the benchmark first", file=sys.stderr)
             return 2
-        data = json.loads(src.read_text())
-        write(src, data["meta"], data["rows"], update_readme=args.out is None)
+        write(out, meta, rows, update_readme=args.out is None)
         return 0
     args.dtype = getattr(torch, args.dtype)
     args.steps = args.steps or (12 if args.quick else 32)
@@ -524,7 +521,6 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (3 if args.quick else 5)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    out = args.out or HERE / "results" / ("speed-gpu.json" if args.device.startswith("cuda") else "speed.json")
     need = 16 + max(args.steps, args.steps_b8, 64 - 16)  # decode feeds prompt tokens after a 16-token prompt
     if args.prompt_len < need:
         print(f"error: --prompt-len must be at least {need} (16 + decode steps, and 64 for the warm-up), got {args.prompt_len}", file=sys.stderr)

@@ -214,12 +214,9 @@ class VariableWidthExperts(nn.Module):
 
         return run
 
-    def _activate(self, e: int, gu: torch.Tensor) -> torch.Tensor:
-        """Expert e's intermediate activation h [n, I_e] from its gate/up pre-activations [n, rows*I_e]."""
-        if not self.gated:
-            return self.activation(None, gu)
-        w = self.widths[e]
-        return self.activation(gu[:, :w], gu[:, w:])
+    def _activate(self, w: int, gu: torch.Tensor) -> torch.Tensor:
+        """Intermediate activation h [n, w] of an expert of width w from its pre-activations [n, rows*w]."""
+        return self.activation(gu[:, :w], gu[:, w:]) if self.gated else self.activation(None, gu)
 
     def _sort(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
         """Slots (token, k) sorted by expert, once per call: (order, counts per expert, token of each
@@ -294,6 +291,4 @@ class VariableWidthExperts(nn.Module):
     def _grouped(self, x: torch.Tensor, counts: list[int], w: int, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """A run of equal-width experts on its tokens x (sorted by expert): two grouped GEMMs."""
         ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
-        gu = F.grouped_mm(x, views[0], offs=ends)
-        h = self.activation(gu[:, :w], gu[:, w:]) if self.gated else self.activation(None, gu)
-        return F.grouped_mm(h, views[1], offs=ends)
+        return F.grouped_mm(self._activate(w, F.grouped_mm(x, views[0], offs=ends)), views[1], offs=ends)

@@ -62,7 +62,7 @@ class VariableWidthFunction(torch.autograd.Function):
             gate_up_t, _, down_t, d_bias = views[e]
             with torch.enable_grad():
                 gu = next(pre).detach().requires_grad_(True)
-                h = module._activate(e, gu)
+                h = module._activate(w, gu)
             g = grad_out.index_select(0, tokens)  # d out / d y, before the routing weight
             g_y_down = torch.mm(g, down_t.t())  # [n, w] = g @ down
             if need_w:  # d out / d w = <g, y>, and <g, h @ down^T> = <g @ down, h>

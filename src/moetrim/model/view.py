@@ -131,7 +131,6 @@ class _GatedActivation:
     is recorded."""
 
     def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor]):
-        self.act_fn = act_fn
         self._act = getattr(act_fn, "forward", act_fn)
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
