@@ -197,19 +197,20 @@ class VariableWidthExperts(nn.Module):
     def _runner(self, views: list[tuple], keep: list[torch.Tensor] | None = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """run(e, x [n, H]) -> expert e's output [n, H] before routing weight, with names bound locally:
         at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls.
-        With ``keep``, each expert's pre-activations are appended to it (the backward needs them)."""
+        With ``keep``, each expert's pre-activations and activations are appended to it (the backward
+        needs them)."""
         act, gated, widths, mm, addmm = self.activation, self.gated, self.widths, torch.mm, torch.addmm
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
             gate_up_t, gate_up_bias, down_t, down_bias = views[e]
             gu = mm(x, gate_up_t) if gate_up_bias is None else addmm(gate_up_bias, x, gate_up_t)
-            if keep is not None:
-                keep.append(gu)
             if gated:
                 w = widths[e]
                 h = act(gu[:, :w], gu[:, w:])
             else:
                 h = act(None, gu)
+            if keep is not None:
+                keep.append((gu, h))
             return mm(h, down_t) if down_bias is None else addmm(down_bias, h, down_t)
 
         return run

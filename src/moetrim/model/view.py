@@ -132,6 +132,8 @@ class _GatedActivation:
 
     def __init__(self, act_fn: Callable[[torch.Tensor], torch.Tensor]):
         self._act = getattr(act_fn, "forward", act_fn)
+        # SiLU (most families): the training backward uses its closed-form derivative (see varwidth_grad)
+        self.silu = act_fn is torch.nn.functional.silu or type(act_fn).__name__ in ("SiLU", "SiLUActivation")
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
