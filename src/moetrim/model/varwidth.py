@@ -201,9 +201,9 @@ class VariableWidthExperts(nn.Module):
         needs them)."""
         act, gated, widths, mm, addmm = self.activation, self.gated, self.widths, torch.mm, torch.addmm
 
-        def run(e: int, x: torch.Tensor) -> torch.Tensor:
+        def run(e: int, x: torch.Tensor, gu: torch.Tensor | None = None) -> torch.Tensor:
             gate_up_t, gate_up_bias, down_t, down_bias = views[e]
-            gu = mm(x, gate_up_t) if gate_up_bias is None else addmm(gate_up_bias, x, gate_up_t)
+            gu = mm(x, gate_up_t, out=gu) if gate_up_bias is None else addmm(gate_up_bias, x, gate_up_t, out=gu)
             if gated:
                 w = widths[e]
                 h = act(gu[:, :w], gu[:, w:])
@@ -235,11 +235,18 @@ class VariableWidthExperts(nn.Module):
         (deterministic, also on CUDA); contributions are added in expert order."""
         run = self._runner(self._expert_views()[0], keep)
         out = torch.zeros_like(hidden_states)
-        start = 0
+        kept = None
+        if keep is not None:  # pre-activations kept for the backward: one buffer, not one fresh allocation per expert
+            kept = hidden_states.new_empty(sum(n * self._rows * w for n, w in zip(counts, self.widths)))
+        start = at = 0
         for e, n in enumerate(counts):
             if n:
                 tokens = token_of_slot[start : start + n]
-                y = run(e, hidden_states.index_select(0, tokens))
+                gu = None
+                if kept is not None:
+                    size = n * self._rows * self.widths[e]
+                    gu, at = kept[at : at + size].view(n, size // n), at + size
+                y = run(e, hidden_states.index_select(0, tokens), gu)
                 out.index_add_(0, tokens, y * weight_of_slot[start : start + n, None])
                 start += n
         return out
