@@ -277,3 +277,28 @@ def test_training_gradients_with_a_family_activation():
     ref = torch.autograd.grad(_reference(ex, x, idx, w).square().sum(), [x, w, ex.gate_up, ex.down_blocks])
     for a, b in zip(ours, ref):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral"])
+def test_stock_silu_families_take_the_closed_form_backward(family):
+    """Gated SiLU families are recognised, so their backward skips the local autograd graph."""
+    from moetrim.model.view import make_activation
+
+    assert make_activation(find_moe_layers(tiny_model(family))[0].experts).silu
+
+
+def test_closed_form_silu_backward_equals_the_autograd_one(monkeypatch):
+    """The closed-form gated-SiLU derivative and autograd through the activation agree (float64)."""
+    ex = _module([3, 5, 5, 8, 2], has_bias=True, dtype=torch.float64)
+    x, idx, w = _routing(7, 5, 2)
+
+    def grads():
+        xx, ww = x.double().requires_grad_(True), w.double().requires_grad_(True)
+        return torch.autograd.grad(ex(xx, idx, ww).square().sum(), [xx, ww, *ex.parameters()])
+
+    assert ex.activation.silu
+    closed = grads()
+    monkeypatch.setattr(ex.activation, "silu", False)
+    local = grads()
+    for a, b in zip(closed, local):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
