@@ -136,8 +136,9 @@ def run_model(name: str, args) -> list[dict]:
             fn()
         samples = {k: [] for k in sides}
         order = list(sides)
-        # decode samples are short and noisier; training steps vary with the allocator (weight-sized gradients)
-        repeats = args.repeats * 2 if regime.startswith("decode") else args.repeats + 2 if regime == "train" else args.repeats
+        # decode samples are short and noisier; one prefill or training call is a single sample of seconds that
+        # machine noise moves by several percent, so those get more samples too
+        repeats = args.repeats * 2 if regime.startswith("decode") else args.repeats + 4 if regime == "train" else args.repeats + 2
         for r in range(repeats):
             for k in order if r % 2 == 0 else order[::-1]:
                 samples[k].append(sides[k]())
