@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         table += f"| {name} | " + " | ".join(f"{by[g]['ratio']:.2f} ({by[g]['fastest_stock']})" if g in by else "-" for g in TOKENS) + " |\n"
     table += (f"\n`python benchmarks/experts_module.py{' --quick' if args.quick else ''}`; {meta['threads']} threads; "
               "in brackets the fastest stock implementation. Decode: 16 calls with different routings; prefill 512 "
-              "tokens; train: forward and backward on 256 tokens" + (" (against grouped_mm only in quick mode)" if args.quick else "") + ".\n")
+              "tokens; train: forward and backward on 256 tokens" + (" (against grouped_mm only in quick mode)" if args.quick else "") + "; "
+              f"THP_MEM_ALLOC_ENABLE={meta['thp_mem_alloc']} (large buffers from 2 MiB pages, both sides).\n")
     print(table)
     if args.out is None:
         update_section("experts-module", table)
