@@ -229,6 +229,24 @@ def full_depth(t: dict, layers: int, full_layers: int) -> dict:
     return {"total": total, "experts_share": full_layers * (t["experts"] / layers) / total if total else 0.0}
 
 
+def alternating_pairs(first, second, n: int) -> list[tuple[dict, dict]]:
+    """n back-to-back (first(), second()) measurements, alternating which side runs first."""
+    pairs = []
+    for r in range(n):
+        if r % 2 == 0:
+            a = first()
+            pairs.append((a, second()))
+        else:
+            b = second()
+            pairs.append((first(), b))
+    return pairs
+
+
+def pair_ratios(pairs: list[tuple[dict, dict]], layers: int, full_layers: int) -> list[float]:
+    """Each pair's own first/second time ratio at full depth: the spread a fastest-of estimate sits in."""
+    return [round(full_depth(a, layers, full_layers)["total"] / full_depth(b, layers, full_layers)["total"], 4) for a, b in pairs]
+
+
 def fastest(samples: list[dict]) -> dict:
     """The fastest sample's timings; expert hit counts summed over the samples.
 
@@ -362,16 +380,9 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 if _is_stock(m):
                     set_impl(m, impl)
                 measure(m, regime, warm=True)
-                pairs = []
                 # the variants the targets read get two more pairs, the others one fewer (at least 2)
                 n_pairs = args.repeats + 2 if variant in TARGET_VARIANTS else max(2, args.repeats - 1)
-                for r in range(n_pairs):  # back-to-back pairs, alternating which side goes first
-                    if r % 2 == 0:
-                        d = measure(dense, regime)
-                        pairs.append((d, measure(m, regime)))
-                    else:
-                        v = measure(m, regime)
-                        pairs.append((measure(dense, regime), v))
+                pairs = alternating_pairs(lambda: measure(dense, regime), lambda: measure(m, regime), n_pairs)
             d, v = fastest([p[0] for p in pairs]), fastest([p[1] for p in pairs])
             fd, fv = full_depth(d, layers, full), full_depth(v, layers, full)
             s = fd["experts_share"]
@@ -382,8 +393,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
             row[f"{regime}_speedup"] = fd["total"] / fv["total"]
             row[f"{regime}_speedup_measured_depth"] = d["total"] / v["total"]
             # each back-to-back pair's own ratio, to show the spread the fastest-of estimate sits in
-            row[f"{regime}_speedup_pairs"] = [round(full_depth(a, layers, full)["total"] / full_depth(b, layers, full)["total"], 4)
-                                           for a, b in pairs]
+            row[f"{regime}_speedup_pairs"] = pair_ratios(pairs, layers, full)
             row[f"{regime}_bound"] = bound
             row[f"{regime}_bound_nominal"] = 1.0 / ((1 - s) + s * (1 - removed))
             row[f"{regime}_touched_removed_fraction"] = touched
@@ -395,35 +405,24 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         rows.append(row)
         log(f"  {variant:18s} bytes {row['weight_bytes_ratio']:.3f}  prefill x{row['prefill_speedup']:.2f} (bound {row['prefill_bound']:.2f})"
             f"  decode x{row['decode_speedup']:.2f} (bound {row['decode_bound']:.2f})  decode b8 x{row['decode_b8_speedup']:.2f} (bound {row['decode_b8_bound']:.2f})")
+        released = [] if variant in HEAD_TO_HEAD or m is dense else [m]
         if variant in HEAD_TO_HEAD:
             head_to_head[variant] = (m, row)
         if len(head_to_head) == len(HEAD_TO_HEAD):
             (g, g_row), (u, _) = (head_to_head[v] for v in HEAD_TO_HEAD)
             for regime in ("decode", "decode_b8"):
-                pairs = []
-                for r in range(args.repeats + 2):  # alternating which side goes first
-                    if r % 2 == 0:
-                        a = measure(g, regime)
-                        b = measure(u, regime)
-                    else:
-                        b = measure(u, regime)
-                        a = measure(g, regime)
-                    pairs.append((a, b))
-                t_g, t_u = (full_depth(fastest([p[i] for p in pairs]), layers, full)["total"] for i in (0, 1))
+                pairs = alternating_pairs(lambda: measure(u, regime), lambda: measure(g, regime), args.repeats + 2)
+                t_u, t_g = (full_depth(fastest([p[i] for p in pairs]), layers, full)["total"] for i in (0, 1))
                 g_row[f"{regime}_vs_uniform_direct"] = t_u / t_g
-                g_row[f"{regime}_vs_uniform_direct_pairs"] = [
-                    round(full_depth(b, layers, full)["total"] / full_depth(a, layers, full)["total"], 4) for a, b in pairs]
+                g_row[f"{regime}_vs_uniform_direct_pairs"] = pair_ratios(pairs, layers, full)
             log(f"  head to head, {HEAD_TO_HEAD[0]} / {HEAD_TO_HEAD[1]}: decode b1 x{g_row['decode_vs_uniform_direct']:.2f}, "
                 f"b8 x{g_row['decode_b8_vs_uniform_direct']:.2f}")
             released = [mm for mm, _ in head_to_head.values()]
             head_to_head.clear()
-        else:
-            released = [] if variant in HEAD_TO_HEAD else [m]
         del m
         for mm in released:
-            if mm is not dense:
-                for key in [k for k in prompts if k[0] == id(mm)]:
-                    del prompts[key]
+            for key in [k for k in prompts if k[0] == id(mm)]:
+                del prompts[key]
         del released
         gc.collect()
     del dense

@@ -194,8 +194,9 @@ class VariableWidthExperts(nn.Module):
             ok = False
         return ok and self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
 
-    def _runner(self, views: list[tuple], keep: list[torch.Tensor] | None = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """run(e, x [n, H]) -> expert e's output [n, H] before routing weight, with names bound locally:
+    def _runner(self, views: list[tuple], keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
+        """run(e, x [n, H], gu=None) -> expert e's output [n, H] before routing weight (pre-activations
+        written into ``gu`` when given), with names bound locally:
         at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls.
         With ``keep``, each expert's pre-activations and activations are appended to it (the backward
         needs them)."""
@@ -235,17 +236,17 @@ class VariableWidthExperts(nn.Module):
         (deterministic, also on CUDA); contributions are added in expert order."""
         run = self._runner(self._expert_views()[0], keep)
         out = torch.zeros_like(hidden_states)
-        kept = None
+        pre_buffer = None
         if keep is not None:  # pre-activations kept for the backward: one buffer, not one fresh allocation per expert
-            kept = hidden_states.new_empty(sum(n * self._rows * w for n, w in zip(counts, self.widths)))
+            pre_buffer = hidden_states.new_empty(sum(n * self._rows * w for n, w in zip(counts, self.widths)))
         start = at = 0
         for e, n in enumerate(counts):
             if n:
                 tokens = token_of_slot[start : start + n]
                 gu = None
-                if kept is not None:
+                if pre_buffer is not None:
                     size = n * self._rows * self.widths[e]
-                    gu, at = kept[at : at + size].view(n, size // n), at + size
+                    gu, at = pre_buffer[at : at + size].view(n, size // n), at + size
                 y = run(e, hidden_states.index_select(0, tokens), gu)
                 out.index_add_(0, tokens, y * weight_of_slot[start : start + n, None])
                 start += n
