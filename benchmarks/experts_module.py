@@ -2,8 +2,9 @@
 
 One routed-experts layer per model at its real shape (random weights), uncompressed: the stock
 module under each experts implementation `transformers` offers, and moetrim's
-`VariableWidthExperts` holding the same weights at full width. Nothing else of the model runs, so
-this isolates what the module itself costs. Regimes:
+`VariableWidthExperts` at full width over the very same weight tensors (at 0% its packed layout is
+the fused one byte for byte). Nothing else of the model runs, so this isolates what the module
+itself costs. Regimes:
 
     decode_b1   1 token;  16 calls, each with a different routing
     decode_b8   8 tokens; 16 calls, each with a different routing
@@ -68,14 +69,27 @@ def stock_experts(spec: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, obje
 
 
 def ours(experts: torch.nn.Module) -> torch.nn.Module:
+    """`VariableWidthExperts` at full width over the very tensors the stock module holds.
+
+    At 0% the packed layout is the fused one byte for byte (expert e's gate rows, then its up rows;
+    its down projection as [H, I]), so both sides read the same memory: where the kernel happened to
+    place two copies of the weights moved a side's products by 2-3% here, and which side won that
+    draw decided cells near the target. Checked expert by expert against the canonical views.
+    """
     from moetrim.model.varwidth import VariableWidthExperts
     from moetrim.model.view import make_activation, stock_expert_weights
 
-    weights = [stock_expert_weights(experts, e) for e in range(experts.num_experts)]
-    width = weights[0].up.shape[0]
-    return VariableWidthExperts.from_weights(
-        weights, [torch.arange(width)] * len(weights), make_activation(experts), gated=True, has_bias=False
-    )
+    ref = stock_expert_weights(experts, 0)
+    width, hidden = ref.up.shape
+    mod = VariableWidthExperts([width] * experts.num_experts, hidden, make_activation(experts), gated=True,
+                               has_bias=False, dtype=ref.up.dtype, device="meta")
+    mod.gate_up = torch.nn.Parameter(experts.gate_up_proj.detach().view(-1, hidden))
+    mod.down_blocks = torch.nn.Parameter(experts.down_proj.detach().view(-1))
+    for e in range(experts.num_experts):
+        a, b = mod.expert_weights(e), stock_expert_weights(experts, e)
+        if not all(x.data_ptr() == y.data_ptr() and x.stride() == y.stride() for x, y in ((a.gate, b.gate), (a.up, b.up), (a.down, b.down))):
+            raise SystemExit(f"{type(experts).__name__}: the packed layout differs from the fused one; cannot share the weights")
+    return mod
 
 
 def workload(cfg, regime: str, seed: int):
@@ -190,7 +204,7 @@ def main(argv=None) -> int:
     rows = [r for n in names for r in run_model(n, args)]
     meta = {"device": "cpu", "dtype": str(args.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "quick": args.quick, "repeats": args.repeats, "seconds": round(time.perf_counter() - t0, 1),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "shared_weights": True,
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     out = args.out or HERE / "results" / "experts_module.json"
     write_json(out, {"meta": meta, "rows": rows})
@@ -204,7 +218,7 @@ def main(argv=None) -> int:
     table += (f"\n`python benchmarks/experts_module.py{' --quick' if args.quick else ''}`; {meta['threads']} threads; "
               "in brackets the fastest stock implementation. Decode: 16 calls with different routings; prefill 512 "
               "tokens; train: forward and backward on 256 tokens" + (" (against grouped_mm only in quick mode)" if args.quick else "") + "; "
-              f"THP_MEM_ALLOC_ENABLE={meta['thp_mem_alloc']} (large buffers from 2 MiB pages, both sides).\n")
+              f"THP_MEM_ALLOC_ENABLE={meta['thp_mem_alloc']} (large buffers from 2 MiB pages, both sides); both sides read the same weight tensors.\n")
     print(table)
     if args.out is None:
         update_section("experts-module", table)

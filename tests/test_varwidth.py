@@ -265,6 +265,27 @@ def test_training_gradients_match_autograd(gated, has_bias, routed):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
 
 
+def test_training_groups_equal_widths_across_an_expert_not_hit():
+    """The backward runs the activation once per group of consecutive equal-width experts hit: an
+    expert with no token between two of them does not split the group, one of another width does,
+    and the gradients stay those of per-expert autograd."""
+    from moetrim.model.varwidth_grad import _groups
+
+    ex = _module([4, 6, 4, 4, 2, 4], dtype=torch.float64, has_bias=True)
+    idx = torch.tensor([[0, 2], [3, 0], [2, 4], [5, 3]])  # expert 1 (width 6) gets no token; 4 (width 2) does
+    groups = _groups(ex, torch.bincount(idx.flatten(), minlength=6).tolist())
+    assert [(g.width, [m[0] for m in g.members]) for g in groups] == [(4, [0, 2, 3]), (2, [4]), (4, [5])]
+    assert [(g.start, g.end) for g in groups] == [(0, 6), (6, 7), (7, 8)]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = [x, w, *ex.parameters()]
+    ours = torch.autograd.grad(ex(x, idx, w).square().sum(), params)
+    ref = torch.autograd.grad(_reference(ex, x, idx, w).square().sum(), params)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
 def test_training_gradients_with_a_family_activation():
     """GPT-OSS's clamped, biased activation goes through the same backward."""
     m = tiny_model("gpt_oss")

@@ -194,24 +194,19 @@ class VariableWidthExperts(nn.Module):
             ok = False
         return ok and self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
 
-    def _runner(self, views: list[tuple], keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
-        """run(e, x [n, H], gu=None) -> expert e's output [n, H] before routing weight (pre-activations
-        written into ``gu`` when given), with names bound locally:
-        at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls.
-        With ``keep``, each expert's pre-activations and activations are appended to it (the backward
-        needs them)."""
+    def _runner(self, views: list[tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """run(e, x [n, H]) -> expert e's output [n, H] before routing weight, with names bound locally:
+        at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls."""
         act, gated, widths, mm, addmm = self.activation, self.gated, self.widths, torch.mm, torch.addmm
 
-        def run(e: int, x: torch.Tensor, gu: torch.Tensor | None = None) -> torch.Tensor:
+        def run(e: int, x: torch.Tensor) -> torch.Tensor:
             gate_up_t, gate_up_bias, down_t, down_bias = views[e]
-            gu = mm(x, gate_up_t, out=gu) if gate_up_bias is None else addmm(gate_up_bias, x, gate_up_t, out=gu)
+            gu = mm(x, gate_up_t) if gate_up_bias is None else addmm(gate_up_bias, x, gate_up_t)
             if gated:
                 w = widths[e]
                 h = act(gu[:, :w], gu[:, w:])
             else:
                 h = act(None, gu)
-            if keep is not None:
-                keep.append((gu, h))
             return mm(h, down_t) if down_bias is None else addmm(down_bias, h, down_t)
 
         return run
@@ -229,25 +224,18 @@ class VariableWidthExperts(nn.Module):
         weight_of_slot = top_k_weights.reshape(-1).index_select(0, order).to(dtype)
         return order, counts, order // top_k_index.shape[-1], weight_of_slot
 
-    def _scatter(self, hidden_states, counts, token_of_slot, weight_of_slot, keep=None) -> torch.Tensor:
+    def _scatter(self, hidden_states, counts, token_of_slot, weight_of_slot) -> torch.Tensor:
         """Per expert, gather its tokens, compute, scatter-add. No [T*k, H] temporaries: buffers that
         large go to mmap in glibc and page-fault on every call, which cost ~30% of prefill time on CPU.
         A token meets each expert at most once, so no index repeats within one index_add_
         (deterministic, also on CUDA); contributions are added in expert order."""
-        run = self._runner(self._expert_views()[0], keep)
+        run = self._runner(self._expert_views()[0])
         out = torch.zeros_like(hidden_states)
-        pre_buffer = None
-        if keep is not None:  # pre-activations kept for the backward: one buffer, not one fresh allocation per expert
-            pre_buffer = hidden_states.new_empty(sum(n * self._rows * w for n, w in zip(counts, self.widths)))
-        start = at = 0
+        start = 0
         for e, n in enumerate(counts):
             if n:
                 tokens = token_of_slot[start : start + n]
-                gu = None
-                if pre_buffer is not None:
-                    size = n * self._rows * self.widths[e]
-                    gu, at = pre_buffer[at : at + size].view(n, size // n), at + size
-                y = run(e, hidden_states.index_select(0, tokens), gu)
+                y = run(e, hidden_states.index_select(0, tokens))
                 out.index_add_(0, tokens, y * weight_of_slot[start : start + n, None])
                 start += n
         return out
