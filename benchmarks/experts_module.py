@@ -152,7 +152,7 @@ def run_model(name: str, args) -> list[dict]:
         order = list(sides)
         # decode samples are short and noisier; one prefill or training call is a single sample of seconds that
         # machine noise moves by several percent, so those get more samples too
-        repeats = args.repeats * 2 if regime.startswith("decode") else args.repeats + 4 if regime == "train" else args.repeats + 2
+        repeats = args.repeats * 2 if regime.startswith("decode") else args.repeats + 4
         for r in range(repeats):
             for k in order if r % 2 == 0 else order[::-1]:
                 samples[k].append(sides[k]())

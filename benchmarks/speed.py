@@ -57,6 +57,7 @@ from torch import nn
 
 from moetrim.apply import apply_plan, shared_copy
 from moetrim.evaluate.throughput import prefill_seconds
+from moetrim.model.kv_cache import cache_kwargs, cache_of
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
 from moetrim.summary import weight_bytes
@@ -314,12 +315,12 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 # this model: it costs as much as the decode steps at these sizes.
                 key = (id(m), b)
                 if key not in prompts:
-                    prompts[key] = body(input_ids=ids[:b, :16], use_cache=True).past_key_values
+                    prompts[key] = cache_of(body(input_ids=ids[:b, :16], use_cache=True))
                 cache = copy.deepcopy(prompts[key])
                 timer.reset()
                 t = time.perf_counter()
                 for i in range(n):
-                    cache = body(input_ids=ids[:b, 16 + i : 17 + i], past_key_values=cache, use_cache=True).past_key_values
+                    cache = cache_of(body(input_ids=ids[:b, 16 + i : 17 + i], use_cache=True, **cache_kwargs(body, cache)))
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 return time.perf_counter() - t + (head[b] if n_steps is None else 0.0)

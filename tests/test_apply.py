@@ -158,3 +158,29 @@ def test_bfloat16_model_compresses(eval_ids, tmp_path):
     loaded = moetrim.load(tmp_path / "bf")
     assert next(loaded.parameters()).dtype == torch.bfloat16
     assert torch.isfinite(run_logits(loaded, eval_ids).float()).all()
+
+
+def test_varwidth_checkpoint_in_expert_order_still_loads(profiled, eval_ids, tmp_path):
+    """Checkpoints written before blocks were sorted by width (record version 1, no layout) hold each
+    layer's experts in expert order; they load as such and compute what they computed."""
+    from safetensors.torch import load_file, save_file
+
+    base, prof = profiled["qwen3_moe"]
+    m = copy.deepcopy(base)
+    moetrim.apply_plan(m, make_plan(m, prof, criterion="fisher", ratio=0.5, allocation="global"))
+    out = moetrim.save(m, tmp_path / "out")
+    before = run_logits(m, eval_ids)
+    state = load_file(out / "model.safetensors")
+    for name, mod in m.named_modules():
+        if getattr(mod, "is_moetrim_varwidth", False):
+            assert mod.layout == "by_width" and mod.expert_of_block != list(range(mod.num_experts))
+            experts = [mod.expert_weights(e) for e in range(mod.num_experts)]
+            state[f"{name}.gate_up"] = torch.cat([torch.cat([w.gate, w.up]) for w in experts]).contiguous()
+            state[f"{name}.down_blocks"] = torch.cat([w.down.reshape(-1) for w in experts]).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["moetrim_varwidth"] = {"version": 1, "layers": cfg["moetrim_varwidth"]["layers"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    old = moetrim.load(out)
+    assert all(l.experts.layout == "by_expert" for l in find_moe_layers(old))
+    assert torch.equal(run_logits(old, eval_ids), before)

@@ -66,7 +66,7 @@ def test_backward_through_varwidth_matches_masked_stock():
     g_ref = ref.model.layers[0].mlp.experts.down_proj.grad  # [E, H, I]
     e = lp.kept_experts[1]
     dims = torch.tensor(lp.kept_dims[1])
-    o = layer.experts.offsets[1]
+    o = layer.experts.offsets[layer.experts.block_of_expert[1]]  # expert 1's block in the width-sorted storage
     H = layer.experts.hidden_dim
     g_ours = layer.experts.down_blocks.grad[o * H : (o + len(dims)) * H].view(H, len(dims))  # [H, w]
     assert torch.allclose(g_ours, g_ref[e][:, dims], atol=1e-6, rtol=1e-4)
@@ -123,12 +123,12 @@ def test_few_token_and_many_token_dispatch_agree(family, monkeypatch):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def _module(widths, hidden=32, seed=0, dtype=torch.float32, gated=True, has_bias=False):
+def _module(widths, hidden=32, seed=0, dtype=torch.float32, gated=True, has_bias=False, layout="by_width"):
     """A packed module with the stock gated-SiLU activation (GELU when not gated) and random weights."""
     from moetrim.model.view import _GatedActivation
 
     act = _GatedActivation(torch.nn.SiLU()) if gated else (lambda gate, up: torch.nn.functional.gelu(up))
-    ex = VariableWidthExperts(widths, hidden, act, dtype=dtype, gated=gated, has_bias=has_bias)
+    ex = VariableWidthExperts(widths, hidden, act, dtype=dtype, gated=gated, has_bias=has_bias, layout=layout)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ex.parameters():
@@ -167,7 +167,60 @@ def test_inference_paths_equal_the_training_path(widths, tokens, monkeypatch):
 
 
 def test_runs_group_consecutive_equal_widths():
-    assert _module([8, 8, 8, 12, 16, 16, 4]).runs == [(0, 3, 8), (3, 1, 12), (4, 2, 16), (6, 1, 4)]
+    assert _module([8, 8, 8, 12, 16, 16, 4], layout="by_expert").runs == [(0, 3, 8), (3, 1, 12), (4, 2, 16), (6, 1, 4)]
+
+
+def test_width_sorted_blocks_put_equal_widths_together():
+    """Blocks are stored widest first, ties in expert order, so equal widths form one run wherever the
+    router numbers them; expert_weights still answers by expert id."""
+    ex = _module([8, 16, 8, 12, 16, 8])
+    assert ex.expert_of_block == [1, 4, 3, 0, 2, 5]
+    assert [ex.expert_of_block[b] for b in ex.block_of_expert] == list(range(6))
+    assert ex.runs == [(0, 2, 16), (2, 1, 12), (3, 3, 8)]
+    assert [ex.expert_weights(e).width for e in range(6)] == ex.widths == [8, 16, 8, 12, 16, 8]
+    assert ex.expert_weights(4).gate.data_ptr() == ex.gate_up.data_ptr() + 2 * 16 * 32 * 4  # block 1, after expert 1's rows
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 40])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_block_order_does_not_change_the_function(tokens, has_bias, monkeypatch):
+    """The same experts stored by width and by expert id compute the same outputs and the same
+    gradients (mapped back to experts), in every dispatch regime."""
+    import moetrim.model.varwidth as vw
+
+    if tokens == 40:
+        monkeypatch.setattr(vw, "_SMALL_DISPATCH", 0)
+    widths = [8, 16, 8, 12, 16, 8]
+    by_expert = _module(widths, has_bias=has_bias, dtype=torch.float64, layout="by_expert")
+    experts = [by_expert.expert_weights(e) for e in range(len(widths))]
+    by_width = VariableWidthExperts.from_weights(
+        experts, [torch.arange(w) for w in widths], by_expert.activation, gated=True, has_bias=has_bias
+    )
+    assert by_width.layout == "by_width" and by_width.expert_of_block != list(range(len(widths)))
+    x, idx, w = _routing(tokens, len(widths), 3)
+    x, w = x.double(), w.double()
+    with torch.no_grad():
+        assert torch.allclose(by_width(x, idx, w), by_expert(x, idx, w), atol=1e-12, rtol=1e-10)
+
+    def grads(ex):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ex.zero_grad()
+        ex(xx, idx, ww).square().sum().backward()
+        names = ("gate", "up", "down") + (("gate_bias", "up_bias", "down_bias") if has_bias else ())
+        per_expert = [getattr(ex.expert_weights(e), name) for e in range(len(widths)) for name in names]
+        return [xx.grad, ww.grad] + [_grad_of_view(ex, t) for t in per_expert]
+
+    for a, b in zip(grads(by_width), grads(by_expert)):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
+def _grad_of_view(ex, view):
+    """The gradient entries of a view into one of ex's packed parameters."""
+    for p in ex.parameters():
+        start = (view.data_ptr() - p.data_ptr()) // p.element_size()
+        if 0 <= start < p.numel():
+            return torch.as_strided(p.grad, view.shape, view.stride(), p.grad.storage_offset() + start)
+    raise AssertionError("not a view of the packed storage")
 
 
 def test_view_cache_follows_the_weights():
@@ -271,11 +324,16 @@ def test_training_groups_equal_widths_across_an_expert_not_hit():
     and the gradients stay those of per-expert autograd."""
     from moetrim.model.varwidth_grad import _groups
 
-    ex = _module([4, 6, 4, 4, 2, 4], dtype=torch.float64, has_bias=True)
+    ex = _module([4, 6, 4, 4, 2, 4], dtype=torch.float64, has_bias=True, layout="by_expert")
     idx = torch.tensor([[0, 2], [3, 0], [2, 4], [5, 3]])  # expert 1 (width 6) gets no token; 4 (width 2) does
     groups = _groups(ex, torch.bincount(idx.flatten(), minlength=6).tolist())
     assert [(g.width, [m[0] for m in g.members]) for g in groups] == [(4, [0, 2, 3]), (2, [4]), (4, [5])]
     assert [(g.start, g.end) for g in groups] == [(0, 6), (6, 7), (7, 8)]
+    # stored by width, the four width-4 experts are one group and the width-2 one comes last
+    sorted_ex = _module([4, 6, 4, 4, 2, 4], dtype=torch.float64, layout="by_width")
+    blocks = sorted_ex._to_blocks(idx)
+    groups = _groups(sorted_ex, torch.bincount(blocks.flatten(), minlength=6).tolist())
+    assert [(g.width, [sorted_ex.expert_of_block[m[0]] for m in g.members]) for g in groups] == [(4, [0, 2, 3, 5]), (2, [4])]
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(4, 32, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.rand(4, 2, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -73,7 +73,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     record = {
         str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)} for p in plan.layers
     }
-    setattr(model.config, VARWIDTH_KEY, {"version": 1, "layers": record})
+    # version 2: blocks stored sorted by width ("by_width"); version 1 files have no layout and are by expert
+    setattr(model.config, VARWIDTH_KEY, {"version": 2, "layout": "by_width", "layers": record})
     return ApplyResult("varwidth", note)
 
 
@@ -275,7 +276,8 @@ def _to_varwidth(layer: MoELayer, p: LayerPlan) -> None:
     width = layer.widths[0]
     source = [layer.expert(e) for e in p.kept_experts]
     new = VariableWidthExperts.from_weights(
-        source, _dims(p, width), make_activation(layer.experts), gated=layer.gated, has_bias=layer.has_bias
+        source, _dims(p, width), make_activation(layer.experts), gated=layer.gated, has_bias=layer.has_bias,
+        layout="by_width",
     )
     new.requires_grad_(any(t.requires_grad for t in layer.experts.parameters()))
     name = next(n for n, c in layer.block.named_children() if c is layer.experts)

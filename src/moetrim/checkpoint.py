@@ -156,7 +156,7 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moetrim.apply import resize_expert_tensors
-    from moetrim.model.varwidth import VariableWidthExperts
+    from moetrim.model.varwidth import LAYOUTS, VariableWidthExperts
     from moetrim.model.view import find_moe_layers, make_activation
 
     record = raw.get(VARWIDTH_KEY)
@@ -173,12 +173,16 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     layers = {l.index: l for l in find_moe_layers(model)}
+    layout = record.get("layout", "by_expert")  # version-1 records predate the width-sorted layout
+    if layout not in LAYOUTS:
+        raise MoetrimError(f"{path}/config.json: unknown variable-width layout {layout!r}; this moetrim reads {', '.join(LAYOUTS)}")
     for key, spec in record["layers"].items():
         layer = layers[int(key)]
         n = spec["num_experts"]
         with torch.device("meta"):
             new = VariableWidthExperts(
-                spec["widths"], layer.hidden_size, make_activation(layer.experts), gated=layer.gated, has_bias=layer.has_bias
+                spec["widths"], layer.hidden_size, make_activation(layer.experts), gated=layer.gated, has_bias=layer.has_bias,
+                layout=layout,
             )
         name = next(c for c, m in layer.block.named_children() if m is layer.experts)
         setattr(layer.block, name, new)

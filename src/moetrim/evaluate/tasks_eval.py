@@ -1,6 +1,6 @@
 """Task-suite evaluation: greedy exact-match accuracy and answer perplexity per domain.
 
-Works with any causal LM that takes ``input_ids / attention_mask / position_ids / past_key_values`` (plain
+Works with any causal LM that takes ``input_ids / attention_mask / position_ids`` and a KV cache (plain
 ``transformers`` models and ones whose expert modules were swapped out alike) and any tokenizer. Prompts are
 left-padded and decoded with the KV cache; a row stops once it emits end-of-text or a token containing a
 newline (the suite's end-of-answer marker).
@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from moetrim.data.tasks import TaskItem, get_items
+from moetrim.model.kv_cache import cache_kwargs, cache_of
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -97,8 +98,8 @@ def greedy_generate(
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **cache_kwargs(model, cache_of(out)),
                 **extra,
             )
         tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in idx]

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from moetrim.model.kv_cache import cache_kwargs, cache_of
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -34,14 +36,14 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
 def decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     """Time of `steps` one-token decode steps after a prompt (the prompt pass is not timed)."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = cache_of(out)
     nxt = out.logits[:, -1:].argmax(-1)
     dev = ids.device
     _sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        cache = cache_of(out)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(dev)
     return time.perf_counter() - t

@@ -4,12 +4,19 @@ Drop-in for a family's fused experts module: same call `experts(hidden [T, H], t
 top_k_weights [T, k]) -> [T, H]`. Storage per layer is two contiguous matrices, each expert a
 contiguous block, so a forward pass slices views and never copies or pads weights:
 
-    gate_up     [sum(2 * I_e), H]   expert e = rows [2*o_e, 2*o_e + 2*I_e): its gate rows, then its up rows
-    down_blocks [H * sum(I_e)]      expert e = elements [H*o_e, H*(o_e + I_e)) viewed as its [H, I_e]
+    gate_up     [sum(2 * I_e), H]   block b = rows [2*o_b, 2*o_b + 2*I_b): its gate rows, then its up rows
+    down_blocks [H * sum(I_e)]      block b = elements [H*o_b, H*(o_b + I_b)) viewed as its [H, I_b]
                                     down projection (the layout `F.linear` wants: on CPU a [n, I] @ [I, H]
                                     product with the transposed layout runs up to 4x slower for small n)
 
-Token dispatch is sorted once per call; each expert hit runs two dense matmuls on its own width.
+Blocks hold the experts sorted by width, widest first (layout "by_width"; ties keep expert order), so
+experts of equal width sit next to each other wherever the router put them: each run of equal widths
+is one [G, rows*I, H] tensor that a grouped GEMM takes as a view. Expert ids from the router are mapped
+to blocks once per call. Layout "by_expert" (block = expert id) is what checkpoints written before the
+sorted layout hold.
+
+Token dispatch is sorted once per call; each expert hit runs two dense matmuls on its own width, or
+one grouped GEMM per projection for a run of equal widths.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from moetrim.model.view import ExpertWeights
 _SMALL_DISPATCH = 1 << 20
 
 Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+LAYOUTS = ("by_width", "by_expert")
 
 
 class VariableWidthExperts(nn.Module):
@@ -45,26 +53,38 @@ class VariableWidthExperts(nn.Module):
         has_bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        layout: str = "by_width",
     ):
         super().__init__()
-        self.widths = [int(w) for w in widths]
+        self.widths = [int(w) for w in widths]  # by expert id (router order)
         if any(w <= 0 for w in self.widths):
             raise ValueError("every stored expert needs a positive width; drop zero-width experts instead")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        self.layout = layout
         self.num_experts = len(self.widths)
+        experts = range(self.num_experts)
+        # block -> expert and expert -> block; sorted() is stable, so equal widths keep expert order
+        self.expert_of_block = sorted(experts, key=lambda e: -self.widths[e]) if layout == "by_width" else list(experts)
+        self.block_of_expert = [0] * self.num_experts
+        for b, e in enumerate(self.expert_of_block):
+            self.block_of_expert[e] = b
+        self.block_widths = [self.widths[e] for e in self.expert_of_block]
+        self._blocks_are_experts = self.expert_of_block == list(experts)
         self.hidden_dim = int(hidden_size)
         self.gated = gated
         self.has_gate = gated
         self.has_bias = has_bias
         self.activation = activation
         self._rows = 2 if gated else 1
-        self.offsets = [0]
-        for w in self.widths:
+        self.offsets = [0]  # per block
+        for w in self.block_widths:
             self.offsets.append(self.offsets[-1] + w)
         total = self.offsets[-1]
-        # maximal runs of consecutive experts with one width: (first expert, count, width). A run is one
+        # maximal runs of consecutive blocks with one width: (first block, count, width). A run is one
         # [count, rows*width, H] block of storage, so a grouped GEMM can take it as a view.
         self.runs: list[tuple[int, int, int]] = []
-        for e, w in enumerate(self.widths):
+        for e, w in enumerate(self.block_widths):
             if self.runs and self.runs[-1][2] == w:
                 first, count, _ = self.runs[-1]
                 self.runs[-1] = (first, count + 1, w)
@@ -81,22 +101,26 @@ class VariableWidthExperts(nn.Module):
             self.down_bias = None
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_dim}, widths={min(self.widths)}..{max(self.widths)}, total={self.offsets[-1]}"
+        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, widths={min(self.widths)}..{max(self.widths)}, "
+                f"total={self.offsets[-1]}, layout={self.layout}, grouped_runs={sum(c > 1 for _, c, _ in self.runs)}")
 
     # -- canonical access -------------------------------------------------------------------
-    def _blocks(self, e: int) -> tuple[int, int, int]:
-        o, w = self.offsets[e], self.widths[e]
+    def _blocks(self, b: int) -> tuple[int, int, int]:
+        """(first dimension, width, first gate_up row) of block b."""
+        o, w = self.offsets[b], self.block_widths[b]
         return o, w, self._rows * o
 
     def expert_weights(self, e: int) -> ExpertWeights:
-        o, w, r = self._blocks(e)
+        """Expert e's tensors (by expert id, as the router numbers it): views into the packed storage."""
+        blk = self.block_of_expert[e]
+        o, w, r = self._blocks(blk)
         block = self.gate_up[r : r + self._rows * w]
         gate, up = (block[:w], block[w:]) if self.gated else (None, block)
         gate_bias = up_bias = down_bias = None
         if self.has_bias:
             b = self.gate_up_bias[r : r + self._rows * w]
             gate_bias, up_bias = (b[:w], b[w:]) if self.gated else (None, b)
-            down_bias = self.down_bias[e]
+            down_bias = self.down_bias[blk]
         return ExpertWeights(gate, up, self._down(o, w), gate_bias, up_bias, down_bias)
 
     def _down(self, o: int, w: int) -> torch.Tensor:
@@ -112,6 +136,7 @@ class VariableWidthExperts(nn.Module):
         *,
         gated: bool,
         has_bias: bool,
+        layout: str = "by_width",
     ) -> "VariableWidthExperts":
         """Pack the kept dimensions (sorted index tensors) of each given expert into one module."""
         ref = experts[0]
@@ -123,6 +148,7 @@ class VariableWidthExperts(nn.Module):
             has_bias=has_bias,
             dtype=ref.up.dtype,
             device=ref.up.device,
+            layout=layout,
         )
         with torch.no_grad():
             for e, (src, keep) in enumerate(zip(experts, keep_dims)):
@@ -143,11 +169,22 @@ class VariableWidthExperts(nn.Module):
     def __getstate__(self):  # copies and pickles never carry the view cache (it would copy weights)
         state = self.__dict__.copy()
         state.pop("_view_cache", None)
+        state.pop("_block_table", None)
         return state
 
+    def _to_blocks(self, top_k_index: torch.Tensor) -> torch.Tensor:
+        """Router expert ids [T, k] -> block indices [T, k] (one small gather; none when blocks are in expert order)."""
+        if self._blocks_are_experts:
+            return top_k_index
+        table = self.__dict__.get("_block_table")
+        if table is None or table.device != top_k_index.device:
+            table = torch.tensor(self.block_of_expert, dtype=torch.long, device=top_k_index.device)
+            self.__dict__["_block_table"] = table
+        return table[top_k_index]
+
     def _expert_views(self) -> tuple[list[tuple], list[tuple[torch.Tensor, torch.Tensor] | None]]:
-        """Views built once: per expert (gate_up^T [H, rows*I_e], its bias, down^T [I_e, H], its bias),
-        and per run of two or more equal-width experts (gate_up^T [G, H, rows*I], down^T [G, I, H]).
+        """Views built once: per block (gate_up^T [H, rows*I_b], its bias, down^T [I_b, H], its bias),
+        and per run of two or more equal-width blocks (gate_up^T [G, H, rows*I], down^T [G, I, H]).
 
         Made without autograd (the training path differentiates in one node, see varwidth_grad): at
         decode sizes, making these views on every call cost ~5% of the experts' time on CPU (measured
@@ -166,12 +203,12 @@ class VariableWidthExperts(nn.Module):
             self.__dict__["_view_cache"] = cache
         return cache[1]
 
-    def _views_of(self, e: int):
-        o, w, r = self._blocks(e)
+    def _views_of(self, b: int):
+        o, w, r = self._blocks(b)
         gate_up_t = self.gate_up.narrow(0, r, self._rows * w).t()
         down_t = self._down(o, w).t()
         if self.has_bias:
-            return gate_up_t, self.gate_up_bias.narrow(0, r, self._rows * w), down_t, self.down_bias[e]
+            return gate_up_t, self.gate_up_bias.narrow(0, r, self._rows * w), down_t, self.down_bias[b]
         return gate_up_t, None, down_t, None
 
     def _run_views(self, first: int, count: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +232,9 @@ class VariableWidthExperts(nn.Module):
         return ok and self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
 
     def _runner(self, views: list[tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """run(e, x [n, H]) -> expert e's output [n, H] before routing weight, with names bound locally:
+        """run(b, x [n, H]) -> block b's output [n, H] before routing weight, with names bound locally:
         at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls."""
-        act, gated, widths, mm, addmm = self.activation, self.gated, self.widths, torch.mm, torch.addmm
+        act, gated, widths, mm, addmm = self.activation, self.gated, self.block_widths, torch.mm, torch.addmm
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
             gate_up_t, gate_up_bias, down_t, down_bias = views[e]
@@ -216,8 +253,8 @@ class VariableWidthExperts(nn.Module):
         return self.activation(gu[:, :w], gu[:, w:]) if self.gated else self.activation(None, gu)
 
     def _sort(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
-        """Slots (token, k) sorted by expert, once per call: (order, counts per expert, token of each
-        slot, routing weight of each slot)."""
+        """Slots (token, k) sorted by block, once per call: (order, counts per block, token of each slot,
+        routing weight of each slot). ``top_k_index`` holds block indices (see `_to_blocks`)."""
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()[: self.num_experts]
@@ -246,7 +283,7 @@ class VariableWidthExperts(nn.Module):
         ):  # training: one autograd node for the layer (see varwidth_grad)
             return VariableWidthFunction.apply(
                 hidden_states, top_k_weights, self.gate_up, self.gate_up_bias, self.down_blocks, self.down_bias,
-                self, top_k_index,
+                self, self._to_blocks(top_k_index),
             )
         views, run_views = self._expert_views()
         run = self._runner(views)
@@ -254,11 +291,12 @@ class VariableWidthExperts(nn.Module):
         dtype = hidden_states.dtype
         if hidden_states.shape[0] == 1:  # one-token decode: no dispatch to sort, just the k experts
             out = None
+            block_of = self.block_of_expert
             for j, e in enumerate(top_k_index[0].tolist()):
-                y = run(e, hidden_states) * top_k_weights[0, j].to(dtype)
+                y = run(block_of[e], hidden_states) * top_k_weights[0, j].to(dtype)
                 out = y if out is None else out + y
             return out
-        order, counts, token_of_slot, weight_of_slot = self._sort(top_k_index, top_k_weights, dtype)
+        order, counts, token_of_slot, weight_of_slot = self._sort(self._to_blocks(top_k_index), top_k_weights, dtype)
         if order.numel() * self.hidden_dim > _SMALL_DISPATCH:
             return self._scatter(hidden_states, counts, token_of_slot, weight_of_slot)
         # Few tokens (decode): one gather, per-expert slices, one unsort and a sum over k (in slot order,

@@ -34,7 +34,10 @@ from torch.autograd.function import once_differentiable
 
 
 class VariableWidthFunction(torch.autograd.Function):
-    """out[t] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]) over packed variable-width experts."""
+    """out[t] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]) over packed variable-width experts.
+
+    ``top_k_index`` holds block indices (`VariableWidthExperts._to_blocks`), so every ``e`` below is an
+    expert's block in storage order, and consecutive blocks of equal width form one group."""
 
     @staticmethod
     def forward(ctx, hidden, top_k_weights, gate_up, gate_up_bias, down_blocks, down_bias, module, top_k_index):
@@ -152,7 +155,7 @@ class _Group(NamedTuple):
     end: int
     pre_start: int
     pre_end: int
-    members: list[tuple[int, int, int, int, int]]  # (expert, first slot, slots, pre-activation start, end)
+    members: list[tuple[int, int, int, int, int]]  # (block, first slot, slots, pre-activation start, end)
 
     def of(self, buffer: torch.Tensor) -> torch.Tensor:
         """This group's rows [slots, rows*width] of a buffer laid out like the pre-activations."""
@@ -160,13 +163,14 @@ class _Group(NamedTuple):
 
 
 def _groups(module, counts: list[int]) -> list[_Group]:
-    """The experts hit, in order, in groups of consecutive equal widths (at 0% or uniform pruning, one group)."""
+    """The blocks hit, in storage order, in groups of consecutive equal widths (at 0% or uniform pruning one
+    group; under global widths one per distinct width hit, since blocks are sorted by width)."""
     groups: list[_Group] = []
     s = p = 0
     for e, n in enumerate(counts):
         if not n:
             continue
-        w = module.widths[e]
+        w = module.block_widths[e]
         q = p + n * module._rows * w
         member = (e, s, n, p, q)
         if groups and groups[-1].width == w:
