@@ -23,14 +23,17 @@ measurement; the LM head's one-token time is measured once per model and added t
 total, since it is the same module in every variant. Batch 1 runs more steps than batch 8 so that
 its few experts per step still add up to a representative sample of the layer's experts.
 
-Every variant is warmed up (a short prompt, two decode steps), then measured in back-to-back pairs
-with dense, alternating which side goes first. A speed-up compares each side's fastest sample: noise
-on a shared machine only ever adds time (pairs of identical work differ by up to 15% here), so the
-minimum is the steadiest estimate of what the code costs; each pair's own ratio is kept in the JSON
-(`*_speedup_pairs`) to show the spread. The variants the targets read (varwidth-0%, dims-50%
-global and uniform) get two more pairs than --repeats, the others one fewer. The 50% global and
-uniform variants are also decoded head to head, alternating, for the target that compares them
-(`decode*_vs_uniform_direct`): a ratio from two measurements instead of four.
+Variants are measured in groups, each together with dense: (varwidth-0%), (50% global, 50% uniform),
+(25% global, 25% uniform), (experts 25%, 50%). After a warm-up (a short prompt, two decode steps), a
+group runs in rounds. In a decode round every model of the group advances in lockstep, one step each
+in turn, the order rotated every step; in a prefill round each model runs one prompt, the order
+rotated every round. A slow phase of this shared machine lasts longer than a step (pairs of identical
+work run a few seconds apart differed by up to 25% here), so lockstep makes it hit every model alike.
+A speed-up is the median of the rounds' own ratios (`*_speedup_pairs`); `*_speedup_fastest`, each
+side's fastest round against the other's, is kept for comparison. The groups the targets read get
+--repeats decode rounds and one fewer prefill round; the others two fewer decode rounds (at least 2)
+and three fewer prefill rounds (at least 1). The 50% global and uniform variants share their
+rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
 
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
 regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it
@@ -48,6 +51,7 @@ import copy
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,7 +92,9 @@ MODELS = {
     ),
 }
 TARGET_VARIANTS = ("varwidth-0%", "dims-50%-global", "dims-50%-uniform")
-HEAD_TO_HEAD = ("dims-50%-global", "dims-50%-uniform")  # measured against each other too (the 5% target)
+HEAD_TO_HEAD = ("dims-50%-global", "dims-50%-uniform")  # also compared with each other (the 5% target)
+# Variants measured together, each group in the same rounds as dense (the machine holds one group at a time).
+GROUPS = (("varwidth-0%",), HEAD_TO_HEAD, ("dims-25%-global", "dims-25%-uniform"), ("experts-25%", "experts-50%"))
 VARIANTS = ("dense", "varwidth-0%", "dims-25%-global", "dims-50%-global", "dims-25%-uniform", "dims-50%-uniform",
             "experts-25%", "experts-50%")
 
@@ -212,13 +218,17 @@ class PartTimer:
             h.remove()
 
 
+def sample(timer: PartTimer, total: float) -> dict:
+    """One measurement: total seconds, the parts inside layers / experts, and what the experts were hit by."""
+    return {"total": total, "layers": timer.layer_t, "experts": timer.expert_t,
+            "hits": [h.clone() for h in timer.hits], "calls_hit": [c.clone() for c in timer.calls_hit]}
+
+
 def timed(model: nn.Module, fn, device: str) -> dict:
-    """Total seconds and the parts inside layers / experts for one call of fn(model)."""
+    """One call of fn(model, timer) -> seconds, with its parts."""
     timer = PartTimer(model, device)
     try:
-        total = fn(model, timer)
-        return {"total": total, "layers": timer.layer_t, "experts": timer.expert_t,
-                "hits": [h.clone() for h in timer.hits], "calls_hit": [c.clone() for c in timer.calls_hit]}
+        return sample(timer, fn(model, timer))
     finally:
         timer.remove()
 
@@ -230,31 +240,22 @@ def full_depth(t: dict, layers: int, full_layers: int) -> dict:
     return {"total": total, "experts_share": full_layers * (t["experts"] / layers) / total if total else 0.0}
 
 
-def alternating_pairs(first, second, n: int) -> list[tuple[dict, dict]]:
-    """n back-to-back (first(), second()) measurements, alternating which side runs first."""
-    pairs = []
-    for r in range(n):
-        if r % 2 == 0:
-            a = first()
-            pairs.append((a, second()))
-        else:
-            b = second()
-            pairs.append((first(), b))
-    return pairs
+def rotated(k: int, shift: int) -> list[int]:
+    """0..k-1 starting at shift % k: over k calls every model runs first, second, ... once."""
+    return [(shift + j) % k for j in range(k)]
 
 
-def pair_ratios(pairs: list[tuple[dict, dict]], layers: int, full_layers: int) -> list[float]:
-    """Each pair's own first/second time ratio at full depth: the spread a fastest-of estimate sits in."""
-    return [round(full_depth(a, layers, full_layers)["total"] / full_depth(b, layers, full_layers)["total"], 4) for a, b in pairs]
+def round_ratios(rounds: list[list[dict]], a: int, b: int, layers: int, full_layers: int, depth: bool = True) -> list[float]:
+    """Per round, model a's time over model b's (at full depth, or as measured): the speed-up of b over a."""
+    out = []
+    for r in rounds:
+        ta, tb = (full_depth(r[i], layers, full_layers)["total"] if depth else r[i]["total"] for i in (a, b))
+        out.append(round(ta / tb, 4))
+    return out
 
 
 def fastest(samples: list[dict]) -> dict:
-    """The fastest sample's timings; expert hit counts summed over the samples.
-
-    Fastest, not median: on this shared machine the noise is interference that only ever adds time
-    (back-to-back pairs of identical work differ by up to 15%), so the minimum is the steadiest
-    estimate of what the code costs.
-    """
+    """The fastest sample's timings (for the experts' share of time); expert hit counts summed over the samples."""
     out = dict(min(samples, key=lambda s: s["total"]))
     for k in ("hits", "calls_hit"):
         out[k] = [sum(s[k][i] for s in samples) for i in range(len(samples[0][k]))]
@@ -278,6 +279,11 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     impls = ["grouped_mm", "eager"] + ([] if args.quick else ["batched_mm"])
     if args.device == "cuda":
         impls = ["grouped_mm", "eager", "batched_mm"]
+    cuda = args.device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def prefill(m, timer):
         return prefill_seconds(m, ids[:1])
@@ -294,8 +300,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 t = time.perf_counter()
                 for _ in range(steps):
                     dense.lm_head(norm(h)).argmax(-1)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 times.append(time.perf_counter() - t)
         return min(times)
 
@@ -305,130 +310,174 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
 
     prompts: dict[tuple[int, int], object] = {}  # (id(model), batch) -> KV cache of the 16-token prompt
 
-    def decode(b: int, n_steps: int | None = None):
-        n = n_steps or steps[b]
-
-        def fn(m, timer):
-            body = getattr(m, m.base_model_prefix)
+    def prompt_cache(m: nn.Module, b: int):
+        """A fresh copy of the 16-token prompt's KV cache: built once per model (not timed; at these sizes
+        the prompt pass costs as much as the decode steps) and copied for every measurement."""
+        key = (id(m), b)
+        if key not in prompts:
             with torch.inference_mode():
-                # The prompt pass is not timed and its cache is reused (copied) by every measurement of
-                # this model: it costs as much as the decode steps at these sizes.
-                key = (id(m), b)
-                if key not in prompts:
-                    prompts[key] = cache_of(body(input_ids=ids[:b, :16], use_cache=True))
-                cache = copy.deepcopy(prompts[key])
-                timer.reset()
-                t = time.perf_counter()
-                for i in range(n):
-                    cache = cache_of(body(input_ids=ids[:b, 16 + i : 17 + i], use_cache=True, **cache_kwargs(body, cache)))
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - t + (head[b] if n_steps is None else 0.0)
-        return fn
+                prompts[key] = cache_of(body_of(m)(input_ids=ids[:b, :16], use_cache=True))
+        return copy.deepcopy(prompts[key])
 
-    regime_fns = {"prefill": prefill, "decode": decode(1), "decode_b8": decode(8)}
-    # warm-ups: the same code paths on less work (a short prompt, two decode steps); results discarded
-    warm_fns = {"prefill": lambda m, timer: prefill_seconds(m, ids[:1, :64]), "decode": decode(1, 2), "decode_b8": decode(8, 2)}
+    def decode_lockstep(models: list[nn.Module], b: int, n: int, shift: int = 0, with_head: bool = True) -> list[dict]:
+        """n decode steps of every model in lockstep: step i runs on each model in turn, the order rotated
+        every step, so a slow phase of this shared machine (they last longer than a step) hits all alike."""
+        timers = [PartTimer(m, args.device) for m in models]
+        try:
+            bodies = [body_of(m) for m in models]
+            caches = [prompt_cache(m, b) for m in models]
+            totals = [0.0] * len(models)
+            for t in timers:
+                t.reset()
+            with torch.inference_mode():
+                for i in range(n):
+                    step = ids[:b, 16 + i : 17 + i]
+                    for j in rotated(len(models), i + shift):
+                        t = time.perf_counter()
+                        caches[j] = cache_of(bodies[j](input_ids=step, use_cache=True, **cache_kwargs(bodies[j], caches[j])))
+                        sync()
+                        totals[j] += time.perf_counter() - t
+            return [sample(timer, total + (head[b] if with_head else 0.0)) for timer, total in zip(timers, totals)]
+        finally:
+            for t in timers:
+                t.remove()
+
+    batch = {"decode": 1, "decode_b8": 8}
     tokens = {"prefill": args.prompt_len, "decode": steps[1], "decode_b8": 8 * steps[8]}
 
-    def measure(m: nn.Module, regime: str, warm: bool = False) -> dict:
-        return timed(m, (warm_fns if warm else regime_fns)[regime], args.device)
+    def warm(m: nn.Module, regime: str) -> None:
+        """The same code paths on less work (a short prompt, two decode steps); results discarded."""
+        if regime == "prefill":
+            prefill_seconds(m, ids[:1, :64])
+        else:
+            decode_lockstep([m], batch[regime], 2, with_head=False)
 
-    def set_impl(m: nn.Module, impl: str) -> None:
-        m.set_experts_implementation(impl)
+    def rounds_of(models: list[nn.Module], regime: str, n: int) -> list[list[dict]]:
+        """n rounds; each round measures every model once: prefill one model after another, decode in lockstep
+        (both in an order rotated every round)."""
+        out = []
+        for r in range(n):
+            if regime == "prefill":
+                got = {}
+                for j in rotated(len(models), r):
+                    got[j] = timed(models[j], prefill, args.device)
+                out.append([got[j] for j in range(len(models))])
+            else:
+                out.append(decode_lockstep(models, batch[regime], steps[batch[regime]], shift=r))
+        return out
 
     rows = []
     # Dense: pick the fastest stock implementation per regime (measured, alternating).
-    dense_best: dict[str, tuple[str, dict]] = {}
-    for regime in regime_fns:
+    dense_impl: dict[str, str] = {}
+    for regime in tokens:
         cands = [i for i in impls if not (regime == "prefill" and i == "batched_mm")]
-        samples = {i: [] for i in cands}
-        for i in cands:  # warm-up, then one sample each to pick the fastest (repeats come below)
-            set_impl(dense, i)
-            measure(dense, regime, warm=True)
-            samples[i].append(measure(dense, regime))
-        med = {i: fastest(s) for i, s in samples.items()}
-        best = min(med, key=lambda i: med[i]["total"])
-        dense_best[regime] = (best, med[best])
-        log(f"  dense {regime}: " + ", ".join(f"{i} {tokens[regime] / med[i]['total']:.1f} tok/s" for i in cands) + f" -> {best}")
-    set_impl(dense, "grouped_mm")
+        best = {}
+        for i in cands:  # warm-up, then one sample each to pick the fastest (the rounds come below)
+            dense.set_experts_implementation(i)
+            warm(dense, regime)
+            best[i] = rounds_of([dense], regime, 1)[0][0]["total"]
+        dense_impl[regime] = min(best, key=best.get)
+        log(f"  dense {regime}: " + ", ".join(f"{i} {tokens[regime] / best[i]:.1f} tok/s" for i in cands) + f" -> {dense_impl[regime]}")
+    dense.set_experts_implementation("grouped_mm")
     full = spec["full_layers"]
     dense_bytes = weight_bytes(dense)
     moe0 = find_moe_layers(dense)
     routed0 = sum(l.routed_params() for l in moe0)
-    # The two variants the global/uniform target compares stay built until both are measured, then
-    # run head to head: two measurements per ratio instead of four (each against its own dense).
-    head_to_head: dict[str, tuple[nn.Module, dict]] = {}
-    for variant in VARIANTS:
-        m, removed = make_variant(dense, variant, args.width_spread, args.seed)
-        row = {"model": name, "variant": variant, "layers": layers, "full_layers": full, "removed_fraction": round(removed, 4)}
-        # weight bytes at full depth by calculation: non-layer bytes + full_layers * per-layer bytes
-        vb = weight_bytes(m)
-        dense_full = _outside_bytes(dense) + full * (dense_bytes - _outside_bytes(dense)) / layers
-        var_full = _outside_bytes(m) + full * (vb - _outside_bytes(m)) / layers
-        row["weight_bytes_ratio"] = var_full / dense_full
-        row["weight_bytes_ratio_measured_depth"] = vb / dense_bytes
-        # parameter arithmetic: removing a fraction r of routed-expert weights at full depth
-        routed_bytes_full = full * sum(l.experts.down_proj.element_size() * l.routed_params() for l in moe0) / layers
-        row["weight_bytes_ratio_arithmetic"] = 1 - removed * routed_bytes_full / dense_full
-        row["routed_params_ratio"] = sum(l.routed_params() for l in find_moe_layers(m)) / routed0
-        for regime in regime_fns:
-            impl, _ = dense_best[regime]
-            if variant == "dense":
-                pairs = [(dense_best[regime][1], dense_best[regime][1])]
-            else:
-                set_impl(dense, impl)
-                if _is_stock(m):
-                    set_impl(m, impl)
-                measure(m, regime, warm=True)
-                # the variants the targets read get two more pairs, the others one fewer (at least 2)
-                n_pairs = args.repeats + 2 if variant in TARGET_VARIANTS else max(2, args.repeats - 1)
-                pairs = alternating_pairs(lambda: measure(dense, regime), lambda: measure(m, regime), n_pairs)
-            d, v = fastest([p[0] for p in pairs]), fastest([p[1] for p in pairs])
-            fd, fv = full_depth(d, layers, full), full_depth(v, layers, full)
+    routed_bytes_full = full * sum(l.experts.down_proj.element_size() * l.routed_params() for l in moe0) / layers
+    dense_full = _outside_bytes(dense) + full * (dense_bytes - _outside_bytes(dense)) / layers
+    rows.append(_dense_row(name, layers, full, tokens, dense_impl))
+
+    def measure_group(group: tuple[str, ...]) -> list[dict]:
+        """The group's variants built together and measured in the same rounds as dense."""
+        built = [(v, *make_variant(dense, v, args.width_spread, args.seed)) for v in group]
+        models = [dense] + [m for _, m, _ in built]
+        target = any(v in TARGET_VARIANTS for v in group)
+        # prefill rounds cost the most (Mixtral: seconds each) and only varwidth-0% has a prefill target
+        n_rounds = {"decode": args.repeats if target else max(2, args.repeats - 2)}
+        n_rounds["decode_b8"] = n_rounds["decode"]
+        n_rounds["prefill"] = max(2, args.repeats - 1) if target else max(1, args.repeats - 3)
+        group_rows = []
+        for v, m, removed in built:
+            row = {"model": name, "variant": v, "layers": layers, "full_layers": full, "removed_fraction": round(removed, 4)}
+            # weight bytes at full depth by calculation: non-layer bytes + full_layers * per-layer bytes
+            vb = weight_bytes(m)
+            row["weight_bytes_ratio"] = (_outside_bytes(m) + full * (vb - _outside_bytes(m)) / layers) / dense_full
+            row["weight_bytes_ratio_measured_depth"] = vb / dense_bytes
+            # parameter arithmetic: removing a fraction r of routed-expert weights at full depth
+            row["weight_bytes_ratio_arithmetic"] = 1 - removed * routed_bytes_full / dense_full
+            row["routed_params_ratio"] = sum(l.routed_params() for l in find_moe_layers(m)) / routed0
+            group_rows.append(row)
+        for regime in tokens:
+            for mm in models:
+                if _is_stock(mm):
+                    mm.set_experts_implementation(dense_impl[regime])
+                if mm is not dense:
+                    warm(mm, regime)
+            rounds = rounds_of(models, regime, n_rounds[regime])
+            d = fastest([r[0] for r in rounds])
+            fd = full_depth(d, layers, full)
             s = fd["experts_share"]
-            # removed share of the routed weights the run touched, against dense on the same inputs
             key_c = "hits" if regime == "prefill" else "calls_hit"
-            touched = 1.0 - touched_width(m, v[key_c]) / touched_width(dense, d[key_c])
-            bound = 1.0 / ((1 - s) + s * (1 - touched))
-            row[f"{regime}_speedup"] = fd["total"] / fv["total"]
-            row[f"{regime}_speedup_measured_depth"] = d["total"] / v["total"]
-            # each back-to-back pair's own ratio, to show the spread the fastest-of estimate sits in
-            row[f"{regime}_speedup_pairs"] = pair_ratios(pairs, layers, full)
-            row[f"{regime}_bound"] = bound
-            row[f"{regime}_bound_nominal"] = 1.0 / ((1 - s) + s * (1 - removed))
-            row[f"{regime}_touched_removed_fraction"] = touched
-            row[f"{regime}_vs_bound"] = row[f"{regime}_speedup"] / bound
-            row[f"{regime}_experts_share"] = s
-            row[f"{regime}_tokens_per_s_measured_depth"] = tokens[regime] / v["total"]
-            row[f"{regime}_dense_impl"] = impl
-        set_impl(dense, "grouped_mm")
-        rows.append(row)
-        log(f"  {variant:18s} bytes {row['weight_bytes_ratio']:.3f}  prefill x{row['prefill_speedup']:.2f} (bound {row['prefill_bound']:.2f})"
-            f"  decode x{row['decode_speedup']:.2f} (bound {row['decode_bound']:.2f})  decode b8 x{row['decode_b8_speedup']:.2f} (bound {row['decode_b8_bound']:.2f})")
-        released = [] if variant in HEAD_TO_HEAD or m is dense else [m]
-        if variant in HEAD_TO_HEAD:
-            head_to_head[variant] = (m, row)
-        if len(head_to_head) == len(HEAD_TO_HEAD):
-            (g, g_row), (u, _) = (head_to_head[v] for v in HEAD_TO_HEAD)
-            for regime in ("decode", "decode_b8"):
-                pairs = alternating_pairs(lambda: measure(u, regime), lambda: measure(g, regime), args.repeats + 2)
-                t_u, t_g = (full_depth(fastest([p[i] for p in pairs]), layers, full)["total"] for i in (0, 1))
-                g_row[f"{regime}_vs_uniform_direct"] = t_u / t_g
-                g_row[f"{regime}_vs_uniform_direct_pairs"] = pair_ratios(pairs, layers, full)
-            log(f"  head to head, {HEAD_TO_HEAD[0]} / {HEAD_TO_HEAD[1]}: decode b1 x{g_row['decode_vs_uniform_direct']:.2f}, "
-                f"b8 x{g_row['decode_b8_vs_uniform_direct']:.2f}")
-            released = [mm for mm, _ in head_to_head.values()]
-            head_to_head.clear()
-        del m
-        for mm in released:
+            for j, ((v, m, removed), row) in enumerate(zip(built, group_rows), start=1):
+                vs = fastest([r[j] for r in rounds])
+                # removed share of the routed weights the run touched, against dense on the same inputs
+                touched = 1.0 - touched_width(m, vs[key_c]) / touched_width(dense, d[key_c])
+                bound = 1.0 / ((1 - s) + s * (1 - touched))
+                pairs = round_ratios(rounds, 0, j, layers, full)
+                # the median of the rounds' own ratios: each round's two measurements ran side by side
+                row[f"{regime}_speedup"] = statistics.median(pairs)
+                row[f"{regime}_speedup_pairs"] = pairs
+                row[f"{regime}_speedup_fastest"] = fd["total"] / full_depth(vs, layers, full)["total"]
+                row[f"{regime}_speedup_measured_depth"] = statistics.median(round_ratios(rounds, 0, j, layers, full, depth=False))
+                row[f"{regime}_bound"] = bound
+                row[f"{regime}_bound_nominal"] = 1.0 / ((1 - s) + s * (1 - removed))
+                row[f"{regime}_touched_removed_fraction"] = touched
+                row[f"{regime}_vs_bound"] = row[f"{regime}_speedup"] / bound
+                row[f"{regime}_experts_share"] = s
+                row[f"{regime}_tokens_per_s_measured_depth"] = tokens[regime] / vs["total"]
+                row[f"{regime}_dense_impl"] = dense_impl[regime]
+            if group == HEAD_TO_HEAD and regime != "prefill":  # global against uniform, from the same rounds
+                pairs = round_ratios(rounds, 2, 1, layers, full)
+                group_rows[0][f"{regime}_vs_uniform_direct"] = statistics.median(pairs)
+                group_rows[0][f"{regime}_vs_uniform_direct_pairs"] = pairs
+        for row in group_rows:
+            log(f"  {row['variant']:18s} bytes {row['weight_bytes_ratio']:.3f}  prefill x{row['prefill_speedup']:.2f} (bound {row['prefill_bound']:.2f})"
+                f"  decode x{row['decode_speedup']:.2f} (bound {row['decode_bound']:.2f})  decode b8 x{row['decode_b8_speedup']:.2f} (bound {row['decode_b8_bound']:.2f})")
+        if group == HEAD_TO_HEAD:
+            g = group_rows[0]
+            log(f"  {HEAD_TO_HEAD[0]} / {HEAD_TO_HEAD[1]} (same rounds): decode b1 x{g['decode_vs_uniform_direct']:.2f}, "
+                f"b8 x{g['decode_b8_vs_uniform_direct']:.2f}")
+        for mm in models[1:]:
             for key in [k for k in prompts if k[0] == id(mm)]:
                 del prompts[key]
-        del released
-        gc.collect()
+        dense.set_experts_implementation("grouped_mm")
+        return group_rows
+
+    for group in GROUPS:
+        rows += measure_group(group)
+        gc.collect()  # the group's variants are gone with measure_group's frame
     del dense
     gc.collect()
-    return rows
+    return sorted(rows, key=lambda r: VARIANTS.index(r["variant"]))
+
+
+def _dense_row(name: str, layers: int, full: int, tokens: dict, dense_impl: dict) -> dict:
+    """Dense against itself: every ratio 1 by definition."""
+    row = {"model": name, "variant": "dense", "layers": layers, "full_layers": full, "removed_fraction": 0.0,
+           "weight_bytes_ratio": 1.0, "weight_bytes_ratio_measured_depth": 1.0, "weight_bytes_ratio_arithmetic": 1.0,
+           "routed_params_ratio": 1.0}
+    for regime in tokens:
+        for k in ("speedup", "speedup_fastest", "speedup_measured_depth", "bound", "bound_nominal", "vs_bound"):
+            row[f"{regime}_{k}"] = 1.0
+        row[f"{regime}_speedup_pairs"] = []
+        row[f"{regime}_touched_removed_fraction"] = 0.0
+        row[f"{regime}_dense_impl"] = dense_impl[regime]
+    return row
+
+
+def body_of(m: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head."""
+    return getattr(m, m.base_model_prefix)
 
 
 def _is_stock(m: nn.Module) -> bool:
@@ -507,10 +556,11 @@ def write(out: Path, meta: dict, rows: list[dict], update_readme: bool) -> None:
               "the removed fraction of the routed weights the run touched; in brackets: (bound, measured/bound).\n")
     table += ("\nTargets (dims-50%-global; weight bytes within 1% of arithmetic; decode >= 0.9 of bound and >= 0.95 of "
               "uniform, checked at batch 1 and at batch 8; varwidth-0% >= 0.97 of dense in every regime). "
-              "Global / uniform is measured head to head (the two variants alternating; this is what the target reads) "
-              "and, in brackets, as the ratio of their speed-ups over dense and that ratio after dividing each by its own "
-              "bound ('of bound': the part of a gap that the runtime, not the experts this workload happened to hit, "
-              "accounts for).\n\n"
+              "Speed-ups are medians of per-round ratios, each round measuring a group of variants and dense side by side "
+              "(decode in lockstep, one step each in turn). Global / uniform is the median of the two variants' own "
+              "per-round ratios (what the target reads) and, in brackets, the ratio of their speed-ups over dense and that "
+              "ratio after dividing each by its own bound ('of bound': the part of a gap that the runtime, not the experts "
+              "this workload happened to hit, accounts for).\n\n"
               "| model | bytes / arithmetic | b1 / bound | b1 global / uniform (via dense, of bound) | b8 / bound | "
               "b8 global / uniform (via dense, of bound) | varwidth-0% slowest regime | met b1 | met b8 |\n"
               "|---|---|---|---|---|---|---|---|---|\n")
@@ -537,7 +587,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 12 quick, 32 full)")
     ap.add_argument("--steps-b8", type=int, default=None, help="decode steps per measurement at batch 8 (default 6 quick, 16 full)")
-    ap.add_argument("--repeats", type=int, default=None, help="back-to-back pairs per variant and regime (default 3 quick, 5 full; +2 for the variants the targets read, -1 for the others)")
+    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; prefill 1 fewer; other groups 2 and 3 fewer)")
     ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -556,7 +606,7 @@ def main(argv=None) -> int:
     args.dtype = getattr(torch, args.dtype)
     args.steps = args.steps or (12 if args.quick else 32)
     args.steps_b8 = args.steps_b8 or (6 if args.quick else 16)
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.repeats = args.repeats or (4 if args.quick else 6)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     need = 16 + max(args.steps, args.steps_b8, 64 - 16)  # decode feeds prompt tokens after a 16-token prompt
