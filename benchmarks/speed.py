@@ -2,7 +2,7 @@
 
 For each model the real shapes (hidden size, experts, top-k, expert and shared widths, vocabulary,
 attention) are built with random weights and only a few decoder layers, so they fit this machine.
-Every variant is measured side by side with dense in the same run (alternating, fastest of N), and
+Every variant is measured side by side with dense in the same run (rounds, median ratio; below), and
 figures are extrapolated to full depth by calculation from per-part timings:
 
     T_full = T_outside_layers + L_full * mean(T_layer),   share s = L_full * T_experts / T_full
@@ -367,7 +367,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         return out
 
     rows = []
-    # Dense: pick the fastest stock implementation per regime (measured, alternating).
+    # Dense: pick the fastest stock implementation per regime (one measured sample each).
     dense_impl: dict[str, str] = {}
     for regime in tokens:
         cands = [i for i in impls if not (regime == "prefill" and i == "batched_mm")]
