@@ -381,3 +381,45 @@ def test_closed_form_silu_backward_equals_the_autograd_one(monkeypatch):
     local = grads()
     for a, b in zip(closed, local):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize(
+    "widths,routed,grouped_runs",
+    [
+        ([8] * 6, 6, 1),  # 0% / uniform: one run is the whole layer, its products are the gradients
+        ([8] * 6, 4, 1),  # blocks 4 and 5 get no token: zero-token groups inside the run
+        ([8, 16, 8, 12, 16, 8], 6, 2),  # global widths: runs of 16 and 8, a lone 12 per expert
+        ([6, 6, 6, 8, 8], 5, 1),  # width 6 breaks 16-byte strides in fp32: that run goes per expert
+    ],
+)
+def test_training_through_grouped_gemms_equals_per_expert_products(widths, routed, grouped_runs, gated, monkeypatch):
+    """In training, runs of equal widths go through one grouped GEMM per product (forward, input and
+    weight gradients, the 2D x 2D form with offsets for the latter); the gradients equal those of the
+    per-expert products, and blocks no token reached get zero gradient."""
+    import torch.nn.functional as F
+
+    ex = _module(widths, gated=gated)
+    x, idx, w = _routing(12, routed, 3)
+    g = torch.randn(12, 32, generator=torch.Generator().manual_seed(9))
+
+    def grads():
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ex.zero_grad(set_to_none=True)
+        out = ex(xx, idx, ww)
+        out.backward(g)
+        return [out.detach(), xx.grad, ww.grad, ex.gate_up.grad, ex.down_blocks.grad]
+
+    seen = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: seen.append(a[0].dim() + a[1].dim()) or real(*a, **k))
+    grouped = grads()
+    assert len(seen) == 6 * grouped_runs and seen.count(4) == 2 * grouped_runs  # 2 forward, 4 backward, 2 of them 2D x 2D
+    monkeypatch.setattr(VariableWidthExperts, "_grouped_ok", lambda self, x: False)
+    seen.clear()
+    per_expert = grads()
+    assert not seen
+    for a, b in zip(grouped, per_expert):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for e in range(routed, len(widths)):
+        assert not _grad_of_view(ex, ex.expert_weights(e).up).any() and not _grad_of_view(ex, ex.expert_weights(e).down).any()

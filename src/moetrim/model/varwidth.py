@@ -90,6 +90,7 @@ class VariableWidthExperts(nn.Module):
                 self.runs[-1] = (first, count + 1, w)
             else:
                 self.runs.append((e, 1, w))
+        self.run_of_block = [i for i, (_, count, _) in enumerate(self.runs) for _ in range(count)]
         kw = {"dtype": dtype, "device": device}
         self.gate_up = nn.Parameter(torch.empty(self._rows * total, self.hidden_dim, **kw))
         self.down_blocks = nn.Parameter(torch.empty(total * self.hidden_dim, **kw))

@@ -4,21 +4,27 @@ Letting autograd differentiate each expert's slice of the packed weights separat
 slice's backward allocate a zero tensor the size of the whole parameter and add into it: with 64
 experts hit, 64 full-size temporaries per parameter per step (measured 45 s for one OLMoE-shaped
 layer on 64 tokens, against 0.7 s for the stock grouped GEMM). Here the backward allocates each
-weight gradient once and writes every expert's block in place with ``mm(out=...)``.
+weight gradient once and writes every expert's block in place (grouped GEMMs or ``mm(out=...)``).
 
-Layout: the routed copies of the tokens (slots) are gathered once, sorted by expert, and every
-per-slot quantity lives in one buffer in that order (inputs, pre-activations, outputs and their
-gradients). Each expert works on a contiguous slice; what does not depend on an expert (routing
-weights, gathers, sums over a token's k slots) is one operation over all slots, and the elementwise
-function and its derivative run once per group of consecutive equal-width experts (the whole layer at
-0% or under uniform trimming), so that work is spread over every core instead of running on one per
-small expert. A step at these sizes is bound by streaming the weights, so the backward does one kind
-of product for every expert before the next (read every down projection, write every down gradient,
-write every gate/up gradient, read every gate/up projection). With per-expert temporaries and per-
-expert elementwise calls, the same products ran 3-6% slower than the stock grouped GEMM on 2 cores
-at shapes with many small experts (Qwen1.5, Qwen3); see benchmarks/experts_module.py for the
-comparison. Sums over a token's k slots are one gather and a reshape, never an index_add with
-repeated indices (non-deterministic on CUDA).
+Layout: the routed copies of the tokens (slots) are gathered once, sorted by block, and every
+per-slot quantity is one buffer per group of consecutive equal-width blocks (inputs, pre-activations,
+outputs and their gradients). What does not depend on an expert (routing weights, gathers, sums over a
+token's k slots) is one operation over all slots, and the elementwise function and its derivative run
+once per group (the whole layer at 0% or under uniform trimming), so that work is spread over every
+core instead of running on one per small expert.
+
+A group that is one run of storage (`VariableWidthExperts.runs`: blocks are sorted by width, so every
+width is one run) takes one `torch.nn.functional.grouped_mm` per product: forward, the input's
+gradient, and the weight gradients in its 2D x 2D form (the slot dimension split by the same offsets),
+whose result is the run's gradient blocks in storage layout: the gradient itself when the run is the
+whole layer, else one copy into it. Per-expert `mm(out=...)` products remain for what grouped GEMMs do
+not take (biases, float64, widths that break 16-byte strides, runs of one): at shapes with many small
+experts (Qwen3-30B-A3B: 128 experts of ~16 slots each in a 256-token step) the per-expert loop was
+the slower one on 2 CPU cores. A step at these sizes is bound by streaming the weights, so the backward does one kind of
+product for every expert before the next (read every down projection, write every down gradient,
+write every gate/up gradient, read every gate/up projection); see benchmarks/experts_module.py for
+the comparison with the stock module. Sums over a token's k slots are one gather and a reshape, never
+an index_add with repeated indices (non-deterministic on CUDA).
 
 The expert's elementwise function is differentiated in closed form for gated SiLU (most families),
 and by autograd locally on the saved pre-activations for any other (GPT-OSS's clamped one...), so no
@@ -30,6 +36,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
@@ -42,54 +49,123 @@ class VariableWidthFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, top_k_weights, gate_up, gate_up_bias, down_blocks, down_bias, module, top_k_index):
         order, counts, token_of_slot, weight_of_slot = module._sort(top_k_index, top_k_weights, hidden.dtype)
-        groups = _groups(module, counts)
-        views = module._expert_views()[0]
+        groups = _groups(module, counts, grouped=module._grouped_ok(hidden))
+        views, run_views = module._expert_views()
         x = hidden.index_select(0, token_of_slot)  # [S, H] routed copies, sorted by expert
-        pre = x.new_empty(groups[-1].pre_end if groups else 0)  # every expert's pre-activations [n, rows*w], in turn
-        y = torch.empty_like(x)  # every slot's expert output, before its routing weight
-        acts = []  # per group: activations [slots, w]
+        pres, acts, ys = [], [], []  # per group: pre-activations [slots, rows*w], activations [slots, w], outputs [slots, H]
         for grp in groups:
-            for e, s, n, p, q in grp.members:
-                gate_up_t, gate_up_b, _, _ = views[e]
-                if gate_up_b is None:
-                    torch.mm(x[s : s + n], gate_up_t, out=pre[p:q].view(n, -1))
-                else:
-                    torch.addmm(gate_up_b, x[s : s + n], gate_up_t, out=pre[p:q].view(n, -1))
-            h = module._activate(grp.width, grp.of(pre))
+            xg = x[grp.start : grp.end]
+            if grp.offs is not None:
+                gate_up_t, down_t = run_views[grp.run]
+                pre = F.grouped_mm(xg, gate_up_t, offs=grp.offs)
+                h = module._activate(grp.width, pre)
+                y = F.grouped_mm(h, down_t, offs=grp.offs)
+            else:
+                pre = x.new_empty(grp.end - grp.start, module._rows * grp.width)
+                for e, s, n in grp.local():
+                    gate_up_t, gate_up_b, _, _ = views[e]
+                    if gate_up_b is None:
+                        torch.mm(xg[s : s + n], gate_up_t, out=pre[s : s + n])
+                    else:
+                        torch.addmm(gate_up_b, xg[s : s + n], gate_up_t, out=pre[s : s + n])
+                h = module._activate(grp.width, pre)
+                y = torch.empty_like(xg)
+                for e, s, n in grp.local():
+                    _, _, down_t, down_b = views[e]
+                    if down_b is None:
+                        torch.mm(h[s : s + n], down_t, out=y[s : s + n])
+                    else:
+                        torch.addmm(down_b, h[s : s + n], down_t, out=y[s : s + n])
+            pres.append(pre)
             acts.append(h)
-            for e, s, n, p, q in grp.members:
-                _, _, down_t, down_b = views[e]
-                hs = h[s - grp.start : s - grp.start + n]
-                if down_b is None:
-                    torch.mm(hs, down_t, out=y[s : s + n])
-                else:
-                    torch.addmm(down_b, hs, down_t, out=y[s : s + n])
+            ys.append(y)
+        y = _joined(ys, x)  # every slot's expert output, before its routing weight
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         out = _sum_over_k(y.mul_(weight_of_slot[:, None]), inverse, top_k_index.shape[-1])
-        ctx.save_for_backward(x, pre, token_of_slot, inverse, weight_of_slot)
-        ctx.acts, ctx.groups, ctx.module = acts, groups, module
+        ctx.save_for_backward(x, token_of_slot, inverse, weight_of_slot)
+        ctx.pres, ctx.acts, ctx.groups, ctx.module = pres, acts, groups, module
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, pre, token_of_slot, inverse, weight_of_slot = ctx.saved_tensors
-        module, groups, acts = ctx.module, ctx.groups, ctx.acts
+        x, token_of_slot, inverse, weight_of_slot = ctx.saved_tensors
+        module, groups, pres, acts = ctx.module, ctx.groups, ctx.pres, ctx.acts
         need_x, need_w, need_gu, need_gub, need_down, need_db = ctx.needs_input_grad[:6]
-        views = module._expert_views()[0]
+        views, run_views = module._expert_views()
         hdim, rows = module.hidden_dim, module._rows
         top_k = ctx.weights_shape[-1]
         g = grad_out.index_select(0, token_of_slot)  # d out / d y per slot, before the routing weight
-        # Weight gradients start empty: every expert hit writes its whole block, the others are zeroed
-        # (zero-filling the whole weight first was ~10% of a training step at Qwen1.5 shapes).
-        g_gate_up = torch.empty_like(module.gate_up) if need_gu else None
+        # Weight gradients start empty: every expert hit gets its whole block written, the others are
+        # zeroed at the end (zero-filling the whole weight first was ~10% of a training step at Qwen1.5
+        # shapes). Where one grouped run is the whole layer, its products are the gradients themselves.
+        whole = len(module.runs) == 1 and bool(groups) and groups[0].offs is not None
+        g_gate_up = torch.empty_like(module.gate_up) if need_gu and not whole else None
         g_gate_up_bias = torch.empty_like(module.gate_up_bias) if need_gub else None
-        g_down = torch.empty_like(module.down_blocks) if need_down else None
+        g_down = torch.empty_like(module.down_blocks) if need_down and not whole else None
         g_down_bias = torch.empty_like(module.down_bias) if need_db else None
+        silu = module.gated and getattr(module.activation, "silu", False)
+        g_pres = []  # per group: d loss / d pre-activations
+        g_slot = torch.empty_like(weight_of_slot) if need_w else None
+        for grp, pre, h in zip(groups, pres, acts):  # reads every down projection
+            gg = g[grp.start : grp.end]
+            if grp.offs is not None:
+                g_h = F.grouped_mm(gg, run_views[grp.run][1].transpose(1, 2), offs=grp.offs)
+            else:
+                g_h = x.new_empty(grp.end - grp.start, grp.width)  # d out / d h, before the routing weight
+                for e, s, n in grp.local():
+                    torch.mm(gg[s : s + n], views[e][2].t(), out=g_h[s : s + n])
+            if need_w:  # d out / d w = <g, y> = <g, h @ down^T + b> = <g @ down, h> + <g, b>
+                torch.sum(g_h * h, 1, out=g_slot[grp.start : grp.end])
+                for e, s, n in grp.local():
+                    if views[e][3] is not None:
+                        g_slot[grp.start + s : grp.start + s + n] += gg[s : s + n] @ views[e][3]
+            g_h.mul_(weight_of_slot[grp.start : grp.end, None])  # d loss / d h
+            if silu:
+                g_pres.append(_silu_gated_backward(g_h, pre, grp.width))
+            else:
+                g_pres.append(_local_backward(module, grp.width, pre, g_h))
+        g.mul_(weight_of_slot[:, None])  # from here on g is d loss / d y, routing weight included
+        if need_down or need_db:  # writes every down gradient: outer product of d y and h
+            for grp, h in zip(groups, acts):
+                gg = g[grp.start : grp.end]
+                if grp.offs is not None and need_down:
+                    g_down = _put(g_down, F.grouped_mm(gg.t(), h, offs=grp.offs), grp.run_span(module, "down"), module.down_blocks)
+                    continue
+                for e, s, n in grp.local():
+                    o, w, _ = module._blocks(e)
+                    if need_down:
+                        torch.mm(gg[s : s + n].t(), h[s : s + n], out=g_down.narrow(0, o * hdim, w * hdim).view(hdim, w))
+                    if need_db:
+                        torch.sum(gg[s : s + n], 0, out=g_down_bias[e])
+        if need_gu or need_gub:  # writes every gate/up gradient
+            for grp, g_pre in zip(groups, g_pres):
+                xg = x[grp.start : grp.end]
+                if grp.offs is not None and need_gu:
+                    g_gate_up = _put(g_gate_up, F.grouped_mm(g_pre.t(), xg, offs=grp.offs), grp.run_span(module, "gate_up"), module.gate_up)
+                    continue
+                for e, s, n in grp.local():
+                    _, w, r = module._blocks(e)
+                    if need_gu:
+                        torch.mm(g_pre[s : s + n].t(), xg[s : s + n], out=g_gate_up.narrow(0, r, rows * w))
+                    if need_gub:
+                        torch.sum(g_pre[s : s + n], 0, out=g_gate_up_bias.narrow(0, r, rows * w))
+        g_hidden = None
+        if need_x:  # reads every gate/up projection
+            g_xs = []
+            for grp, g_pre in zip(groups, g_pres):
+                if grp.offs is not None:
+                    g_xs.append(F.grouped_mm(g_pre, run_views[grp.run][0].transpose(1, 2), offs=grp.offs))
+                    continue
+                g_x = g[grp.start : grp.end]  # d y is no longer needed: its buffer takes d x per slot
+                for e, s, n in grp.local():
+                    torch.mm(g_pre[s : s + n], views[e][0].t(), out=g_x[s : s + n])
+                g_xs.append(g_x)
+            g_hidden = _sum_over_k(_joined(g_xs, g, in_place=True), inverse, top_k)
         hit = {m[0] for grp in groups for m in grp.members}
-        for e in range(module.num_experts):
+        for e in range(module.num_experts):  # blocks no token reached have zero gradient
             if e in hit:
                 continue
             o, w, r = module._blocks(e)
@@ -98,48 +174,6 @@ class VariableWidthFunction(torch.autograd.Function):
                     grad.narrow(0, *block).zero_()
             if g_down_bias is not None:
                 g_down_bias[e].zero_()
-        silu = module.gated and getattr(module.activation, "silu", False)
-        g_pre = torch.empty_like(pre)  # d loss / d pre-activations, same layout as pre
-        g_slot = torch.empty_like(weight_of_slot) if need_w else None
-        for grp, h in zip(groups, acts):  # reads every down projection
-            g_h = x.new_empty(grp.end - grp.start, grp.width)  # d out / d h, before the routing weight
-            for e, s, n, p, q in grp.members:
-                torch.mm(g[s : s + n], views[e][2].t(), out=g_h[s - grp.start : s - grp.start + n])
-            if need_w:  # d out / d w = <g, y> = <g, h @ down^T + b> = <g @ down, h> + <g, b>
-                torch.sum(g_h * h, 1, out=g_slot[grp.start : grp.end])
-                for e, s, n, p, q in grp.members:
-                    if views[e][3] is not None:
-                        g_slot[s : s + n] += g[s : s + n] @ views[e][3]
-            g_h.mul_(weight_of_slot[grp.start : grp.end, None])  # d loss / d h
-            if silu:
-                _silu_gated_backward(g_h, grp.of(pre), grp.width, out=grp.of(g_pre))
-            else:
-                grp.of(g_pre).copy_(_local_backward(module, grp.width, grp.of(pre), g_h))
-        g.mul_(weight_of_slot[:, None])  # from here on g is d loss / d y, routing weight included
-        if need_down or need_db:  # writes every down gradient: outer product of d y and h
-            for grp, h in zip(groups, acts):
-                for e, s, n, p, q in grp.members:
-                    o, w, _ = module._blocks(e)
-                    if need_down:
-                        hs = h[s - grp.start : s - grp.start + n]
-                        torch.mm(g[s : s + n].t(), hs, out=g_down.narrow(0, o * hdim, w * hdim).view(hdim, w))
-                    if need_db:
-                        torch.sum(g[s : s + n], 0, out=g_down_bias[e])
-        members = [m for grp in groups for m in grp.members]
-        if need_gu or need_gub:  # writes every gate/up gradient
-            for e, s, n, p, q in members:
-                _, w, r = module._blocks(e)
-                g_gu = g_pre[p:q].view(n, -1)
-                if need_gu:
-                    torch.mm(g_gu.t(), x[s : s + n], out=g_gate_up.narrow(0, r, rows * w))
-                if need_gub:
-                    torch.sum(g_gu, 0, out=g_gate_up_bias.narrow(0, r, rows * w))
-        g_hidden = None
-        if need_x:  # reads every gate/up projection
-            g_x = g  # d y is no longer needed: its buffer takes d x per slot
-            for e, s, n, p, q in members:
-                torch.mm(g_pre[p:q].view(n, -1), views[e][0].t(), out=g_x[s : s + n])
-            g_hidden = _sum_over_k(g_x, inverse, top_k)
         g_weights = None
         if need_w:
             g_weights = g_slot.index_select(0, inverse).view(ctx.weights_shape).to(ctx.weights_dtype)
@@ -147,39 +181,86 @@ class VariableWidthFunction(torch.autograd.Function):
 
 
 class _Group(NamedTuple):
-    """Consecutive experts hit that share a width: their slots [start, end) and pre-activations
-    [pre_start, pre_end) are contiguous, so the elementwise function runs once over all of them."""
+    """Consecutive experts hit that share a width: their slots [start, end) are contiguous, so the
+    elementwise function runs once over all of them. ``offs`` is set where the group is one run of
+    storage (`VariableWidthExperts.runs`) that takes grouped GEMMs: the end of every block's slots in
+    that run, zero-token blocks included."""
 
     width: int
     start: int
     end: int
-    pre_start: int
-    pre_end: int
-    members: list[tuple[int, int, int, int, int]]  # (block, first slot, slots, pre-activation start, end)
+    members: list[tuple[int, int, int]]  # (block, first slot, slots)
+    run: int | None = None
+    offs: torch.Tensor | None = None
 
-    def of(self, buffer: torch.Tensor) -> torch.Tensor:
-        """This group's rows [slots, rows*width] of a buffer laid out like the pre-activations."""
-        return buffer[self.pre_start : self.pre_end].view(self.end - self.start, -1)
+    def local(self):
+        """(block, first slot within the group, slots) of every member."""
+        return [(e, s - self.start, n) for e, s, n in self.members]
+
+    def run_span(self, module, param: str) -> tuple[int, int, tuple[int, ...]]:
+        """(start, length along dim 0, block shape) of this group's run in packed ``param``: "down"
+        (flat, each block [H, w]) or "gate_up" (rows, each block [rows*w, H])."""
+        first, count, w = module.runs[self.run]
+        o, h = module.offsets[first], module.hidden_dim
+        if param == "down":
+            return o * h, count * w * h, (count, h, w)
+        return module._rows * o, count * module._rows * w, (count, module._rows * w, h)
 
 
-def _groups(module, counts: list[int]) -> list[_Group]:
+def _groups(module, counts: list[int], grouped: bool = False) -> list[_Group]:
     """The blocks hit, in storage order, in groups of consecutive equal widths (at 0% or uniform pruning one
-    group; under global widths one per distinct width hit, since blocks are sorted by width)."""
+    group; under global widths one per distinct width hit, since blocks are sorted by width). With
+    ``grouped``, each group that is one run of two or more blocks with 16-byte strides gets its offsets."""
     groups: list[_Group] = []
-    s = p = 0
+    s = 0
     for e, n in enumerate(counts):
         if not n:
             continue
         w = module.block_widths[e]
-        q = p + n * module._rows * w
-        member = (e, s, n, p, q)
+        member = (e, s, n)
         if groups and groups[-1].width == w:
             groups[-1].members.append(member)
-            groups[-1] = groups[-1]._replace(end=s + n, pre_end=q)
+            groups[-1] = groups[-1]._replace(end=s + n)
         else:
-            groups.append(_Group(w, s, s + n, p, q, [member]))
-        s, p = s + n, q
+            groups.append(_Group(w, s, s + n, [member]))
+        s += n
+    if not grouped:
+        return groups
+    size = module.gate_up.element_size()
+    for i, grp in enumerate(groups):
+        run = module.run_of_block[grp.members[0][0]]
+        first, count, w = module.runs[run]
+        if count > 1 and module.run_of_block[grp.members[-1][0]] == run and (w * size) % 16 == 0:
+            ends = torch.tensor(counts[first : first + count], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            groups[i] = grp._replace(run=run, offs=ends.to(module.gate_up.device, non_blocking=True))
     return groups
+
+
+def _put(grad: torch.Tensor | None, result: torch.Tensor, span: tuple[int, int, tuple[int, ...]], param: torch.Tensor) -> torch.Tensor:
+    """Place a grouped product's result (a run's gradient blocks) into ``param``'s packed gradient:
+    the result itself where the run is the whole parameter (``grad`` is None then), else one copy
+    into the run's region."""
+    if grad is None:
+        return result.reshape(param.shape)
+    start, length, shape = span
+    grad.narrow(0, start, length).view(shape).copy_(result)
+    return grad
+
+
+def _joined(parts: list[torch.Tensor], like: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """Per-group [slots, H] results as one [S, H] tensor in slot order: the part itself when there is one
+    group covering every slot, else the parts copied into one buffer (``like`` itself with ``in_place``,
+    skipping parts that are already views of it)."""
+    if len(parts) == 1 and parts[0].shape == like.shape:
+        return parts[0]
+    out = like if in_place else torch.empty_like(like)
+    start = 0
+    for part in parts:
+        n = part.shape[0]
+        if not (in_place and part.data_ptr() == out[start:].data_ptr()):
+            out[start : start + n].copy_(part)
+        start += n
+    return out
 
 
 def _sum_over_k(per_slot: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
