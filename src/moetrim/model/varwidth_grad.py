@@ -62,20 +62,9 @@ class VariableWidthFunction(torch.autograd.Function):
                 y = F.grouped_mm(h, down_t, offs=grp.offs)
             else:
                 pre = x.new_empty(grp.end - grp.start, module._rows * grp.width)
-                for e, s, n in grp.local():
-                    gate_up_t, gate_up_b, _, _ = views[e]
-                    if gate_up_b is None:
-                        torch.mm(xg[s : s + n], gate_up_t, out=pre[s : s + n])
-                    else:
-                        torch.addmm(gate_up_b, xg[s : s + n], gate_up_t, out=pre[s : s + n])
+                _per_block(grp, xg, pre, lambda e: views[e][0], lambda e: views[e][1])
                 h = module._activate(grp.width, pre)
-                y = torch.empty_like(xg)
-                for e, s, n in grp.local():
-                    _, _, down_t, down_b = views[e]
-                    if down_b is None:
-                        torch.mm(h[s : s + n], down_t, out=y[s : s + n])
-                    else:
-                        torch.addmm(down_b, h[s : s + n], down_t, out=y[s : s + n])
+                y = _per_block(grp, h, torch.empty_like(xg), lambda e: views[e][2], lambda e: views[e][3])
             pres.append(pre)
             acts.append(h)
             ys.append(y)
@@ -95,7 +84,6 @@ class VariableWidthFunction(torch.autograd.Function):
         module, groups, pres, acts = ctx.module, ctx.groups, ctx.pres, ctx.acts
         need_x, need_w, need_gu, need_gub, need_down, need_db = ctx.needs_input_grad[:6]
         views, run_views = module._expert_views()
-        hdim, rows = module.hidden_dim, module._rows
         top_k = ctx.weights_shape[-1]
         g = grad_out.index_select(0, token_of_slot)  # d out / d y per slot, before the routing weight
         # Weight gradients start empty: every expert hit gets its whole block written, the others are
@@ -114,9 +102,7 @@ class VariableWidthFunction(torch.autograd.Function):
             if grp.offs is not None:
                 g_h = F.grouped_mm(gg, run_views[grp.run][1].transpose(1, 2), offs=grp.offs)
             else:
-                g_h = x.new_empty(grp.end - grp.start, grp.width)  # d out / d h, before the routing weight
-                for e, s, n in grp.local():
-                    torch.mm(gg[s : s + n], views[e][2].t(), out=g_h[s : s + n])
+                g_h = _per_block(grp, gg, x.new_empty(grp.end - grp.start, grp.width), lambda e: views[e][2].t())
             if need_w:  # d out / d w = <g, y> = <g, h @ down^T + b> = <g @ down, h> + <g, b>
                 torch.sum(g_h * h, 1, out=g_slot[grp.start : grp.end])
                 for e, s, n in grp.local():
@@ -128,30 +114,13 @@ class VariableWidthFunction(torch.autograd.Function):
             else:
                 g_pres.append(_local_backward(module, grp.width, pre, g_h))
         g.mul_(weight_of_slot[:, None])  # from here on g is d loss / d y, routing weight included
+        xs = [x[grp.start : grp.end] for grp in groups]
+        gs = [g[grp.start : grp.end] for grp in groups]
+        # d W per block = left^T @ right over its slots, d bias = the column sums of left
         if need_down or need_db:  # writes every down gradient: outer product of d y and h
-            for grp, h in zip(groups, acts):
-                gg = g[grp.start : grp.end]
-                if grp.offs is not None and need_down:
-                    g_down = _put(g_down, F.grouped_mm(gg.t(), h, offs=grp.offs), grp.run_span(module, "down"), module.down_blocks)
-                    continue
-                for e, s, n in grp.local():
-                    o, w, _ = module._blocks(e)
-                    if need_down:
-                        torch.mm(gg[s : s + n].t(), h[s : s + n], out=g_down.narrow(0, o * hdim, w * hdim).view(hdim, w))
-                    if need_db:
-                        torch.sum(gg[s : s + n], 0, out=g_down_bias[e])
-        if need_gu or need_gub:  # writes every gate/up gradient
-            for grp, g_pre in zip(groups, g_pres):
-                xg = x[grp.start : grp.end]
-                if grp.offs is not None and need_gu:
-                    g_gate_up = _put(g_gate_up, F.grouped_mm(g_pre.t(), xg, offs=grp.offs), grp.run_span(module, "gate_up"), module.gate_up)
-                    continue
-                for e, s, n in grp.local():
-                    _, w, r = module._blocks(e)
-                    if need_gu:
-                        torch.mm(g_pre[s : s + n].t(), xg[s : s + n], out=g_gate_up.narrow(0, r, rows * w))
-                    if need_gub:
-                        torch.sum(g_pre[s : s + n], 0, out=g_gate_up_bias.narrow(0, r, rows * w))
+            g_down = _weight_grads(module, groups, gs, acts, g_down, g_down_bias, "down", need_down)
+        if need_gu or need_gub:  # writes every gate/up gradient: outer product of d pre-activations and x
+            g_gate_up = _weight_grads(module, groups, g_pres, xs, g_gate_up, g_gate_up_bias, "gate_up", need_gu)
         g_hidden = None
         if need_x:  # reads every gate/up projection
             g_xs = []
@@ -159,21 +128,18 @@ class VariableWidthFunction(torch.autograd.Function):
                 if grp.offs is not None:
                     g_xs.append(F.grouped_mm(g_pre, run_views[grp.run][0].transpose(1, 2), offs=grp.offs))
                     continue
-                g_x = g[grp.start : grp.end]  # d y is no longer needed: its buffer takes d x per slot
-                for e, s, n in grp.local():
-                    torch.mm(g_pre[s : s + n], views[e][0].t(), out=g_x[s : s + n])
-                g_xs.append(g_x)
+                # d y is no longer needed: its buffer takes d x per slot
+                g_xs.append(_per_block(grp, g_pre, g[grp.start : grp.end], lambda e: views[e][0].t()))
             g_hidden = _sum_over_k(_joined(g_xs, g, in_place=True), inverse, top_k)
         hit = {m[0] for grp in groups for m in grp.members}
         for e in range(module.num_experts):  # blocks no token reached have zero gradient
             if e in hit:
                 continue
-            o, w, r = module._blocks(e)
-            for grad, block in ((g_gate_up, (r, rows * w)), (g_gate_up_bias, (r, rows * w)), (g_down, (o * hdim, w * hdim))):
+            for grad, bias, kind in ((g_gate_up, g_gate_up_bias, "gate_up"), (g_down, g_down_bias, "down")):
                 if grad is not None:
-                    grad.narrow(0, *block).zero_()
-            if g_down_bias is not None:
-                g_down_bias[e].zero_()
+                    _block(module, grad, e, kind).zero_()
+                if bias is not None:
+                    _block(module, bias, e, kind, bias=True).zero_()
         g_weights = None
         if need_w:
             g_weights = g_slot.index_select(0, inverse).view(ctx.weights_shape).to(ctx.weights_dtype)
@@ -234,6 +200,45 @@ def _groups(module, counts: list[int], grouped: bool = False) -> list[_Group]:
             ends = torch.tensor(counts[first : first + count], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             groups[i] = grp._replace(run=run, offs=ends.to(module.gate_up.device, non_blocking=True))
     return groups
+
+
+def _per_block(grp: _Group, left: torch.Tensor, out: torch.Tensor, weight_of, bias_of=None) -> torch.Tensor:
+    """out[s:s+n] = left[s:s+n] @ weight_of(e) (+ bias_of(e)) for every block e of a group that runs
+    expert by expert (its slots [s, s+n) counted from the group's first)."""
+    for e, s, n in grp.local():
+        bias = None if bias_of is None else bias_of(e)
+        if bias is None:
+            torch.mm(left[s : s + n], weight_of(e), out=out[s : s + n])
+        else:
+            torch.addmm(bias, left[s : s + n], weight_of(e), out=out[s : s + n])
+    return out
+
+
+def _block(module, grad: torch.Tensor, e: int, kind: str, bias: bool = False) -> torch.Tensor:
+    """Block e's region of a packed gradient: "down" [H, w] (its bias [H]) or "gate_up" [rows*w, H] (its bias [rows*w])."""
+    o, w, r = module._blocks(e)
+    if kind == "down":
+        return grad[e] if bias else grad.narrow(0, o * module.hidden_dim, w * module.hidden_dim).view(module.hidden_dim, w)
+    return grad.narrow(0, r, module._rows * w)
+
+
+def _weight_grads(module, groups, lefts, rights, grad, bias_grad, kind: str, need: bool):
+    """Every hit block's weight gradient left^T @ right over its slots (if ``need``; one grouped GEMM per
+    grouped run, which never has biases) and its bias gradient, the column sums of left (if ``bias_grad``
+    is given); returns the weight gradient (the grouped result itself where the run is the whole
+    parameter: ``grad`` is None then)."""
+    param = module.down_blocks if kind == "down" else module.gate_up
+    for grp, left, right in zip(groups, lefts, rights):
+        if grp.offs is not None:
+            if need:
+                grad = _put(grad, F.grouped_mm(left.t(), right, offs=grp.offs), grp.run_span(module, kind), param)
+            continue
+        for e, s, n in grp.local():
+            if need:
+                torch.mm(left[s : s + n].t(), right[s : s + n], out=_block(module, grad, e, kind))
+            if bias_grad is not None:
+                torch.sum(left[s : s + n], 0, out=_block(module, bias_grad, e, kind, bias=True))
+    return grad
 
 
 def _put(grad: torch.Tensor | None, result: torch.Tensor, span: tuple[int, int, tuple[int, ...]], param: torch.Tensor) -> torch.Tensor:
