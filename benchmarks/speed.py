@@ -32,7 +32,7 @@ work run a few seconds apart differed by up to 25% here), so lockstep makes it h
 A speed-up is the median of the rounds' own ratios (`*_speedup_pairs`); `*_speedup_fastest`, each
 side's fastest round against the other's, is kept for comparison. The groups the targets read get
 --repeats decode rounds, the others two fewer (at least 2); the varwidth-0% group (the only prefill
-target) gets one fewer prefill round than --repeats, the others three fewer (at least 1). Batch-8
+target) gets --repeats prefill rounds, the others three fewer (at least 1). Batch-8
 decode runs half the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots
 over 8 experts). The 50% global and uniform variants share their
 rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
@@ -410,7 +410,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         # prefill rounds cost the most (Mixtral: seconds each) and only varwidth-0% has a prefill target
         n_rounds = {"decode": args.repeats if target else max(2, args.repeats - 2)}
         n_rounds["decode_b8"] = n_rounds["decode"]
-        n_rounds["prefill"] = max(2, args.repeats - 1) if PREFILL_TARGET in group else max(1, args.repeats - 3)
+        n_rounds["prefill"] = max(2, args.repeats) if PREFILL_TARGET in group else max(1, args.repeats - 3)
         group_rows = []
         for v, m, removed in built:
             row = {"model": name, "variant": v, "layers": layers, "full_layers": full, "removed_fraction": round(removed, 4),
@@ -610,7 +610,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 12 quick, 32 full)")
     ap.add_argument("--steps-b8", type=int, default=None, help="decode steps per measurement at batch 8 (default 6 quick, 16 full; halved where one step reads nearly every expert)")
-    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; prefill 1 fewer; other groups 2 and 3 fewer)")
+    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; as many prefill rounds for varwidth-0%%; other groups 2 fewer decode and 3 fewer prefill)")
     ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
