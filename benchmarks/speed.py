@@ -34,7 +34,7 @@ side's fastest round against the other's, is kept for comparison. The groups the
 --repeats decode rounds, the others two fewer (at least 2); the varwidth-0% group (the only prefill
 target) gets --repeats prefill rounds, the others three fewer (at least 1). Batch-8
 decode runs half the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots
-over 8 experts). The 50% global and uniform variants share their
+over 8 experts), and the groups no target reads run half the decode steps. The 50% global and uniform variants share their
 rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
 
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
@@ -351,7 +351,8 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                         caches[j] = cache_of(bodies[j](input_ids=step, use_cache=True, **cache_kwargs(bodies[j], caches[j])))
                         sync()
                         totals[j] += time.perf_counter() - t
-            return [sample(timer, total + (head[b] if with_head else 0.0)) for timer, total in zip(timers, totals)]
+            head_time = head[b] * n / steps[b] if with_head else 0.0
+            return [sample(timer, total + head_time) for timer, total in zip(timers, totals)]
         finally:
             for t in timers:
                 t.remove()
@@ -366,7 +367,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         else:
             decode_lockstep([m], batch[regime], 2, with_head=False)
 
-    def rounds_of(models: list[nn.Module], regime: str, n: int) -> list[list[dict]]:
+    def rounds_of(models: list[nn.Module], regime: str, n: int, steps_of: dict | None = None) -> list[list[dict]]:
         """n rounds; each round measures every model once: prefill one model after another, decode in lockstep
         (both in an order rotated every round)."""
         out = []
@@ -377,7 +378,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     got[j] = timed(models[j], prefill, args.device)
                 out.append([got[j] for j in range(len(models))])
             else:
-                out.append(decode_lockstep(models, batch[regime], steps[batch[regime]], shift=r))
+                out.append(decode_lockstep(models, batch[regime], (steps_of or steps)[batch[regime]], shift=r))
         return out
 
     rows = []
@@ -400,7 +401,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     routed_bytes_full = full * sum(l.experts.down_proj.element_size() * l.routed_params() for l in moe0) / layers
     dense_full = _outside_bytes(dense) + full * (dense_bytes - _outside_bytes(dense)) / layers
     rows.append(_dense_row(name, layers, full, tokens, dense_impl))
-    rows[-1]["decode_b8_steps"] = steps[8]
+    rows[-1]["decode_steps"], rows[-1]["decode_b8_steps"] = steps[1], steps[8]
 
     def measure_group(group: tuple[str, ...]) -> list[dict]:
         """The group's variants built together and measured in the same rounds as dense."""
@@ -411,10 +412,12 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         n_rounds = {"decode": args.repeats if target else max(2, args.repeats - 2)}
         n_rounds["decode_b8"] = n_rounds["decode"]
         n_rounds["prefill"] = max(2, args.repeats) if PREFILL_TARGET in group else max(1, args.repeats - 3)
+        group_steps = steps if target else {b: max(2, n // 2) for b, n in steps.items()}  # no target reads them
+        group_tokens = {"prefill": args.prompt_len, "decode": group_steps[1], "decode_b8": 8 * group_steps[8]}
         group_rows = []
         for v, m, removed in built:
             row = {"model": name, "variant": v, "layers": layers, "full_layers": full, "removed_fraction": round(removed, 4),
-                   "decode_b8_steps": steps[8]}
+                   "decode_steps": group_steps[1], "decode_b8_steps": group_steps[8]}
             # weight bytes at full depth by calculation: non-layer bytes + full_layers * per-layer bytes
             vb = weight_bytes(m)
             row["weight_bytes_ratio"] = (_outside_bytes(m) + full * (vb - _outside_bytes(m)) / layers) / dense_full
@@ -429,7 +432,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     mm.set_experts_implementation(dense_impl[regime])
                 if mm is not dense:
                     warm(mm, regime)
-            rounds = rounds_of(models, regime, n_rounds[regime])
+            rounds = rounds_of(models, regime, n_rounds[regime], group_steps)
             d = fastest([r[0] for r in rounds])
             fd = full_depth(d, layers, full)
             s = fd["experts_share"]
@@ -450,7 +453,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 row[f"{regime}_touched_removed_fraction"] = touched
                 row[f"{regime}_vs_bound"] = row[f"{regime}_speedup"] / bound
                 row[f"{regime}_experts_share"] = s
-                row[f"{regime}_tokens_per_s_measured_depth"] = tokens[regime] / vs["total"]
+                row[f"{regime}_tokens_per_s_measured_depth"] = group_tokens[regime] / vs["total"]
                 row[f"{regime}_dense_impl"] = dense_impl[regime]
             if group == HEAD_TO_HEAD and regime != "prefill":  # global against uniform, from the same rounds
                 pairs = round_ratios(rounds, 2, 1, layers, full)
@@ -494,7 +497,7 @@ def _dense_row(name: str, layers: int, full: int, tokens: dict, dense_impl: dict
 def b8_steps_text(rows: list[dict], meta: dict) -> str:
     """'6' or '6 (Mixtral-8x7B 3)': the batch-8 steps, with the models that ran fewer."""
     default = meta.get("decode_steps_b8", meta["decode_steps"])
-    fewer = {r["model"]: r["decode_b8_steps"] for r in rows if r.get("decode_b8_steps", default) != default}
+    fewer = {r["model"]: r["decode_b8_steps"] for r in rows if r["variant"] == "dense" and r.get("decode_b8_steps", default) != default}
     return f"{default}" + (f" ({', '.join(f'{m} {n}' for m, n in fewer.items())}: each step reads nearly every expert)" if fewer else "")
 
 
@@ -574,7 +577,7 @@ def write(out: Path, meta: dict, rows: list[dict], update_readme: bool) -> None:
     table += (f"\n`python benchmarks/speed.py{' --quick' if quick else ''}` ({meta['seconds']:.0f} s): layers built per model: "
               + ", ".join(sorted({f"{r['model']} {r['layers']} of {r['full_layers']}" for r in rows}))
               + f"; {meta['threads']} threads; decode {meta['decode_steps']} steps at batch 1 and "
-              + b8_steps_text(rows, meta) + " at batch 8; speed-ups and weight ratios extrapolated to "
+              + b8_steps_text(rows, meta) + " at batch 8 (half as many in the groups no target reads: 25% and expert pruning); speed-ups and weight ratios extrapolated to "
               "full depth from per-part timings; bound = Amdahl limit from the measured share of time in routed experts and "
               "the removed fraction of the routed weights the run touched; in brackets: (bound, measured/bound).\n")
     table += ("\nTargets (dims-50%-global; weight bytes within 1% of arithmetic; decode >= 0.9 of bound and >= 0.95 of "
