@@ -62,7 +62,7 @@ TOKENS = {"decode_b1": 1, "decode_b8": 8, "prefill": 512, "train": 256}
 ROUTINGS = {"decode_b1": 16, "decode_b8": 16, "prefill": 1, "train": 1}
 # What `ratio` reads (see the module docstring): inference samples drift with slow phases of the machine
 # that hit both sides of a round, so the median of the rounds' ratios; a training sample is the work plus,
-# now and then, a stall of up to 2x from the kernel's page handling, so each side's fastest sample.
+# now and then, a stall of up to a whole step's time on either side, so each side's fastest sample.
 ESTIMATOR = {"decode_b1": "median_of_rounds", "decode_b8": "median_of_rounds", "prefill": "median_of_rounds",
              "train": "fastest"}
 

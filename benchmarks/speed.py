@@ -32,10 +32,10 @@ work run a few seconds apart differed by up to 25% here), so lockstep makes it h
 A speed-up is the median of the rounds' own ratios (`*_speedup_pairs`); `*_speedup_fastest`, each
 side's fastest round against the other's, is kept for comparison. The groups the targets read get
 --repeats decode rounds, the others two fewer (at least 2); the varwidth-0% group (the only prefill
-target) gets --repeats prefill rounds, the others three fewer (at least 1). Batch-8
-decode runs half the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots
-over 8 experts), and the groups no target reads run half the decode steps. The 50% global and uniform variants share their
-rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
+target) gets --repeats prefill rounds, the others three fewer (at least 1). Batch-8 decode runs half
+the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots over 8 experts),
+and the groups no target reads run half the decode steps. The 50% global and uniform variants share
+their rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
 
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
 regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it

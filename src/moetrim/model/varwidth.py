@@ -232,6 +232,17 @@ class VariableWidthExperts(nn.Module):
             ok = False
         return ok and self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
 
+    def _run_is_grouped(self, run: int, element_size: int) -> bool:
+        """Whether `runs[run]` goes through grouped GEMMs where `_grouped_ok` holds: two or more blocks, and
+        a width that keeps their kernels' 16-byte strides."""
+        _, count, w = self.runs[run]
+        return count > 1 and (w * element_size) % 16 == 0
+
+    @staticmethod
+    def _run_ends(counts: list[int], device: torch.device) -> torch.Tensor:
+        """Grouped GEMM offsets of a run: the end of every block's tokens, zero-token blocks included."""
+        return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
+
     def _runner(self, views: list[tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """run(b, x [n, H]) -> block b's output [n, H] before routing weight, with names bound locally:
         at decode sizes this runs once per expert hit, and every lookup shows next to the matmuls."""
@@ -306,9 +317,8 @@ class VariableWidthExperts(nn.Module):
         grouped = self._grouped_ok(x)
         ys = []
         start = 0
-        for (first, count, w), rv in zip(self.runs, run_views):
-            if grouped and rv is not None and (w * x.element_size()) % 16 == 0:
-                # equal widths: one grouped GEMM per projection (its kernels need 16-byte strides)
+        for i, ((first, count, w), rv) in enumerate(zip(self.runs, run_views)):
+            if grouped and self._run_is_grouped(i, x.element_size()):  # equal widths: one grouped GEMM per projection
                 n = sum(counts[first : first + count])
                 if n:
                     ys.append(self._grouped(x[start : start + n], counts[first : first + count], w, rv))
@@ -326,5 +336,5 @@ class VariableWidthExperts(nn.Module):
 
     def _grouped(self, x: torch.Tensor, counts: list[int], w: int, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """A run of equal-width experts on its tokens x (sorted by expert): two grouped GEMMs."""
-        ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+        ends = self._run_ends(counts, x.device)
         return F.grouped_mm(self._activate(w, F.grouped_mm(x, views[0], offs=ends)), views[1], offs=ends)

@@ -20,11 +20,11 @@ whose result is the run's gradient blocks in storage layout: the gradient itself
 whole layer, else one copy into it. Per-expert `mm(out=...)` products remain for what grouped GEMMs do
 not take (biases, float64, widths that break 16-byte strides, runs of one): at shapes with many small
 experts (Qwen3-30B-A3B: 128 experts of ~16 slots each in a 256-token step) the per-expert loop was
-the slower one on 2 CPU cores. A step at these sizes is bound by streaming the weights, so the backward does one kind of
-product for every expert before the next (read every down projection, write every down gradient,
-write every gate/up gradient, read every gate/up projection); see benchmarks/experts_module.py for
-the comparison with the stock module. Sums over a token's k slots are one gather and a reshape, never
-an index_add with repeated indices (non-deterministic on CUDA).
+the slower one on 2 CPU cores. A step at these sizes is bound by streaming the weights, so the
+backward does one kind of product for every expert before the next (read every down projection,
+write every down gradient, write every gate/up gradient, read every gate/up projection); see
+benchmarks/experts_module.py for the comparison with the stock module. Sums over a token's k slots
+are one gather and a reshape, never an index_add with repeated indices (non-deterministic on CUDA).
 
 The expert's elementwise function is differentiated in closed form for gated SiLU (most families),
 and by autograd locally on the saved pre-activations for any other (GPT-OSS's clamped one...), so no
@@ -195,10 +195,9 @@ def _groups(module, counts: list[int], grouped: bool = False) -> list[_Group]:
     size = module.gate_up.element_size()
     for i, grp in enumerate(groups):
         run = module.run_of_block[grp.members[0][0]]
-        first, count, w = module.runs[run]
-        if count > 1 and module.run_of_block[grp.members[-1][0]] == run and (w * size) % 16 == 0:
-            ends = torch.tensor(counts[first : first + count], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            groups[i] = grp._replace(run=run, offs=ends.to(module.gate_up.device, non_blocking=True))
+        if module.run_of_block[grp.members[-1][0]] == run and module._run_is_grouped(run, size):
+            first, count, _ = module.runs[run]
+            groups[i] = grp._replace(run=run, offs=module._run_ends(counts[first : first + count], module.gate_up.device))
     return groups
 
 
