@@ -15,7 +15,10 @@ itself costs. Regimes:
 Decode calls rotate through different routings so that the experts they read are not all still in
 the last-level cache (480 MiB here, enough to hold a few experts of any of these models) from the
 call before; a real model reads other layers in between. Sides are measured in rounds, one sample
-each, the order reversed every round. The fastest stock implementation is the one with the fastest
+each. In a decode round the sides run interleaved call by call (every side once per call, the order
+rotated every call, each side on another routing; `interleaved`), so a slow phase of the machine
+hits all sides alike; prefill and training rounds run one call per side, the order reversed every
+round. The fastest stock implementation is the one with the fastest
 sample; `ratio` is its time over ours (>= 1: ours is at least as fast; target >= 0.97), estimated
 according to the noise of the regime (`estimator`; both estimates are in the JSON):
 
@@ -142,6 +145,26 @@ def call(module, regime: str, x, routings, weights) -> float:
         return time.perf_counter() - t
 
 
+def interleaved(stock, mine, impls: list[str], x, routings, weights, shift: int) -> dict[str, float]:
+    """One decode sample per side, the sides interleaved call by call: call i runs every side once, in an
+    order rotated every call, side j on routing i + j (so no call re-reads the experts the call just
+    before it read: both sides read the same weight tensors). A slow phase of the machine lasts longer
+    than a call, so it hits every side alike; each side still runs every routing once."""
+    names = [*impls, "moetrim"]
+    seconds = dict.fromkeys(names, 0.0)
+    with torch.inference_mode():
+        for i in range(len(routings)):
+            for j in ((shift + i + o) % len(names) for o in range(len(names))):
+                module = mine if names[j] == "moetrim" else stock
+                if module is stock:
+                    stock.config._experts_implementation = names[j]
+                r = routings[(i + j) % len(routings)]
+                t = time.perf_counter()
+                module(x, r, weights)
+                seconds[names[j]] += time.perf_counter() - t
+    return seconds
+
+
 def run_model(name: str, args) -> list[dict]:
     t0 = time.perf_counter()
     stock, cfg = stock_experts(MODELS[name], args.dtype)
@@ -173,6 +196,10 @@ def run_model(name: str, args) -> list[dict]:
         # machine noise moves by several percent, so those get more samples too
         repeats = args.repeats * 2 if regime.startswith("decode") else args.repeats + 4
         for r in range(repeats):
+            if regime.startswith("decode"):
+                for k, seconds in interleaved(stock, mine, impls, x, routings, weights, shift=r).items():
+                    samples[k].append(seconds)
+                continue
             for k in order if r % 2 == 0 else order[::-1]:
                 samples[k].append(sides[k]())
         best = {k: min(v) for k, v in samples.items()}

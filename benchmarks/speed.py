@@ -17,9 +17,11 @@ experts, and under non-uniform widths those may have kept more or less than the 
 weights nobody reads cannot speed anything up, and pruning whole experts leaves a token's k
 experts as wide as before. `*_bound_nominal` uses the overall removed fraction instead.
 
-Decode steps run the model body on fixed next tokens (the same for every variant, so routing is
-identical) after a 16-token prompt whose KV cache is built once per variant and copied for each
-measurement; the LM head's one-token time is measured once per model and added to every decode
+Decode steps run the model body on next tokens taken from the prompt ids after a 16-token prompt
+whose KV cache is built once per variant and copied for each measurement. Every round feeds tokens of
+its own, the same for every variant in that round (so routing is identical within a round and each
+round's ratios compare equal work), and the rounds together sample more of the routing than one fixed
+set: the experts a few tokens hit may have kept more or less than the average (see `r` above); the LM head's one-token time is measured once per model and added to every decode
 total, since it is the same module in every variant. Batch 1 runs more steps than batch 8 so that
 its few experts per step still add up to a representative sample of the layer's experts.
 
@@ -32,8 +34,9 @@ work run a few seconds apart differed by up to 25% here), so lockstep makes it h
 A speed-up is the median of the rounds' own ratios (`*_speedup_pairs`); `*_speedup_fastest`, each
 side's fastest round against the other's, is kept for comparison. The groups the targets read get
 --repeats decode rounds, the others two fewer (at least 2); the varwidth-0% group (the only prefill
-target) gets --repeats prefill rounds, the others three fewer (at least 1). Batch-8 decode runs half
-the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots over 8 experts),
+target) gets one prefill round fewer than --repeats (at least 2; the median of 3 still sets one
+outlying round aside), the others three fewer (at least 1). Batch-8 decode runs a third
+of the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots over 8 experts),
 and the groups no target reads run half the decode steps. The 50% global and uniform variants share
 their rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
 
@@ -95,10 +98,11 @@ MODELS = {
 }
 TARGET_VARIANTS = ("varwidth-0%", "dims-50%-global", "dims-50%-uniform")
 PREFILL_TARGET = "varwidth-0%"  # the only variant a prefill target reads
-# Batch-8 decode steps are halved where one step reads at least this share of a layer's experts in
-# expectation (Mixtral: 16 slots over 8 experts read ~90%; the others 40-66%): each such step reads
-# nearly the whole layer, so half the steps still read more of it than the others' full count does.
+# Batch-8 decode steps are cut to a third where one step reads at least this share of a layer's experts
+# in expectation (Mixtral: 16 slots over 8 experts read ~90%; the others 40-66%): each such step reads
+# nearly the whole layer, so a few steps still read more of it than the others' full count does.
 B8_FULL_READ = 0.8
+HEAD_STEPS = 4  # LM head steps timed (twice) per batch size
 HEAD_TO_HEAD = ("dims-50%-global", "dims-50%-uniform")  # also compared with each other (the 5% target)
 # Variants measured together, each group in the same rounds as dense (the machine holds one group at a time).
 GROUPS = (("varwidth-0%",), HEAD_TO_HEAD, ("dims-25%-global", "dims-25%-uniform"), ("experts-25%", "experts-50%"))
@@ -106,9 +110,27 @@ VARIANTS = ("dense", "varwidth-0%", "dims-25%-global", "dims-50%-global", "dims-
             "experts-25%", "experts-50%")
 
 
+# Matrices larger than this many elements repeat one random block of it (an odd length, so rows of any
+# width start at different places of the block): timing does not depend on the values, and drawing
+# Mixtral's 1.6 G normal values took 25 of its 31 s build here.
+FILL_BLOCK = (1 << 22) + 1
+
+
+def fill_normal(p: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """p ~ N(0, std): drawn directly up to FILL_BLOCK elements, beyond that the drawn block tiled."""
+    flat = p.view(-1)
+    n = flat.numel()
+    flat[: min(n, FILL_BLOCK)].normal_(0, std, generator=gen)
+    done = min(n, FILL_BLOCK)
+    while done < n:  # doubling copies of what is filled already
+        k = min(done, n - done)
+        flat[done : done + k].copy_(flat[:k])
+        done += k
+
+
 def build(spec: dict, layers: int, dtype: torch.dtype, device: str) -> nn.Module:
-    """The model's shapes with random weights: matrices N(0, 0.02), norms 1, biases 0 (filled directly: the
-    library's per-module init takes four times as long at these sizes)."""
+    """The model's shapes with random weights: matrices N(0, 0.02) (see FILL_BLOCK), norms 1, biases 0
+    (filled directly: the library's per-module init takes four times as long at these sizes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -124,7 +146,7 @@ def build(spec: dict, layers: int, dtype: torch.dtype, device: str) -> nn.Module
             elif p.dim() == 1:
                 p.fill_(1.0)
             else:
-                p.normal_(0, 0.02, generator=gen)
+                fill_normal(p, 0.02, gen)
     return model.eval()
 
 
@@ -262,10 +284,10 @@ def round_ratios(rounds: list[list[dict]], a: int, b: int, layers: int, full_lay
 
 
 def b8_steps(spec: dict, steps: int) -> int:
-    """Batch-8 decode steps for this model: `steps`, halved where a step reads nearly every expert."""
+    """Batch-8 decode steps for this model: `steps`, a third where a step reads nearly every expert."""
     experts = spec.get("num_experts") or spec["num_local_experts"]
     share = 1 - (1 - spec["num_experts_per_tok"] / experts) ** 8  # experts hit by 8 tokens, each picking k of E
-    return max(2, steps // 2) if share >= B8_FULL_READ else steps
+    return max(2, steps // 3) if share >= B8_FULL_READ else steps
 
 
 def fastest(samples: list[dict]) -> dict:
@@ -302,21 +324,23 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     def prefill(m, timer):
         return prefill_seconds(m, ids[:1])
 
-    # Decode runs the model body on fixed next tokens (the same for every variant, so routing is
-    # identical) and adds the LM head's one-token time, measured once: the head is the same module in
+    # Decode runs the model body on given next tokens (the same for every variant in a round, so routing
+    # is identical) and adds the LM head's one-token time, measured once: the head is the same module in
     # every variant, and at one built layer its vocabulary-sized read would otherwise dominate the run.
     def head_seconds(b: int, steps: int) -> float:
+        """The head's time for `steps` steps: the faster of two runs of HEAD_STEPS steps, scaled (every
+        step does the same work on the same weights)."""
         h = torch.randn(b, 1, spec["hidden_size"], dtype=args.dtype, device=args.device)
         norm = getattr(dense, dense.base_model_prefix).norm
         times = []
         with torch.inference_mode():
             for _ in range(2):
                 t = time.perf_counter()
-                for _ in range(steps):
+                for _ in range(HEAD_STEPS):
                     dense.lm_head(norm(h)).argmax(-1)
                 sync()
                 times.append(time.perf_counter() - t)
-        return min(times)
+        return min(times) * steps / HEAD_STEPS
 
     steps = {1: args.steps, 8: b8_steps(spec, args.steps_b8)}
     head = {b: head_seconds(b, steps[b]) for b in (1, 8)}
@@ -333,9 +357,11 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 prompts[key] = cache_of(body_of(m)(input_ids=ids[:b, :16], use_cache=True))
         return copy.deepcopy(prompts[key])
 
-    def decode_lockstep(models: list[nn.Module], b: int, n: int, shift: int = 0, with_head: bool = True) -> list[dict]:
+    def decode_lockstep(models: list[nn.Module], b: int, n: int, shift: int = 0, with_head: bool = True,
+                        first: int = 0) -> list[dict]:
         """n decode steps of every model in lockstep: step i runs on each model in turn, the order rotated
-        every step, so a slow phase of this shared machine (they last longer than a step) hits all alike."""
+        every step, so a slow phase of this shared machine (they last longer than a step) hits all alike.
+        Step i feeds the prompt's token `first + i` after position 16 (wrapping), the same for every model."""
         timers = [PartTimer(m, args.device) for m in models]
         try:
             bodies = [body_of(m) for m in models]
@@ -345,7 +371,8 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 t.reset()
             with torch.inference_mode():
                 for i in range(n):
-                    step = ids[:b, 16 + i : 17 + i]
+                    pos = 16 + (first + i) % (ids.shape[1] - 16)
+                    step = ids[:b, pos : pos + 1]
                     for j in rotated(len(models), i + shift):
                         t = time.perf_counter()
                         caches[j] = cache_of(bodies[j](input_ids=step, use_cache=True, **cache_kwargs(bodies[j], caches[j])))
@@ -378,13 +405,16 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     got[j] = timed(models[j], prefill, args.device)
                 out.append([got[j] for j in range(len(models))])
             else:
-                out.append(decode_lockstep(models, batch[regime], (steps_of or steps)[batch[regime]], shift=r))
+                n_steps = (steps_of or steps)[batch[regime]]
+                # each round decodes tokens of its own, so the rounds together sample more of the routing
+                out.append(decode_lockstep(models, batch[regime], n_steps, shift=r, first=r * n_steps))
         return out
 
     rows = []
     # Dense: pick the fastest stock implementation per regime (one measured sample each).
     dense_impl: dict[str, str] = {}
     for regime in tokens:
+        t_pick = time.perf_counter()
         cands = [i for i in impls if not (regime == "prefill" and i == "batched_mm")]
         best = {}
         for i in cands:  # warm-up, then one sample each to pick the fastest (the rounds come below)
@@ -392,7 +422,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
             warm(dense, regime)
             best[i] = rounds_of([dense], regime, 1)[0][0]["total"]
         dense_impl[regime] = min(best, key=best.get)
-        log(f"  dense {regime}: " + ", ".join(f"{i} {tokens[regime] / best[i]:.1f} tok/s" for i in cands) + f" -> {dense_impl[regime]}")
+        log(f"  dense {regime}: " + ", ".join(f"{i} {tokens[regime] / best[i]:.1f} tok/s" for i in cands) + f" -> {dense_impl[regime]} ({time.perf_counter() - t_pick:.0f}s)")
     dense.set_experts_implementation("grouped_mm")
     full = spec["full_layers"]
     dense_bytes = weight_bytes(dense)
@@ -405,13 +435,15 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
 
     def measure_group(group: tuple[str, ...]) -> list[dict]:
         """The group's variants built together and measured in the same rounds as dense."""
+        t_group = time.perf_counter()
         built = [(v, *make_variant(dense, v, args.width_spread, args.seed)) for v in group]
+        seconds = {"build": time.perf_counter() - t_group}
         models = [dense] + [m for _, m, _ in built]
         target = any(v in TARGET_VARIANTS for v in group)
         # prefill rounds cost the most (Mixtral: seconds each) and only varwidth-0% has a prefill target
         n_rounds = {"decode": args.repeats if target else max(2, args.repeats - 2)}
         n_rounds["decode_b8"] = n_rounds["decode"]
-        n_rounds["prefill"] = max(2, args.repeats) if PREFILL_TARGET in group else max(1, args.repeats - 3)
+        n_rounds["prefill"] = max(2, args.repeats - 1) if PREFILL_TARGET in group else max(1, args.repeats - 3)
         group_steps = steps if target else {b: max(2, n // 2) for b, n in steps.items()}  # no target reads them
         group_tokens = {"prefill": args.prompt_len, "decode": group_steps[1], "decode_b8": 8 * group_steps[8]}
         group_rows = []
@@ -432,7 +464,9 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     mm.set_experts_implementation(dense_impl[regime])
                 if mm is not dense:
                     warm(mm, regime)
+            t_regime = time.perf_counter()
             rounds = rounds_of(models, regime, n_rounds[regime], group_steps)
+            seconds[regime] = time.perf_counter() - t_regime
             d = fastest([r[0] for r in rounds])
             fd = full_depth(d, layers, full)
             s = fd["experts_share"]
@@ -459,6 +493,8 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 pairs = round_ratios(rounds, 2, 1, layers, full)
                 group_rows[0][f"{regime}_vs_uniform_direct"] = statistics.median(pairs)
                 group_rows[0][f"{regime}_vs_uniform_direct_pairs"] = pairs
+        log(f"  group {', '.join(group)}: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+            + f" (total {time.perf_counter() - t_group:.0f}s)")
         for row in group_rows:
             log(f"  {row['variant']:18s} bytes {row['weight_bytes_ratio']:.3f}  prefill x{row['prefill_speedup']:.2f} (bound {row['prefill_bound']:.2f})"
                 f"  decode x{row['decode_speedup']:.2f} (bound {row['decode_bound']:.2f})  decode b8 x{row['decode_b8_speedup']:.2f} (bound {row['decode_b8_bound']:.2f})")
@@ -611,9 +647,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 12 quick, 32 full)")
-    ap.add_argument("--steps-b8", type=int, default=None, help="decode steps per measurement at batch 8 (default 6 quick, 16 full; halved where one step reads nearly every expert)")
-    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; as many prefill rounds for varwidth-0%%; other groups 2 fewer decode and 3 fewer prefill)")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 8 quick, 32 full)")
+    ap.add_argument("--steps-b8", type=int, default=None, help="decode steps per measurement at batch 8 (default 6 quick, 16 full; a third where one step reads nearly every expert)")
+    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; one fewer prefill rounds for varwidth-0%%; other groups 2 fewer decode and 3 fewer prefill)")
     ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -630,7 +666,7 @@ def main(argv=None) -> int:
         write(out, meta, rows, update_readme=args.out is None)
         return 0
     args.dtype = getattr(torch, args.dtype)
-    args.steps = args.steps or (12 if args.quick else 32)
+    args.steps = args.steps or (8 if args.quick else 32)
     args.steps_b8 = args.steps_b8 or (6 if args.quick else 16)
     args.repeats = args.repeats or (4 if args.quick else 6)
     if args.device == "cpu":

@@ -161,6 +161,9 @@ def test_inference_paths_equal_the_training_path(widths, tokens, monkeypatch):
         no_grad = ex(x, idx, w)
     assert torch.allclose(infer, train.detach(), atol=1e-5, rtol=1e-5)
     assert torch.equal(infer, no_grad)
+    monkeypatch.setattr(vw, "_GROUPED_DECODE_DEVICES", ("cpu",))  # few tokens: grouped runs, as on CUDA
+    with torch.no_grad():
+        assert torch.allclose(ex(x, idx, w), no_grad, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(VariableWidthExperts, "_grouped_ok", lambda self, x: False)
     with torch.no_grad():
         assert torch.allclose(ex(x, idx, w), no_grad, atol=1e-5, rtol=1e-5)
@@ -266,9 +269,11 @@ def test_views_cached_in_inference_mode_train_frozen_experts():
 
 @pytest.mark.parametrize("widths,calls", [([8] * 6, 2), ([8, 8, 12, 16, 16], 4), ([6, 6, 6], 0), ([3, 5, 7], 0)])
 def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
-    """Runs of equal widths go through one grouped GEMM per projection (16-byte strides needed);
-    the rest through per-expert matmuls."""
+    """Where decode uses grouped GEMMs (CUDA), runs of equal widths go through one grouped GEMM per
+    projection (16-byte strides needed); the rest through per-expert matmuls. On CPU none."""
     import torch.nn.functional as F
+
+    import moetrim.model.varwidth as vw
 
     seen = []
     real = F.grouped_mm
@@ -277,7 +282,31 @@ def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
     x, idx, w = _routing(6, len(widths), 3)
     with torch.no_grad():
         ex(x, idx, w)
+    assert seen == []  # CPU: per-expert weight-major products
+    monkeypatch.setattr(vw, "_GROUPED_DECODE_DEVICES", ("cpu",))
+    with torch.no_grad():
+        ex(x, idx, w)
     assert len(seen) == calls
+
+
+def test_few_token_products_run_weight_major(monkeypatch):
+    """Decode products with two or more tokens per expert multiply W @ x^T (the fast orientation on CPU);
+    one token keeps x @ W^T. Checked by the operands torch.mm sees, and against the token-major result."""
+    ex = _module([8, 8, 12, 16])
+    x, idx, w = _routing(6, 4, 3)  # 18 slots over 4 experts: every expert gets several tokens
+    with torch.no_grad():
+        ref = ex(x, idx, w)
+    shapes = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: shapes.append((tuple(a.shape), tuple(b.shape))) or real(a, b, **k))
+    with torch.no_grad():
+        out = ex(x, idx, w)
+    assert shapes and all(a[1] == 32 or a[0] == 32 for a, _ in shapes)  # weight first: [rows*I, H] or [H, I]
+    assert all(b[1] > 1 for _, b in shapes)  # ... times the tokens as columns
+    monkeypatch.setattr(VariableWidthExperts, "_few_runner", VariableWidthExperts._runner)
+    with torch.no_grad():
+        assert torch.allclose(ex(x, idx, w), out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, ref)
 
 
 def _reference(ex, x, idx, w):
