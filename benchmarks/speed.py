@@ -21,8 +21,9 @@ Decode steps run the model body on next tokens taken from the prompt ids after a
 whose KV cache is built once per variant and copied for each measurement. Every round feeds tokens of
 its own, the same for every variant in that round (so routing is identical within a round and each
 round's ratios compare equal work), and the rounds together sample more of the routing than one fixed
-set: the experts a few tokens hit may have kept more or less than the average (see `r` above); the LM head's one-token time is measured once per model and added to every decode
-total, since it is the same module in every variant. Batch 1 runs more steps than batch 8 so that
+set: the experts a few tokens hit may have kept more or less than the average (see `r` above). The
+LM head's one-token time is measured once per model and added to every decode total, since it is the
+same module in every variant. Batch 1 runs more steps than batch 8 so that
 its few experts per step still add up to a representative sample of the layer's experts.
 
 Variants are measured in groups, each together with dense: (varwidth-0%), (50% global, 50% uniform),
