@@ -21,25 +21,33 @@ Decode steps run the model body on next tokens taken from the prompt ids after a
 whose KV cache is built once per variant and copied for each measurement. Every round feeds tokens of
 its own, the same for every variant in that round (so routing is identical within a round and each
 round's ratios compare equal work), and the rounds together sample more of the routing than one fixed
-set: the experts a few tokens hit may have kept more or less than the average (see `r` above). The
+set: the experts a few tokens hit may have kept more or less than the average (see `r` above). At
+batch 1 each round decodes another of the 8 sequences, since a sequence's tokens favour experts of
+their own (at Mixtral's shapes one expert took 8.5% of one sequence's slots and 22.5% of another's,
+over 512 tokens each), so one sequence alone would decide which widths batch 1 reads. The
 LM head's one-token time is measured once per model and added to every decode total, since it is the
 same module in every variant. Batch 1 runs more steps than batch 8 so that
 its few experts per step still add up to a representative sample of the layer's experts.
 
 Variants are measured in groups, each together with dense: (varwidth-0%), (50% global, 50% uniform),
-(25% global, 25% uniform), (experts 25%, 50%). After a warm-up (a short prompt, two decode steps), a
-group runs in rounds. In a decode round every model of the group advances in lockstep, one step each
-in turn, the order rotated every step; in a prefill round each model runs one prompt, the order
-rotated every round. A slow phase of this shared machine lasts longer than a step (pairs of identical
-work run a few seconds apart differed by up to 25% here), so lockstep makes it hit every model alike.
-A speed-up is the median of the rounds' own ratios (`*_speedup_pairs`); `*_speedup_fastest`, each
-side's fastest round against the other's, is kept for comparison. The groups the targets read get
---repeats decode rounds, the others two fewer (at least 2); the varwidth-0% group (the only prefill
-target) gets one prefill round fewer than --repeats (at least 2; the median of 3 still sets one
-outlying round aside), the others three fewer (at least 1). Batch-8 decode runs a third
-of the steps where one step reads nearly every expert of the layer (Mixtral: 16 slots over 8 experts),
-and the groups no target reads run half the decode steps. The 50% global and uniform variants share
-their rounds, so the global/uniform target (`decode*_vs_uniform_direct`) is measured side by side as well.
+(25% global, 25% uniform), (experts 25%, 50%). After a warm-up (a short prompt, one decode step; the
+whole prompt in the varwidth-0% group where it is cheap, see below), a group runs in rounds. In a
+decode round every model of the group advances in lockstep, one step each in turn, the order rotated
+every step; in a prefill round each model runs one prompt, the order rotated every round. A slow
+phase of this shared machine lasts longer than a step (pairs of identical work run a few seconds
+apart differed by up to 25% here), so lockstep makes it hit every model alike. A speed-up is the
+median of the rounds' own ratios (`*_speedup_pairs`); `*_speedup_fastest`, each side's fastest round
+against the other's, is kept for comparison.
+
+Rounds go where the targets are (the whole --quick run has to stay under 10 minutes here). The
+groups the targets read get --repeats decode rounds. The varwidth-0% group (the only prefill target)
+gets one prefill round more than --repeats, after a whole-prompt warm-up, where a dense prompt takes
+at most PREFILL_CHEAP_S (single prompts of identical work differ by 10% and more here), else two
+fewer (at least 2: Mixtral, whose prompt takes 6-7 s). The groups no target reads (25% and expert
+pruning) get one round of each regime at half the decode steps. Batch-8 decode runs a third of the
+steps where one step reads nearly every expert of the layer (Mixtral: 16 slots over 8 experts). The
+50% global and uniform variants share their rounds, so the global/uniform target
+(`decode*_vs_uniform_direct`) is measured side by side as well.
 
 Dense is the stock `transformers` model with the fastest experts implementation it offers for that
 regime (each of grouped_mm / eager / batched_mm measured; batched_mm skipped for prefill, where it
@@ -99,6 +107,9 @@ MODELS = {
 }
 TARGET_VARIANTS = ("varwidth-0%", "dims-50%-global", "dims-50%-uniform")
 PREFILL_TARGET = "varwidth-0%"  # the only variant a prefill target reads
+# Its group runs one prefill round more than --repeats where a dense prompt takes at most this long
+# (every model here but Mixtral, whose prompt takes 6-7 s), else two fewer (see the docstring).
+PREFILL_CHEAP_S = 3.0
 # Batch-8 decode steps are cut to a third where one step reads at least this share of a layer's experts
 # in expectation (Mixtral: 16 slots over 8 experts read ~90%; the others 40-66%): each such step reads
 # nearly the whole layer, so a few steps still read more of it than the others' full count does.
@@ -347,33 +358,37 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     head = {b: head_seconds(b, steps[b]) for b in (1, 8)}
     log(f"  LM head + final norm: b1 {steps[1]} steps {head[1]:.3f}s, b8 {steps[8]} steps {head[8]:.3f}s (added to every decode total)")
 
-    prompts: dict[tuple[int, int], object] = {}  # (id(model), batch) -> KV cache of the 16-token prompt
+    prompts: dict[int, object] = {}  # id(model) -> KV cache of the 16-token prompt, all 8 sequences
 
-    def prompt_cache(m: nn.Module, b: int):
-        """A fresh copy of the 16-token prompt's KV cache: built once per model (not timed; at these sizes
-        the prompt pass costs as much as the decode steps) and copied for every measurement."""
-        key = (id(m), b)
-        if key not in prompts:
+    def prompt_cache(m: nn.Module, b: int, row: int = 0):
+        """A fresh copy of the 16-token prompt's KV cache for sequences row..row+b-1: built once per model
+        for all 8 (not timed; at these sizes the prompt pass costs as much as the decode steps), copied
+        and cut to those sequences for every measurement."""
+        if id(m) not in prompts:
             with torch.inference_mode():
-                prompts[key] = cache_of(body_of(m)(input_ids=ids[:b, :16], use_cache=True))
-        return copy.deepcopy(prompts[key])
+                prompts[id(m)] = cache_of(body_of(m)(input_ids=ids[:, :16], use_cache=True))
+        cache = copy.deepcopy(prompts[id(m)])
+        if b < ids.shape[0]:
+            cache.batch_select_indices(torch.arange(row, row + b, device=ids.device))
+        return cache
 
     def decode_lockstep(models: list[nn.Module], b: int, n: int, shift: int = 0, with_head: bool = True,
-                        first: int = 0) -> list[dict]:
+                        first: int = 0, row: int = 0) -> list[dict]:
         """n decode steps of every model in lockstep: step i runs on each model in turn, the order rotated
         every step, so a slow phase of this shared machine (they last longer than a step) hits all alike.
-        Step i feeds the prompt's token `first + i` after position 16 (wrapping), the same for every model."""
+        Step i feeds sequences row..row+b-1 their prompt token `first + i` after position 16 (wrapping),
+        the same for every model."""
         timers = [PartTimer(m, args.device) for m in models]
         try:
             bodies = [body_of(m) for m in models]
-            caches = [prompt_cache(m, b) for m in models]
+            caches = [prompt_cache(m, b, row) for m in models]
             totals = [0.0] * len(models)
             for t in timers:
                 t.reset()
             with torch.inference_mode():
                 for i in range(n):
                     pos = 16 + (first + i) % (ids.shape[1] - 16)
-                    step = ids[:b, pos : pos + 1]
+                    step = ids[row : row + b, pos : pos + 1]
                     for j in rotated(len(models), i + shift):
                         t = time.perf_counter()
                         caches[j] = cache_of(bodies[j](input_ids=step, use_cache=True, **cache_kwargs(bodies[j], caches[j])))
@@ -388,12 +403,13 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     batch = {"decode": 1, "decode_b8": 8}
     tokens = {"prefill": args.prompt_len, "decode": steps[1], "decode_b8": 8 * steps[8]}
 
-    def warm(m: nn.Module, regime: str) -> None:
-        """The same code paths on less work (a short prompt, two decode steps); results discarded."""
+    def warm(m: nn.Module, regime: str, full: bool = False) -> None:
+        """The same code paths on less work (a short prompt, one decode step), or with `full` the whole
+        prompt (the first pass at a size allocates buffers later passes reuse); results discarded."""
         if regime == "prefill":
-            prefill_seconds(m, ids[:1, :64])
+            prefill_seconds(m, ids[:1] if full else ids[:1, :64])
         else:
-            decode_lockstep([m], batch[regime], 2, with_head=False)
+            decode_lockstep([m], batch[regime], 1, with_head=False)
 
     def rounds_of(models: list[nn.Module], regime: str, n: int, steps_of: dict | None = None) -> list[list[dict]]:
         """n rounds; each round measures every model once: prefill one model after another, decode in lockstep
@@ -406,14 +422,20 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                     got[j] = timed(models[j], prefill, args.device)
                 out.append([got[j] for j in range(len(models))])
             else:
-                n_steps = (steps_of or steps)[batch[regime]]
-                # each round decodes tokens of its own, so the rounds together sample more of the routing
-                out.append(decode_lockstep(models, batch[regime], n_steps, shift=r, first=r * n_steps))
+                b = batch[regime]
+                n_steps = (steps_of or steps)[b]
+                # each round decodes tokens of its own (at batch 1 of another sequence: a sequence's tokens
+                # prefer experts of their own), so the rounds together sample more of the routing
+                out.append(decode_lockstep(models, b, n_steps, shift=r, first=r * n_steps, row=(r * b) % ids.shape[0]))
         return out
 
     rows = []
-    # Dense: pick the fastest stock implementation per regime (one measured sample each).
+    # Dense: pick the fastest stock implementation per regime (one measured sample each, decode on half
+    # the steps: implementations differ by far more than that changes).
+    pick_steps = {b: max(2, n // 2) for b, n in steps.items()}
+    pick_tokens = {"prefill": args.prompt_len, "decode": pick_steps[1], "decode_b8": 8 * pick_steps[8]}
     dense_impl: dict[str, str] = {}
+    dense_seconds: dict[str, float] = {}
     for regime in tokens:
         t_pick = time.perf_counter()
         cands = [i for i in impls if not (regime == "prefill" and i == "batched_mm")]
@@ -421,9 +443,10 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         for i in cands:  # warm-up, then one sample each to pick the fastest (the rounds come below)
             dense.set_experts_implementation(i)
             warm(dense, regime)
-            best[i] = rounds_of([dense], regime, 1)[0][0]["total"]
+            best[i] = rounds_of([dense], regime, 1, pick_steps)[0][0]["total"]
         dense_impl[regime] = min(best, key=best.get)
-        log(f"  dense {regime}: " + ", ".join(f"{i} {tokens[regime] / best[i]:.1f} tok/s" for i in cands) + f" -> {dense_impl[regime]} ({time.perf_counter() - t_pick:.0f}s)")
+        dense_seconds[regime] = best[dense_impl[regime]]
+        log(f"  dense {regime}: " + ", ".join(f"{i} {pick_tokens[regime] / best[i]:.1f} tok/s" for i in cands) + f" -> {dense_impl[regime]} ({time.perf_counter() - t_pick:.0f}s)")
     dense.set_experts_implementation("grouped_mm")
     full = spec["full_layers"]
     dense_bytes = weight_bytes(dense)
@@ -442,9 +465,12 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         models = [dense] + [m for _, m, _ in built]
         target = any(v in TARGET_VARIANTS for v in group)
         # prefill rounds cost the most (Mixtral: seconds each) and only varwidth-0% has a prefill target
-        n_rounds = {"decode": args.repeats if target else max(2, args.repeats - 2)}
+        n_rounds = {"decode": args.repeats if target else max(1, args.repeats - 3)}
         n_rounds["decode_b8"] = n_rounds["decode"]
-        n_rounds["prefill"] = max(2, args.repeats - 1) if PREFILL_TARGET in group else max(1, args.repeats - 3)
+        cheap_prefill = PREFILL_TARGET in group and dense_seconds["prefill"] <= PREFILL_CHEAP_S
+        n_rounds["prefill"] = max(1, args.repeats - 3)
+        if PREFILL_TARGET in group:
+            n_rounds["prefill"] = args.repeats + 1 if cheap_prefill else max(2, args.repeats - 2)
         group_steps = steps if target else {b: max(2, n // 2) for b, n in steps.items()}  # no target reads them
         group_tokens = {"prefill": args.prompt_len, "decode": group_steps[1], "decode_b8": 8 * group_steps[8]}
         group_rows = []
@@ -463,8 +489,8 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
             for mm in models:
                 if _is_stock(mm):
                     mm.set_experts_implementation(dense_impl[regime])
-                if mm is not dense:
-                    warm(mm, regime)
+                if mm is not dense:  # (dense ran the whole prompt when its implementation was picked)
+                    warm(mm, regime, full=cheap_prefill)
             t_regime = time.perf_counter()
             rounds = rounds_of(models, regime, n_rounds[regime], group_steps)
             seconds[regime] = time.perf_counter() - t_regime
@@ -504,8 +530,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
             log(f"  {HEAD_TO_HEAD[0]} / {HEAD_TO_HEAD[1]} (same rounds): decode b1 x{g['decode_vs_uniform_direct']:.2f}, "
                 f"b8 x{g['decode_b8_vs_uniform_direct']:.2f}")
         for mm in models[1:]:
-            for key in [k for k in prompts if k[0] == id(mm)]:
-                del prompts[key]
+            prompts.pop(id(mm), None)
         dense.set_experts_implementation("grouped_mm")
         return group_rows
 
@@ -614,7 +639,7 @@ def write(out: Path, meta: dict, rows: list[dict], update_readme: bool) -> None:
     table += (f"\n`python benchmarks/speed.py{' --quick' if quick else ''}` ({meta['seconds']:.0f} s): layers built per model: "
               + ", ".join(sorted({f"{r['model']} {r['layers']} of {r['full_layers']}" for r in rows}))
               + f"; {meta['threads']} threads; decode {meta['decode_steps']} steps at batch 1 and "
-              + b8_steps_text(rows, meta) + " at batch 8 (half as many in the groups no target reads: 25% and expert pruning); speed-ups and weight ratios extrapolated to "
+              + b8_steps_text(rows, meta) + " at batch 8 (half as many, in one round, in the groups no target reads: 25% and expert pruning); speed-ups and weight ratios extrapolated to "
               "full depth from per-part timings; bound = Amdahl limit from the measured share of time in routed experts and "
               "the removed fraction of the routed weights the run touched; in brackets: (bound, measured/bound).\n")
     table += ("\nTargets (dims-50%-global; weight bytes within 1% of arithmetic; decode >= 0.9 of bound and >= 0.95 of "
@@ -650,7 +675,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement at batch 1 (default 8 quick, 32 full)")
     ap.add_argument("--steps-b8", type=int, default=None, help="decode steps per measurement at batch 8 (default 6 quick, 16 full; a third where one step reads nearly every expert)")
-    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; one fewer prefill rounds for varwidth-0%%; other groups 2 fewer decode and 3 fewer prefill)")
+    ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; varwidth-0%% prefill one more where a dense prompt takes <= PREFILL_CHEAP_S, else two fewer; other groups 3 fewer of each, at least 1)")
     ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)

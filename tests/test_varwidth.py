@@ -289,9 +289,16 @@ def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
     assert len(seen) == calls
 
 
-def test_few_token_products_run_weight_major(monkeypatch):
-    """Decode products with two or more tokens per expert multiply W @ x^T (the fast orientation on CPU);
-    one token keeps x @ W^T. Checked by the operands torch.mm sees, and against the token-major result."""
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_cpu_products_run_weight_major_in_fp32(path, monkeypatch):
+    """In fp32 on CPU, products with two or more tokens per expert multiply W @ x^T (the fast orientation
+    there), in the few-token (decode) path and in the scatter-add (prefill) path; bf16 keeps x @ W^T
+    (weight-major ran at a quarter to a third of the speed). Checked by the operands torch.mm sees, and
+    against the token-major result."""
+    import moetrim.model.varwidth as vw
+
+    if path == "prefill":
+        monkeypatch.setattr(vw, "_SMALL_DISPATCH", 0)
     ex = _module([8, 8, 12, 16])
     x, idx, w = _routing(6, 4, 3)  # 18 slots over 4 experts: every expert gets several tokens
     with torch.no_grad():
@@ -303,10 +310,38 @@ def test_few_token_products_run_weight_major(monkeypatch):
         out = ex(x, idx, w)
     assert shapes and all(a[1] == 32 or a[0] == 32 for a, _ in shapes)  # weight first: [rows*I, H] or [H, I]
     assert all(b[1] > 1 for _, b in shapes)  # ... times the tokens as columns
-    monkeypatch.setattr(VariableWidthExperts, "_few_runner", VariableWidthExperts._runner)
+    assert torch.equal(out, ref)
+    shapes.clear()
+    with torch.no_grad():
+        _module([8, 8, 12, 16], dtype=torch.bfloat16)(x.bfloat16(), idx, w)
+    assert shapes and all(a[0] <= x.shape[0] for a, _ in shapes)  # bf16: tokens first, [n, H] or [n, I]
+    monkeypatch.setattr(VariableWidthExperts, "_weight_major_runner", VariableWidthExperts._runner)
     with torch.no_grad():
         assert torch.allclose(ex(x, idx, w), out, atol=1e-5, rtol=1e-5)
-    assert torch.equal(out, ref)
+
+
+def test_one_token_down_product_pairs_short_rows(monkeypatch):
+    """One token, fp32 on CPU: a down block narrower than _PAIRED_DOWN_BELOW is multiplied as
+    [H/2, 2w] against two columns, wider ones as a plain product; both give the token-major result."""
+    import moetrim.model.varwidth as vw
+
+    ex = _module([8, 12, 16, 16])
+    x, idx, w = _routing(1, 4, 3)
+    with torch.no_grad():
+        paired = ex(x, idx, w)
+    shapes = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: shapes.append((tuple(a.shape), tuple(b.shape))) or real(a, b, **k))
+    with torch.no_grad():
+        ex(x, idx, w)
+    widths = [ex.widths[int(e)] for e in idx[0]]
+    assert [s for s in shapes if s[1][1] == 2] == [((16, 2 * v), (2 * v, 2)) for v in widths]  # H/2 = 16 rows
+    monkeypatch.setattr(vw, "_PAIRED_DOWN_BELOW", 0)
+    shapes.clear()
+    with torch.no_grad():
+        plain = ex(x, idx, w)
+    assert shapes and not [s for s in shapes if s[1][1] == 2]
+    assert torch.allclose(paired, plain, atol=1e-6, rtol=1e-5)
 
 
 def _reference(ex, x, idx, w):

@@ -34,9 +34,20 @@ from moetrim.model.view import ExpertWeights
 # few-token path; larger ones avoid such buffers (see `forward`).
 _SMALL_DISPATCH = 1 << 20
 # Devices where such a dispatch runs each run of equal widths as grouped GEMMs. On CPU the per-expert
-# weight-major products (`_few_runner`) were faster: 1.09x (Qwen3-30B-A3B shapes) and 1.22x (OLMoE)
-# the grouped GEMMs' speed on a full-width layer at 8 tokens, whose fallback multiplies token-major.
+# weight-major products (`_weight_major_runner`) were faster: 1.09x (Qwen3-30B-A3B shapes) and 1.22x
+# (OLMoE) the grouped GEMMs' speed on a full-width layer at 8 tokens, whose fallback multiplies
+# token-major.
 _GROUPED_DECODE_DEVICES = ("cuda",)
+# Where products multiply weight-major (W @ x^T, `_weight_major_runner`), in decode and prefill alike:
+# (device, dtype) pairs measured faster that way. CPU fp32 (MKL, 2 threads): one expert ran 1.25-1.9x
+# as fast at prefill's 16-128 tokens per expert (a 512-token prompt at Qwen3, OLMoE, Qwen1.5 and
+# Mixtral shapes), level at 512-1024, and 1.2-3x at decode's 2-16. CPU bf16 and fp16 ran weight-major
+# at a quarter to a third of the speed, so they keep F.linear's x @ W^T, as CUDA does (not measured).
+_WEIGHT_MAJOR = (("cpu", torch.float32),)
+# There, one token's down product [H, w] @ h for w below this reads the block as [H/2, 2w] against two
+# columns ([[h, 0], [0, h]]^T): short rows made MKL's matrix-vector product read the weights at 5-7 GB/s
+# at widths 128-512 (H 2048) against 9-12 GB/s paired, level from 768 on.
+_PAIRED_DOWN_BELOW = 768
 
 Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 LAYOUTS = ("by_width", "by_expert")
@@ -155,12 +166,12 @@ class VariableWidthExperts(nn.Module):
             device=ref.up.device,
             layout=layout,
         )
-        def put(dst: torch.Tensor, src: torch.Tensor, dim: int, keep: torch.Tensor | None) -> None:
-            """Gather straight into the packed block: one copy, no expert-sized temporary. keep=None:
-            every dimension kept (0%), a plain copy (2.2x faster than a gather along the down block's
-            columns at Mixtral's expert size)."""
-            if keep is None:
-                dst.copy_(src)
+        def put(dst: torch.Tensor, src: torch.Tensor, dim: int, keep: torch.Tensor | int) -> None:
+            """Gather straight into the packed block: one copy, no expert-sized temporary. keep an int:
+            the kept dimensions are the one range starting there (all of them at 0%), a plain copy
+            (2.2x faster than a gather along the down block's columns at Mixtral's expert size)."""
+            if isinstance(keep, int):
+                dst.copy_(src.narrow(dim, keep, dst.shape[dim]))
             elif src.device == dst.device and src.dtype == dst.dtype and dst.is_contiguous():
                 torch.index_select(src, dim, keep, out=dst)
             else:
@@ -170,8 +181,8 @@ class VariableWidthExperts(nn.Module):
             for e, (src, keep) in enumerate(zip(experts, keep_dims)):
                 dst = mod.expert_weights(e)
                 keep = keep.to(src.up.device)
-                if keep.numel() == src.up.shape[0] and bool((keep == torch.arange(keep.numel(), device=keep.device)).all()):
-                    keep = None
+                if int(keep[-1]) - int(keep[0]) + 1 == keep.numel():  # sorted and distinct: one range
+                    keep = int(keep[0])
                 if gated:
                     put(dst.gate, src.gate, 0, keep)
                 put(dst.up, src.up, 0, keep)
@@ -277,28 +288,44 @@ class VariableWidthExperts(nn.Module):
 
         return run
 
-    def _few_runner(self, views: list[tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """run(b, x [n, H]) like `_runner`, for the few tokens of a decode step: with two or more tokens
-        (and no biases) each product runs weight-major, W [rows*I_b, H] @ x^T, then the down block
-        [H, I_b] @ h^T, giving the output as a transposed view. On CPU (MKL, 2 threads) x @ W^T with
-        2-3 rows read the weights at a third to a half of the speed of the weight-major product, with
-        8-16 rows at about three quarters (measured at Qwen3 and OLMoE widths). One row stays on
-        `_runner`'s product (a matrix-vector product either way, and there the token-major form was as
-        fast or faster)."""
+    def _weight_major_runner(self, views: list[tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """run(b, x [n, H]) like `_runner`, multiplying weight-major: with two or more tokens (and no
+        biases) W [rows*I_b, H] @ x^T, then the down block [H, I_b] @ h, giving the output as a
+        transposed view. On CPU in fp32 (MKL, 2 threads) x @ W^T with 2-3 rows read the weights at a
+        third to a half of the speed of the weight-major product, with 8-16 rows at about three
+        quarters (measured at Qwen3 and OLMoE widths), and at prefill's 16-128 rows the whole expert
+        ran 1.25-1.9x as fast weight-major. One row keeps `_runner`'s products (matrix-vector
+        products either way, and there the token-major form was as fast or faster), but for the down
+        product of a block narrower than `_PAIRED_DOWN_BELOW`."""
         token_major = self._runner(views)
         if self.has_bias:
             return token_major
-        act, gated, widths, mm = self.activation, self.gated, self.block_widths, torch.mm
+        act, gated, widths, mm, hidden = self.activation, self.gated, self.block_widths, torch.mm, self.hidden_dim
+        paired = hidden % 2 == 0
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
             if x.shape[0] == 1:
-                return token_major(e, x)
+                w = widths[e]
+                if not paired or w >= _PAIRED_DOWN_BELOW:
+                    return token_major(e, x)
+                gate_up_t, _, down_t, _ = views[e]
+                gu = mm(x, gate_up_t)
+                h = act(gu[:, :w], gu[:, w:]) if gated else act(None, gu)
+                # Short rows: the down block [H, w] read as [H/2, 2w] (rows 2i and 2i+1 side by side)
+                # against [[h, 0], [0, h]]^T gives [H/2, 2], which is y in order.
+                return mm(down_t.t().view(hidden // 2, 2 * w), torch.block_diag(h, h).t()).view(1, hidden)
             gate_up_t, _, down_t, _ = views[e]
             gu = mm(gate_up_t.t(), x.t())  # [rows*I_b, n]
             h = act(gu[: widths[e]], gu[widths[e] :]) if gated else act(None, gu)
             return mm(down_t.t(), h).t()
 
         return run
+
+    def _runner_for(self, views: list[tuple], x: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """The faster product orientation for x's device and dtype (see `_WEIGHT_MAJOR`)."""
+        if (x.device.type, x.dtype) in _WEIGHT_MAJOR:
+            return self._weight_major_runner(views)
+        return self._runner(views)
 
     def _activate(self, w: int, gu: torch.Tensor) -> torch.Tensor:
         """Intermediate activation h [n, w] of an expert of width w from its pre-activations [n, rows*w]."""
@@ -314,11 +341,12 @@ class VariableWidthExperts(nn.Module):
         return order, counts, order // top_k_index.shape[-1], weight_of_slot
 
     def _scatter(self, hidden_states, counts, token_of_slot, weight_of_slot) -> torch.Tensor:
-        """Per expert, gather its tokens, compute, scatter-add. No [T*k, H] temporaries: buffers that
-        large go to mmap in glibc and page-fault on every call, which cost ~30% of prefill time on CPU.
-        A token meets each expert at most once, so no index repeats within one index_add_
-        (deterministic, also on CUDA); contributions are added in expert order."""
-        run = self._runner(self._expert_views()[0])
+        """Per expert, gather its tokens, compute (weight-major where that is faster, `_runner_for`),
+        scatter-add. No [T*k, H] temporaries: buffers that large go to mmap in glibc and page-fault on
+        every call, which cost ~30% of prefill time on CPU. A token meets each expert at most once, so
+        no index repeats within one index_add_ (deterministic, also on CUDA); contributions are added
+        in expert order."""
+        run = self._runner_for(self._expert_views()[0], hidden_states)
         out = torch.zeros_like(hidden_states)
         start = 0
         for e, n in enumerate(counts):
@@ -341,7 +369,7 @@ class VariableWidthExperts(nn.Module):
         top_k = top_k_index.shape[-1]
         dtype = hidden_states.dtype
         if hidden_states.shape[0] == 1:  # one-token decode: no dispatch to sort, just the k experts
-            run = self._runner(views)
+            run = self._runner_for(views, hidden_states)
             out = None
             block_of = self.block_of_expert
             for j, e in enumerate(top_k_index[0].tolist()):
@@ -355,7 +383,7 @@ class VariableWidthExperts(nn.Module):
         # so deterministic on every device). A per-expert index_add_ costs ~40 us on CPU at these sizes.
         x = hidden_states.index_select(0, token_of_slot)
         grouped = x.device.type in _GROUPED_DECODE_DEVICES and self._grouped_ok(x)
-        run = self._few_runner(views)
+        run = self._runner_for(views, x)
         ys = []
         start = 0
         for i, ((first, count, w), rv) in enumerate(zip(self.runs, run_views)):
