@@ -431,7 +431,8 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
 
     rows = []
     # Dense: pick the fastest stock implementation per regime (one measured sample each, decode on half
-    # the steps: implementations differ by far more than that changes).
+    # the steps to save time: one sample is a rough pick either way, and what the rounds below measure
+    # against is whichever implementation it picked).
     pick_steps = {b: max(2, n // 2) for b, n in steps.items()}
     pick_tokens = {"prefill": args.prompt_len, "decode": pick_steps[1], "decode_b8": 8 * pick_steps[8]}
     dense_impl: dict[str, str] = {}

@@ -289,6 +289,13 @@ def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
     assert len(seen) == calls
 
 
+def _record_mm(monkeypatch) -> list:
+    """Operand shapes of every torch.mm call from now on (the call itself still runs)."""
+    shapes, real = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: shapes.append((tuple(a.shape), tuple(b.shape))) or real(a, b, **k))
+    return shapes
+
+
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_cpu_products_run_weight_major_in_fp32(path, monkeypatch):
     """In fp32 on CPU, products with two or more tokens per expert multiply W @ x^T (the fast orientation
@@ -303,9 +310,7 @@ def test_cpu_products_run_weight_major_in_fp32(path, monkeypatch):
     x, idx, w = _routing(6, 4, 3)  # 18 slots over 4 experts: every expert gets several tokens
     with torch.no_grad():
         ref = ex(x, idx, w)
-    shapes = []
-    real = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **k: shapes.append((tuple(a.shape), tuple(b.shape))) or real(a, b, **k))
+    shapes = _record_mm(monkeypatch)
     with torch.no_grad():
         out = ex(x, idx, w)
     assert shapes and all(a[1] == 32 or a[0] == 32 for a, _ in shapes)  # weight first: [rows*I, H] or [H, I]
@@ -329,9 +334,7 @@ def test_one_token_down_product_pairs_short_rows(monkeypatch):
     x, idx, w = _routing(1, 4, 3)
     with torch.no_grad():
         paired = ex(x, idx, w)
-    shapes = []
-    real = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **k: shapes.append((tuple(a.shape), tuple(b.shape))) or real(a, b, **k))
+    shapes = _record_mm(monkeypatch)
     with torch.no_grad():
         ex(x, idx, w)
     widths = [ex.widths[int(e)] for e in idx[0]]
