@@ -401,7 +401,12 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
                 t.remove()
 
     batch = {"decode": 1, "decode_b8": 8}
-    tokens = {"prefill": args.prompt_len, "decode": steps[1], "decode_b8": 8 * steps[8]}
+    def tokens_of(steps_of: dict) -> dict:
+        """Tokens one measurement of each regime processes, at these decode steps."""
+        return {"prefill": args.prompt_len, "decode": steps_of[1], "decode_b8": 8 * steps_of[8]}
+
+    tokens = tokens_of(steps)
+    half_steps = {b: max(2, n // 2) for b, n in steps.items()}  # the pick's and the groups no target reads
 
     def warm(m: nn.Module, regime: str, full: bool = False) -> None:
         """The same code paths on less work (a short prompt, one decode step), or with `full` the whole
@@ -433,8 +438,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
     # Dense: pick the fastest stock implementation per regime (one measured sample each, decode on half
     # the steps to save time: one sample is a rough pick either way, and what the rounds below measure
     # against is whichever implementation it picked).
-    pick_steps = {b: max(2, n // 2) for b, n in steps.items()}
-    pick_tokens = {"prefill": args.prompt_len, "decode": pick_steps[1], "decode_b8": 8 * pick_steps[8]}
+    pick_tokens = tokens_of(half_steps)
     dense_impl: dict[str, str] = {}
     dense_seconds: dict[str, float] = {}
     for regime in tokens:
@@ -444,7 +448,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         for i in cands:  # warm-up, then one sample each to pick the fastest (the rounds come below)
             dense.set_experts_implementation(i)
             warm(dense, regime)
-            best[i] = rounds_of([dense], regime, 1, pick_steps)[0][0]["total"]
+            best[i] = rounds_of([dense], regime, 1, half_steps)[0][0]["total"]
         dense_impl[regime] = min(best, key=best.get)
         dense_seconds[regime] = best[dense_impl[regime]]
         log(f"  dense {regime}: " + ", ".join(f"{i} {pick_tokens[regime] / best[i]:.1f} tok/s" for i in cands) + f" -> {dense_impl[regime]} ({time.perf_counter() - t_pick:.0f}s)")
@@ -469,11 +473,12 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         n_rounds = {"decode": args.repeats if target else max(1, args.repeats - 3)}
         n_rounds["decode_b8"] = n_rounds["decode"]
         cheap_prefill = PREFILL_TARGET in group and dense_seconds["prefill"] <= PREFILL_CHEAP_S
-        n_rounds["prefill"] = max(1, args.repeats - 3)
         if PREFILL_TARGET in group:
             n_rounds["prefill"] = args.repeats + 1 if cheap_prefill else max(2, args.repeats - 2)
-        group_steps = steps if target else {b: max(2, n // 2) for b, n in steps.items()}  # no target reads them
-        group_tokens = {"prefill": args.prompt_len, "decode": group_steps[1], "decode_b8": 8 * group_steps[8]}
+        else:
+            n_rounds["prefill"] = max(1, args.repeats - 3)
+        group_steps = steps if target else half_steps  # no target reads them
+        group_tokens = tokens_of(group_steps)
         group_rows = []
         for v, m, removed in built:
             row = {"model": name, "variant": v, "layers": layers, "full_layers": full, "removed_fraction": round(removed, 4),

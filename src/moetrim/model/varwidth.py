@@ -304,19 +304,18 @@ class VariableWidthExperts(nn.Module):
         paired = hidden % 2 == 0
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] == 1:
-                w = widths[e]
-                if not paired or w >= _PAIRED_DOWN_BELOW:
-                    return token_major(e, x)
-                gate_up_t, _, down_t, _ = views[e]
+            w, one = widths[e], x.shape[0] == 1
+            if one and (not paired or w >= _PAIRED_DOWN_BELOW):
+                return token_major(e, x)
+            gate_up_t, _, down_t, _ = views[e]
+            if one:
                 gu = mm(x, gate_up_t)
                 h = act(gu[:, :w], gu[:, w:]) if gated else act(None, gu)
                 # Short rows: the down block [H, w] read as [H/2, 2w] (rows 2i and 2i+1 side by side)
                 # against [[h, 0], [0, h]]^T gives [H/2, 2], which is y in order.
                 return mm(down_t.t().view(hidden // 2, 2 * w), torch.block_diag(h, h).t()).view(1, hidden)
-            gate_up_t, _, down_t, _ = views[e]
             gu = mm(gate_up_t.t(), x.t())  # [rows*I_b, n]
-            h = act(gu[: widths[e]], gu[widths[e] :]) if gated else act(None, gu)
+            h = act(gu[:w], gu[w:]) if gated else act(None, gu)
             return mm(down_t.t(), h).t()
 
         return run
