@@ -31,6 +31,7 @@ from moetrim.model.view import (
     make_activation,
 )
 from moetrim.plan import LayerPlan, Plan
+from moetrim.plan.schema import check_plan
 
 VARWIDTH_KEY = "moetrim_varwidth"
 
@@ -48,6 +49,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     in place, so a shallow copy sharing them with another model is safe to compress.
     force_varwidth: use the variable-width experts even where a standard checkpoint is possible."""
     layers = find_moe_layers(model)
+    check_plan(plan)  # a Plan built or edited in Python gets the checks a plan file gets
     if check_fingerprint and plan.model_fingerprint != model_fingerprint(model):
         raise UsageError("the plan was made for another model (model fingerprints differ)")
     by_index = {p.layer: p for p in plan.layers}
@@ -55,6 +57,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
         raise UsageError(f"the plan covers layers {sorted(by_index)} but the model's MoE layers are {[l.index for l in layers]}")
     for layer in layers:
         _check_layer_plan(layer, by_index[layer.index])
+    before = sum(l.routed_params() for l in layers)
+    after = sum(sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in by_index[l.index].widths) for l in layers)
+    if (plan.params_before, plan.params_after) != (before, after):
+        raise UsageError(f"the plan's params_before/params_after ({plan.params_before}, {plan.params_after}) are not what its widths "
+                         f"give on this model ({before}, {after}); was it edited? fix them or re-run `moetrim plan`")
     counts = {len(p.kept_experts) for p in plan.layers}
     widths = {w for p in plan.layers for w in p.widths}
     note = ""
@@ -88,16 +95,14 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 
 def _check_layer_plan(layer: MoELayer, p: LayerPlan) -> None:
-    if p.experts_before != layer.num_experts or p.width_before != layer.widths[0] or len(set(layer.widths)) != 1:
-        raise UsageError(f"plan does not match layer {layer.index}: it expects {p.experts_before} experts of width {p.width_before}")
-    if not p.kept_experts or sorted(set(p.kept_experts)) != p.kept_experts or p.kept_experts[-1] >= layer.num_experts:
-        raise UsageError(f"plan layer {layer.index}: kept_experts must be sorted, unique and < {layer.num_experts}")
-    if p.kept_dims is not None:
-        for e, dims in zip(p.kept_experts, p.kept_dims):
-            if not dims or sorted(set(dims)) != dims or dims[-1] >= layer.widths[0]:
-                raise UsageError(f"plan layer {layer.index} expert {e}: kept_dims must be sorted, unique, non-empty and < {layer.widths[0]}")
-    if not 1 <= p.top_k <= len(p.kept_experts):
-        raise UsageError(f"plan layer {layer.index}: top_k {p.top_k} must be between 1 and the {len(p.kept_experts)} experts kept")
+    """The plan's own consistency is `check_plan`'s; this is its agreement with the model's layer."""
+    if len(set(layer.widths)) != 1:
+        raise UsageError("this model is already compressed to different widths; apply plans to the original model")
+    if p.experts_before != layer.num_experts or p.width_before != layer.widths[0]:
+        raise UsageError(f"plan does not match layer {layer.index}: it expects {p.experts_before} experts of width {p.width_before}, "
+                         f"the model has {layer.num_experts} of width {layer.widths[0]}")
+    if p.top_k > layer.top_k:
+        raise UsageError(f"plan layer {layer.index}: top_k {p.top_k} is more than the model's {layer.top_k}")
     G = layer.num_groups
     if G > 1:
         per = layer.num_experts // G

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from moetrim.apply import VARWIDTH_KEY
 from moetrim.errors import MoetrimError, UsageError
+from moetrim.outputs import atomic_dir, check_output, save_safetensors
 
 VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -105,8 +103,11 @@ def load_model(
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code
             )
-        except (OSError, ValueError, KeyError) as exc:
-            raise MoetrimError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # transformers and safetensors raise many kinds for a broken checkpoint
+            first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+            if "ignore_mismatched_sizes" in first:
+                first = "some weights have other shapes than config.json builds (was config.json edited?)"
+            raise MoetrimError(f"cannot load {path}: {first}") from None
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
@@ -152,6 +153,34 @@ def _weight_files(path: Path) -> list[Path]:
     raise MoetrimError(f"{path} has no model.safetensors")
 
 
+def _check_record(path: Path, record, moe_layers: dict) -> None:
+    """The layer record in config.json, as a person may have edited it: every field typed and in range."""
+    where = f"{path}/config.json: {VARWIDTH_KEY}"
+    if not isinstance(record, dict) or not isinstance(record.get("layers"), dict) or not record["layers"]:
+        raise MoetrimError(f"{where} has no per-layer record; restore the config.json moetrim wrote")
+    for key, spec in record["layers"].items():
+        if not key.isdigit() or int(key) not in moe_layers:
+            raise MoetrimError(f"{where} names layer {key!r}, which is not an MoE layer of this model ({sorted(moe_layers)})")
+        if not isinstance(spec, dict) or not {"widths", "top_k", "num_experts"} <= set(spec):
+            raise MoetrimError(f"{where} layer {key} needs widths, top_k and num_experts")
+        widths, n, k = spec["widths"], spec["num_experts"], spec["top_k"]
+        ok = isinstance(widths, list) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+        if not ok or not isinstance(n, int) or len(widths) != n or not isinstance(k, int) or not 1 <= k <= n:
+            raise MoetrimError(f"{where} layer {key}: widths must be {n} positive integers and 1 <= top_k <= num_experts")
+
+
+def _weights_record(files: list[Path]) -> dict | None:
+    """The layer record the weight files were written with (None for files from before it was stored)."""
+    records = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            records.add((sf.metadata() or {}).get(VARWIDTH_KEY))
+    if len(records) != 1:
+        raise MoetrimError(f"{files[0].parent}: its weight files were written for different layer layouts")
+    text = records.pop()
+    return None if text is None else json.loads(text)
+
+
 def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -166,16 +195,31 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
     d = dict(raw)
     d["model_type"] = base_type
     d.pop("moetrim_base_model_type")
-    config = AutoConfig.for_model(base_type).__class__.from_dict(d)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(base_type, str) or base_type not in CONFIG_MAPPING:
+        raise MoetrimError(f"{path}/config.json: moetrim_base_model_type {base_type!r} is not a model type this transformers knows")
+    try:
+        config = AutoConfig.for_model(base_type).__class__.from_dict(d)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MoetrimError(f"{path}/config.json: cannot build a '{base_type}' config ({str(exc).splitlines()[0]})") from None
     if dtype == "auto" or dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     layers = {l.index: l for l in find_moe_layers(model)}
+    _check_record(path, record, layers)
     layout = record.get("layout", "by_expert")  # version-1 records predate the width-sorted layout
     if layout not in LAYOUTS:
         raise MoetrimError(f"{path}/config.json: unknown variable-width layout {layout!r}; this moetrim reads {', '.join(LAYOUTS)}")
+    files = [] if meta else _weight_files(path)
+    written = None if meta else _weights_record(files)
+    if written is not None and written != record:
+        keys = sorted(set(record["layers"]) | set(written.get("layers", {})), key=lambda k: (len(k), k))
+        bad = next((f"layer {k}" for k in keys if record["layers"].get(k) != written.get("layers", {}).get(k)), "its layout")
+        raise MoetrimError(f"{path}/config.json disagrees with its weight files at {bad} (widths, expert count, top-k or layout); "
+                           "it was edited after saving: restore the config.json moetrim wrote")
     for key, spec in record["layers"].items():
         layer = layers[int(key)]
         n = spec["num_experts"]
@@ -192,7 +236,7 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
     if meta:
         return model.to(dtype)
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
+    for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
                 state[k] = sf.get_tensor(k)
@@ -204,6 +248,7 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
     bad = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or bad:
         raise MoetrimError(f"{path}: weights do not match the recorded layout (missing {missing[:3]}, unexpected {unexpected[:3]}, mismatched {bad[:3]})")
+    model.config._name_or_path = str(path)  # as from_pretrained sets it: what the model was loaded from
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -258,12 +303,12 @@ def _write_state(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
         shards[-1][k] = v
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt", **metadata})
+        save_safetensors(shards[0], out / "model.safetensors", metadata={"format": "pt", **metadata})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt", **metadata})
+        save_safetensors(shard, out / name, metadata={"format": "pt", **metadata})
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -301,15 +346,16 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write the compressed model into out_dir atomically: a temp folder beside it, then a rename.
-    An interrupted save leaves no half-written checkpoint at out_dir."""
+    An interrupted save leaves no half-written checkpoint at out_dir. The folder the model was
+    loaded from (and anything around it) is never written: `out_dir` may not be it, be inside it or
+    contain it."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    sources = [source] if source and Path(source).is_dir() else []
+    check_output(out, kind="checkpoint", inputs=sources, overwrite=overwrite, option="out_dir")
     if recipe is None and plan is not None:
         recipe = make_recipe(plan, profile, source=None, fmt="varwidth" if is_varwidth(model) else "standard")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if recipe is not None:
             model.config.moetrim = recipe
         if is_varwidth(model):
@@ -322,16 +368,6 @@ def save_checkpoint(
             plan.save(tmp / "plan.json")
         if profile is not None:
             profile.save(tmp / "profile.safetensors")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -350,4 +386,6 @@ def _save_varwidth(model: nn.Module, out: Path) -> None:
             gen.save_pretrained(out)
         except Exception:
             pass
-    _write_state(model, out, {"moetrim": "varwidth"})
+    # The layer record goes into the weight files too: config.json is a file people edit, and a swap of
+    # two widths there keeps every tensor's total size, so only this record can tell.
+    _write_state(model, out, {"moetrim": "varwidth", VARWIDTH_KEY: json.dumps(d[VARWIDTH_KEY], sort_keys=True)})

@@ -4,32 +4,50 @@ failures in one line and exit code 1; never a traceback for either."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from moetrim.errors import MoetrimError, UsageError
+from moetrim.cli_common import (
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExponentsOpt,
+    FisherModeOpt,
+    GranularityOpt,
+    MaxTokensOpt,
+    MinWidthOpt,
+    OneLineErrors,
+    OverwriteOpt,
+    ProtectOpt,
+    RatioOpt,
+    RoundToOpt,
+    SeedOpt,
+    SeqLenOpt,
+    TrustOpt,
+    allocation_option,
+    criterion_option,
+    data_files,
+    err,
+    handled,
+    model_dir,
+    out,
+    parse_exponents,
+    resolve_method,
+)
+from moetrim.errors import UsageError
+from moetrim.outputs import bytes_of_weights, check_output, raise_on_termination, write_text
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Make Mixture-of-Experts models smaller and faster: calibrate once, plan, apply, save.",
 )
-out = Console()
-err = Console(stderr=True)
-
-# Shared option declarations (typer reads defaults from these).
-DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto")
-DtypeOpt = typer.Option("auto", "--dtype", help="load dtype: auto (as saved), float32, bfloat16, float16")
-TrustOpt = typer.Option(False, "--trust-remote-code", help="allow code shipped with the checkpoint to run")
-SeedOpt = typer.Option(0, "--seed", help="seed for data sampling and random criteria")
 
 
 def _quiet_transformers() -> None:
@@ -37,65 +55,6 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def handled(fn):
-    """Turn moetrim errors into a one-line message and the right exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MoetrimError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            err.print("interrupted; nothing was written to the output")
-            raise typer.Exit(130)
-        except MemoryError:
-            err.print("[bold red]error:[/] out of memory; lower --batch-size or --seq-len, or use --dtype bfloat16")
-            raise typer.Exit(1)
-        except Exception as exc:  # torch OOM and friends: still one line
-            if type(exc).__name__ == "OutOfMemoryError":
-                err.print("[bold red]error:[/] out of device memory; lower --batch-size or --seq-len")
-                raise typer.Exit(1)
-            raise
-
-    return wrapper
-
-
-# -- helpers --------------------------------------------------------------------------------
-def _check_out(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} already exists; choose another --out or pass --overwrite")
-
-
-def _parse_exponents(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        vals = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError("--exponents takes three numbers a,b,p (e.g. 0,1,1 for REAP)") from None
-    if len(vals) != 3:
-        raise UsageError("--exponents takes three numbers a,b,p (e.g. 0,1,1 for REAP)")
-    return vals
-
-
-def _validate_method(granularity: str, criterion: str, ratio: float, allocation: Optional[str]) -> None:
-    """Fail before any expensive work on a bad method choice."""
-    import math
-
-    from moetrim import criteria
-    from moetrim.plan import ALLOCATIONS, GRANULARITIES
-
-    if granularity not in GRANULARITIES:
-        raise UsageError(f"unknown --granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
-    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
-        raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
-    criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
-    if allocation is not None and allocation not in ALLOCATIONS:
-        raise UsageError(f"unknown --allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
 
 
 def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool):
@@ -106,18 +65,16 @@ def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool):
         return load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
-def _data_arg(data: str):
-    for part in data.split(","):
-        if not Path(part).is_file():
-            raise UsageError(f"data file not found: {part}")
-    return data
-
-
 def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False):
     from moetrim.calibrate import calibrate
+    from moetrim.calibrate.run import model_context
     from moetrim.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    context = model_context(model)
+    if seq_len is not None and context and seq_len > context:
+        err.print(f"warning: --seq-len {seq_len} is longer than the model's context ({context} tokens); its statistics "
+                  "describe positions the model never saw in training")
     profile = calibrate(
         model,
         data,
@@ -138,7 +95,8 @@ def _report_plan(plan, fmt: str | None = None, note: str = "") -> None:
     t = Table(title="plan", show_header=False)
     t.add_row("method", f"{plan.granularity} / {plan.criterion} / {plan.allocation}")
     t.add_row("routed-expert params", f"{plan.params_before:,} -> {plan.params_after:,}")
-    t.add_row("removed", f"{plan.removed_fraction:.1%} (asked {plan.ratio:.1%})")
+    tol = f", tolerance ±{plan.ratio_tolerance:.1%}" if plan.ratio_tolerance is not None else ""
+    t.add_row("removed", f"{plan.removed_fraction:.1%} (asked {plan.ratio:.1%}{tol})")
     experts = [len(l.kept_experts) for l in plan.layers]
     widths = [w for l in plan.layers for w in l.widths]
     t.add_row("experts per layer", f"{min(experts)}..{max(experts)} of {plan.layers[0].experts_before}")
@@ -213,21 +171,21 @@ def calibrate_cmd(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
     data: str = typer.Option(..., "--data", help=".txt or .jsonl calibration data (comma-separated for several)"),
     out_path: Path = typer.Option(Path("profile.safetensors"), "--out", help="profile file to write"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="use at most this many tokens"),
-    seq_len: int = typer.Option(512, "--seq-len"),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    max_tokens: Optional[int] = MaxTokensOpt,
+    seq_len: Optional[int] = SeqLenOpt,
+    batch_size: int = BatchOpt,
     no_fisher: bool = typer.Option(False, "--no-fisher", help="forward pass only: no gradient statistics"),
-    fisher_mode: str = typer.Option("sequence", "--fisher-mode", help="sum squared gradients per 'sequence' or per 'batch'"),
+    fisher_mode: str = FisherModeOpt,
     grad_magnitude: bool = typer.Option(False, "--grad-magnitude", help="also record per-sequence weight-gradient magnitudes (costs more)"),
     seed: int = SeedOpt,
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
 ):
     """Record every statistic any criterion needs, in one pass, into a profile file."""
-    _check_out(out_path, overwrite)
-    _data_arg(data)
+    files = data_files(data)
+    check_output(out_path, kind="profile", inputs=[model_dir(model_path), *files], overwrite=overwrite)
     model = _load(model_path, dtype, device, trust_remote_code)
     profile, _ = _calibrate(model, model_path, data, trust_remote_code, fisher=not no_fisher, max_tokens=max_tokens,
                             seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, grad_magnitude=grad_magnitude)
@@ -238,31 +196,32 @@ def calibrate_cmd(
 @app.command("plan")
 @handled
 def plan_cmd(
-    model_path: str = typer.Argument(..., metavar="MODEL"),
+    model_path: str = typer.Argument(..., metavar="MODEL", help="the model the profile was made from (directory, or 'reference')"),
     profile_path: Optional[Path] = typer.Option(None, "--profile", help="profile from `moetrim calibrate`"),
-    granularity: str = typer.Option("dims", "--granularity", help="dims (trim intermediate dimensions) or experts"),
-    criterion: str = typer.Option("fisher", "--criterion"),
-    ratio: float = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)"),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="global, layer or uniform (default: global for dims, layer for experts)"),
-    min_width: Optional[int] = typer.Option(None, "--min-width", help="smallest width an expert keeps (0 lets experts go)"),
-    round_to: Optional[int] = typer.Option(None, "--round-to", help="widths in multiples of N"),
-    protect: int = typer.Option(0, "--protect", help="never remove the K dims per layer with the largest max|h|"),
-    exponents: Optional[str] = typer.Option(None, "--exponents", help="a,b,p of the unified expert score S(a,b,p)"),
+    granularity: str = GranularityOpt,
+    criterion: Optional[str] = criterion_option(),
+    ratio: float = RatioOpt,
+    allocation: Optional[str] = allocation_option(),
+    min_width: Optional[int] = MinWidthOpt,
+    round_to: Optional[int] = RoundToOpt,
+    protect: int = ProtectOpt,
+    exponents: Optional[str] = ExponentsOpt,
     seed: int = SeedOpt,
-    out_path: Path = typer.Option(Path("plan.json"), "--out"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    out_path: Path = typer.Option(Path("plan.json"), "--out", help="plan file to write (JSON)"),
+    overwrite: bool = OverwriteOpt,
     trust_remote_code: bool = TrustOpt,
 ):
     """Decide which experts and dimensions stay; writes a JSON plan."""
     from moetrim.calibrate import load_profile
     from moetrim.plan import make_plan
 
-    _validate_method(granularity, criterion, ratio, allocation)
-    _check_out(out_path, overwrite)
+    criterion = resolve_method(granularity, criterion, ratio, allocation)
+    exps = parse_exponents(exponents)
+    check_output(out_path, kind="plan", inputs=[model_dir(model_path), profile_path], overwrite=overwrite)
     profile = load_profile(profile_path) if profile_path else None
     model = _load(model_path, "auto", "cpu", trust_remote_code)
     plan = make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation,
-                     min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=_parse_exponents(exponents))
+                     min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps)
     plan.save(out_path)
     _report_plan(plan)
     out.print(f"plan -> [bold]{out_path}[/]")
@@ -271,11 +230,11 @@ def plan_cmd(
 @app.command("apply")
 @handled
 def apply_cmd(
-    model_path: str = typer.Argument(..., metavar="MODEL"),
-    plan_path: Path = typer.Option(..., "--plan"),
+    model_path: str = typer.Argument(..., metavar="MODEL", help="the model directory the plan was made for (or 'reference')"),
+    plan_path: Path = typer.Option(..., "--plan", help="plan from `moetrim plan`"),
     out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
     profile_path: Optional[Path] = typer.Option(None, "--profile", help="profile to store beside the checkpoint"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
@@ -285,7 +244,8 @@ def apply_cmd(
     from moetrim.checkpoint import load_tokenizer
     from moetrim.plan import load_plan
 
-    _check_out(out_dir, overwrite)
+    check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), plan_path, profile_path], overwrite=overwrite,
+                 need_bytes=bytes_of_weights(model_path))
     plan = load_plan(plan_path)
     profile = load_profile(profile_path) if profile_path else None
     model = _load(model_path, dtype, device, trust_remote_code)
@@ -297,22 +257,22 @@ def apply_cmd(
 @handled
 def compress(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
-    data: str = typer.Option(..., "--data", help=".txt or .jsonl calibration data"),
+    data: str = typer.Option(..., "--data", help=".txt or .jsonl calibration data (comma-separated for several)"),
     out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
-    granularity: str = typer.Option("dims", "--granularity", help="dims or experts"),
-    criterion: str = typer.Option("fisher", "--criterion"),
-    ratio: float = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)"),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="global, layer or uniform"),
-    min_width: Optional[int] = typer.Option(None, "--min-width"),
-    round_to: Optional[int] = typer.Option(None, "--round-to"),
-    protect: int = typer.Option(0, "--protect"),
-    exponents: Optional[str] = typer.Option(None, "--exponents"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
-    seq_len: int = typer.Option(512, "--seq-len"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    fisher_mode: str = typer.Option("sequence", "--fisher-mode"),
+    granularity: str = GranularityOpt,
+    criterion: Optional[str] = criterion_option(),
+    ratio: float = RatioOpt,
+    allocation: Optional[str] = allocation_option(),
+    min_width: Optional[int] = MinWidthOpt,
+    round_to: Optional[int] = RoundToOpt,
+    protect: int = ProtectOpt,
+    exponents: Optional[str] = ExponentsOpt,
+    max_tokens: Optional[int] = MaxTokensOpt,
+    seq_len: Optional[int] = SeqLenOpt,
+    batch_size: int = BatchOpt,
+    fisher_mode: str = FisherModeOpt,
     seed: int = SeedOpt,
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
@@ -321,10 +281,11 @@ def compress(
     from moetrim import criteria
     from moetrim.plan import make_plan
 
-    _validate_method(granularity, criterion, ratio, allocation)
-    exps = _parse_exponents(exponents)
-    _check_out(out_dir, overwrite)
-    _data_arg(data)
+    criterion = resolve_method(granularity, criterion, ratio, allocation)
+    exps = parse_exponents(exponents)
+    files = data_files(data)
+    check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), *files], overwrite=overwrite,
+                 need_bytes=bytes_of_weights(model_path))
     model = _load(model_path, dtype, device, trust_remote_code)
     crit = criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
     profile, tokenizer = _calibrate(model, model_path, data, trust_remote_code, fisher=crit.needs_gradients,
@@ -339,15 +300,15 @@ def compress(
 @handled
 def merge(
     profiles: list[Path] = typer.Argument(..., help="profiles of the same model"),
-    out_path: Path = typer.Option(..., "--out"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    out_path: Path = typer.Option(..., "--out", help="merged profile file to write"),
+    overwrite: bool = OverwriteOpt,
 ):
     """Add profiles of the same model (from shards, ranks or sessions) into one."""
     from moetrim.calibrate import load_profile
 
-    _check_out(out_path, overwrite)
     if len(profiles) < 2:
         raise UsageError("merge needs at least two profiles")
+    check_output(out_path, kind="profile", inputs=profiles, overwrite=overwrite)
     merged = load_profile(profiles[0])
     for p in profiles[1:]:
         merged = merged.merge(load_profile(p))
@@ -361,8 +322,8 @@ def eval_cmd(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
     tasks: str = typer.Option("all", "--tasks", help="comma-separated domains, or 'all'"),
     n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
+    batch_size: int = typer.Option(64, "--batch-size", help="items generated at once"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (replaces a JSON file already there)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
@@ -378,6 +339,10 @@ def eval_cmd(
         raise UsageError(str(exc)) from None
     if n is not None and n < 1:
         raise UsageError("--n must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if json_path is not None:
+        check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=True, option="--json")
     model = _load(model_path, dtype, device, trust_remote_code)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     try:
@@ -391,10 +356,7 @@ def eval_cmd(
         t.add_row(d, f"{res['accuracy'][d]:.3f}", f"{res['perplexity'][d]:.3f}", str(res["n"][d]))
     out.print(t)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, json_path)
+        write_text(json_path, json.dumps(res, indent=2))
 
 
 @app.command()
@@ -402,8 +364,8 @@ def eval_cmd(
 def demo(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder (default: a fresh ./moetrim-demo*)"),
     model_path: str = typer.Option("reference", "--model", help="model directory with a tokenizer (default: the bundled reference)"),
-    ratio: float = typer.Option(0.5, "--ratio"),
-    criterion: str = typer.Option("fisher", "--criterion"),
+    ratio: float = RatioOpt,
+    criterion: str = typer.Option("fisher", "--criterion", help="dims criterion (see `moetrim plan --help`)"),
     eval_items: int = typer.Option(200, "--eval-items", help="evaluation items per domain"),
     seed: int = SeedOpt,
 ):
@@ -411,12 +373,14 @@ def demo(
     compare dense vs compressed: accuracy, perplexity, memory, tokens/s."""
     from moetrim.demo import fresh_out_dir, run_demo
 
-    _validate_method("dims", criterion, ratio, "global")
+    resolve_method("dims", criterion, ratio, "global")
     if eval_items < 1:
         raise UsageError("--eval-items must be at least 1")
     target = out_dir or fresh_out_dir()
-    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
-        raise UsageError(f"{out_dir} already exists and is not empty; choose another --out")
+    empty = target.is_dir() and not any(target.iterdir())
+    if target.exists() and not empty:
+        raise UsageError(f"{target} already exists and is not empty; choose another --out")
+    check_output(target, kind="folder", inputs=[model_dir(model_path)], overwrite=empty, need_bytes=bytes_of_weights(model_path))
     _quiet_transformers()
     res = run_demo(target, model=model_path, ratio=ratio, criterion=criterion, eval_items=eval_items, seed=seed,
                    log=lambda s: err.print(s))
@@ -444,7 +408,8 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM and SIGHUP unwind like Ctrl-C, so temporaries are removed."""
+    raise_on_termination()
     app()
 
 

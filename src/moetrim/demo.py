@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ from moetrim.apply import apply_plan
 from moetrim.calibrate import calibrate
 from moetrim.checkpoint import load_model, load_tokenizer, make_recipe, save_checkpoint
 from moetrim.evaluate.throughput import compare_throughput
+from moetrim.outputs import atomic_dir
 from moetrim.plan import make_plan
 from moetrim.summary import weight_bytes
 
@@ -38,11 +37,17 @@ def run_demo(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Run the demo and write OUT/results.json and OUT/compressed/; returns the results dict."""
+    with atomic_dir(out_dir) as work:  # all or nothing: an interrupted demo leaves no folder behind
+        return _run(work, out_dir, model, ratio, criterion, allocation, calib_per_domain, eval_items, seed, log)
+
+
+def _run(work: Path, out_dir: Path, model: str, ratio: float, criterion: str, allocation: str, calib_per_domain: int,
+         eval_items: int, seed: int, log: Callable[[str], None]) -> dict:
     from moetrim.data.tasks import DOMAINS, calibration_texts
     from moetrim.evaluate.tasks_eval import evaluate_tasks
 
     t0 = time.perf_counter()
-    model, fallback = _demo_model(model, out_dir, log)
+    model, fallback = _demo_model(model, work, log)
     dense = load_model(model, dtype=torch.float32)
     tok = load_tokenizer(model)
     log(f"calibrating on {calib_per_domain} items of each domain ({', '.join(DOMAINS)})")
@@ -51,8 +56,9 @@ def run_demo(
     plan = make_plan(dense, profile, granularity="dims", criterion=criterion, ratio=ratio, allocation=allocation, seed=seed)
     compressed = copy.deepcopy(dense)
     result = apply_plan(compressed, plan)
-    save_checkpoint(compressed, out_dir / "compressed", tokenizer=tok, plan=plan, profile=profile,
-                    recipe=make_recipe(plan, profile, model, result.format), overwrite=True)
+    shown_model = str(out_dir / Path(model).relative_to(work)) if fallback else str(model)
+    save_checkpoint(compressed, work / "compressed", tokenizer=tok, plan=plan, profile=profile,
+                    recipe=make_recipe(plan, profile, shown_model, result.format))
     models = {"dense": dense, "compressed": compressed}
     results: dict = {}
     for name, m in models.items():
@@ -71,7 +77,7 @@ def run_demo(
         results[name].update(speed[name])
     d, c = results["dense"], results["compressed"]
     results["method"] = {
-        "model": str(model),
+        "model": shown_model,
         "granularity": "dims",
         "criterion": criterion,
         "ratio": ratio,
@@ -91,11 +97,7 @@ def run_demo(
         "decode_speedup_b8": c["decode_tokens_per_s_b8"] / d["decode_tokens_per_s_b8"],
     }
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, out_dir / "results.json")
+    (work / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 

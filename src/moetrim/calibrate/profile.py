@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moetrim.errors import UsageError
+from moetrim.outputs import atomic_file, save_safetensors
 
 PROFILE_VERSION = "1"
 EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")
@@ -105,6 +104,9 @@ class Profile:
             raise UsageError("cannot merge profiles of different models (model fingerprints differ)")
         if set(self.stats) != set(other.stats):
             raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher or --grad-magnitude?)")
+        for key, value in self.stats.items():
+            if value.shape != other.stats[key].shape:
+                raise UsageError(f"cannot merge: '{key}' has shape {list(value.shape)} in one profile and {list(other.stats[key].shape)} in the other")
         if self.meta.get("fisher_mode") != other.meta.get("fisher_mode"):
             raise UsageError("cannot merge profiles whose Fisher was summed per sequence and per batch")
         merged = {}
@@ -121,19 +123,56 @@ class Profile:
         return Profile(merged, meta)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically (temp file in the same folder, then rename)."""
+        """Write atomically (temp file in the same folder, then rename); same profile, same bytes."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.stats.items()}
-            save_file(tensors, tmp, metadata={**self.meta, "moetrim_profile": PROFILE_VERSION})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.stats.items()}
+        with atomic_file(path) as tmp:
+            save_safetensors(tensors, tmp, metadata={**self.meta, "moetrim_profile": PROFILE_VERSION})
         return path
+
+    def validate(self, source: str = "the profile") -> "Profile":
+        """Refuse statistics no criterion can rank by: no tokens, non-finite values, or shapes that
+        disagree within a layer. Returns self."""
+        if self.tokens <= 0 or not self.stats:
+            raise UsageError(f"{source} holds no calibration tokens; calibrate on more data")
+        shapes: dict[int, tuple[int, int | None]] = {}
+        for key, t in self.stats.items():
+            parts = key.split(".")
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, "tokens"):
+                raise UsageError(f"{source} has an unknown statistic '{key}'; it was not written by moetrim calibrate")
+            layer, name = int(parts[1]), parts[2]
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise UsageError(f"{source} has non-finite values in '{key}' (did the model overflow? calibrate with --dtype float32)")
+            E, I = shapes.get(layer, (None, None))
+            want = {"moments": 3}.get(name, 1 if name in EXPERT_STATS or name == "tokens" else 2)
+            if t.ndim != want or (name == "moments" and tuple(t.shape[1:]) != (3, 3)) or (name == "tokens" and t.numel() != 1):
+                raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, not what moetrim calibrate writes")
+            if name != "tokens":
+                E = t.shape[0] if E is None else E
+                I = t.shape[1] if name in DIM_STATS and I is None else I
+                if t.shape[0] != E or (name in DIM_STATS and t.shape[1] != I):
+                    raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, which disagrees with the layer's other statistics")
+            shapes[layer] = (E, I)
+        required = {"tokens", "moments", "prob_sum", "act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum"}
+        if self.has_gradients:
+            required |= {"taylor", "fisher"}
+        for layer in shapes:
+            missing = sorted(n for n in required if f"layers.{layer}.{n}" not in self.stats)
+            if missing:
+                raise UsageError(f"{source} lacks {', '.join(missing)} for layer {layer}; it was not written by moetrim calibrate")
+        return self
+
+    def check_model(self, layers) -> None:
+        """Refuse a profile whose layers, expert counts or widths are not the model's (`layers`: MoELayer views)."""
+        want = {l.index: (l.num_experts, l.widths[0]) for l in layers}
+        if set(self.layers) != set(want):
+            raise UsageError(f"the profile covers MoE layers {self.layers} but the model's are {sorted(want)}; calibrate this model")
+        for key, t in self.stats.items():
+            _, layer, name = key.split(".")
+            E, I = want[int(layer)]
+            if (name != "tokens" and t.shape[0] != E) or (name in DIM_STATS and t.shape[1] != I):
+                raise UsageError(f"the profile's '{key}' has shape {list(t.shape)} but layer {layer} has {E} experts of width {I}; "
+                                 "calibrate this model")
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
@@ -146,10 +185,14 @@ def load_profile(path: str | os.PathLike) -> Profile:
             meta = dict(f.metadata() or {})
             stats = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for a corrupt header
-        raise UsageError(f"{path} is not a safetensors profile: {exc}") from None
+        raise UsageError(f"{path} is not a safetensors profile: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if "moetrim_profile" not in meta:
         raise UsageError(f"{path} is a safetensors file but not a moetrim profile (no 'moetrim_profile' metadata)")
-    return Profile(stats, meta)
+    try:
+        int(meta.get("tokens", "0")), int(meta.get("sequences", "0"))
+    except ValueError:
+        raise UsageError(f"{path}: its 'tokens' or 'sequences' metadata is not a number") from None
+    return Profile(stats, meta).validate(str(path))
 
 
 def data_digest(chunks: list[torch.Tensor]) -> str:

@@ -16,6 +16,7 @@ from moetrim.model.view import find_moe_layers
 from moetrim.progress import progress_bar
 
 FISHER_MODES = ("sequence", "batch")
+DEFAULT_SEQ_LEN = 512
 
 
 def _sequence_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def calibrate(
     *,
     tokenizer=None,
     max_tokens: int | None = None,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 4,
     seed: int = 0,
     fisher: bool = True,
@@ -56,7 +57,12 @@ def calibrate(
     """
     if fisher_mode not in FISHER_MODES:
         raise UsageError(f"unknown fisher mode '{fisher_mode}'; choose from {', '.join(FISHER_MODES)}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2 (a sequence needs two tokens to have a loss), got {max_tokens}")
     layers = find_moe_layers(model)
+    if any(len(set(l.widths)) != 1 for l in layers):
+        raise UsageError("this model is already compressed to different widths; calibrate the original model")
+    seq_len = default_seq_len(model) if seq_len is None else seq_len
     chunks = token_chunks(data, tokenizer, seq_len=seq_len, max_tokens=None)
     if not chunks:
         raise UsageError("calibration data is empty: no sequence of at least 2 tokens")
@@ -72,6 +78,8 @@ def calibrate(
                 picked.append((i, piece))
                 total += piece.numel()
         chunks = [c for _, c in sorted(picked, key=lambda t: t[0])]
+        if not chunks:
+            raise UsageError(f"--max-tokens {max_tokens} leaves no sequence of at least 2 tokens; raise it")
     device = next(model.parameters()).device
     if grad_magnitude and not fisher:
         raise UsageError("grad-magnitude needs gradients: drop --no-fisher")
@@ -122,4 +130,17 @@ def calibrate(
         "grad_magnitude": "true" if fisher and grad_magnitude else "false",
         "hidden_size": str(layers[0].hidden_size),
     }
-    return Profile(stats, meta)
+    return Profile(stats, meta).validate("calibration")
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), if its config says."""
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def default_seq_len(model: nn.Module) -> int:
+    """512 tokens, or the model's context when that is shorter."""
+    ctx = model_context(model)
+    return min(DEFAULT_SEQ_LEN, ctx) if ctx else DEFAULT_SEQ_LEN

@@ -1,4 +1,4 @@
-"""Plans: which experts and which intermediate dimensions stay, per MoE layer, as reviewable JSON.
+"""Planning: which experts and which intermediate dimensions stay, per MoE layer.
 
 `--ratio` is the fraction of routed-expert parameters removed. Allocation decides where:
   global   one ranking across every layer and expert (scores not comparable across layers are
@@ -9,12 +9,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,86 +19,8 @@ from moetrim.calibrate.profile import Profile
 from moetrim.errors import UsageError
 from moetrim.model.identity import model_fingerprint
 from moetrim.model.view import MoELayer, find_moe_layers
-
-SCHEMA_VERSION = 1
-GRANULARITIES = ("dims", "experts")
-ALLOCATIONS = ("global", "layer", "uniform")
-
-
-@dataclass
-class LayerPlan:
-    layer: int
-    experts_before: int
-    width_before: int
-    top_k: int
-    kept_experts: list[int]
-    widths: list[int]  # per kept expert
-    kept_dims: list[list[int]] | None = None  # per kept expert, ascending; None: all dims kept
-
-
-@dataclass
-class Plan:
-    granularity: str
-    criterion: str
-    ratio: float
-    allocation: str
-    seed: int
-    min_width: int | None
-    round_to: int
-    protect: int
-    exponents: list[float] | None
-    model_fingerprint: str
-    profile_digest: str | None
-    params_before: int
-    params_after: int
-    layers: list[LayerPlan]
-    schema_version: int = SCHEMA_VERSION
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def removed_fraction(self) -> float:
-        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["removed_fraction"] = round(self.removed_fraction, 6)
-        return d
-
-    def to_json(self) -> str:
-        # Fixed key order and compact dim lists: the same plan is the same bytes.
-        d = self.to_dict()
-        layers = d.pop("layers")
-        head = json.dumps(d, indent=1, sort_keys=True)
-        rows = ",\n".join("  " + json.dumps(l, sort_keys=True, separators=(",", ":")) for l in layers)
-        return head[:-2] + ',\n "layers": [\n' + rows + "\n ]\n}\n"
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise UsageError(f"plan schema version {d.get('schema_version')} is not {SCHEMA_VERSION}; re-run `moetrim plan`")
-        d = dict(d)
-        d.pop("removed_fraction", None)
-        d["layers"] = [LayerPlan(**l) for l in d["layers"]]
-        return cls(**d)
-
-
-def load_plan(path: str | os.PathLike) -> Plan:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"plan not found: {path}")
-    try:
-        return Plan.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise UsageError(f"{path} is not a moetrim plan: {exc}") from None
+from moetrim.plan.constraints import check_constraints, ratio_tolerance
+from moetrim.plan.schema import ALLOCATIONS, GRANULARITIES, LayerPlan, Plan
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -128,10 +45,11 @@ def _layer_scores(name: str, level: str, profile: Profile | None, layer: MoELaye
     return criteria.score(name, level, profile, layer, seed=seed, **kw)
 
 
-def _validate(model: nn.Module, profile: Profile | None, granularity: str, criterion: str, ratio: float, allocation: str):
+def _validate(model: nn.Module, layers: list[MoELayer], profile: Profile | None, granularity: str, criterion: str, ratio: float,
+              allocation: str):
     if granularity not in GRANULARITIES:
         raise UsageError(f"unknown granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
-    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
+    if not isinstance(ratio, (int, float)) or not (0.0 <= ratio < 1.0) or math.isnan(ratio):
         raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
     if allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
@@ -140,13 +58,43 @@ def _validate(model: nn.Module, profile: Profile | None, granularity: str, crite
     needs_profile = criterion not in ("random", "magnitude")
     if needs_profile and profile is None:
         raise UsageError(f"criterion '{criterion}' needs a calibration profile (--profile or --data)")
+    if any(len(set(l.widths)) != 1 for l in layers):
+        raise UsageError("this model is already compressed to different widths; plan on the original model")
     if profile is not None:
         fp = model_fingerprint(model)
         if profile.fingerprint != fp:
             raise UsageError("the profile was made from another model (model fingerprints differ); calibrate this model")
+        profile.validate()
+        profile.check_model(layers)
         if crit.needs_gradients and not profile.has_gradients:
             raise UsageError(f"criterion '{criterion}' needs gradients but the profile was calibrated with --no-fisher")
     return level, crit
+
+
+def _validate_options(layers: list[MoELayer], granularity: str, criterion: str, profile: Profile | None, min_width: int | None,
+                      round_to: int | None, protect: int, exponents: list[float] | None) -> None:
+    """Options that contradict the model or each other, refused before planning."""
+    width = layers[0].widths[0]
+    per_layer = min(l.num_experts for l in layers) * width
+    if granularity != "dims":
+        for name, value in (("--min-width", min_width), ("--round-to", round_to), ("--protect", protect or None)):
+            if value is not None:
+                raise UsageError(f"{name} trims dimensions: it applies to --granularity dims, not experts")
+    if not isinstance(protect, int) or protect < 0:
+        raise UsageError("--protect must be >= 0")
+    if protect and profile is None:
+        raise UsageError("--protect needs a calibration profile (it reads max|h|)")
+    if protect > per_layer:
+        raise UsageError(f"--protect {protect} is more than the {per_layer} dims of a layer ({per_layer // width} experts x {width})")
+    if min_width is not None and not 0 <= min_width <= width:
+        raise UsageError(f"--min-width must be between 0 and the expert width {width}, got {min_width}")
+    if round_to is not None and not 1 <= round_to <= width:
+        raise UsageError(f"--round-to must be between 1 and the expert width {width}, got {round_to}")
+    if exponents is not None:
+        if criterion != "unified":
+            raise UsageError("--exponents is only used with --criterion unified")
+        if len(exponents) != 3 or not all(math.isfinite(x) for x in exponents) or exponents[1] not in (0, 1, 2) or exponents[2] not in (0, 1, 2):
+            raise UsageError("--exponents takes a,b,p: a finite a, and b and p each 0, 1 or 2 (e.g. 0,1,1 for REAP)")
 
 
 # -- planning -----------------------------------------------------------------------------
@@ -164,56 +112,53 @@ def make_plan(
     seed: int = 0,
     exponents: list[float] | None = None,
 ) -> Plan:
-    """Decide what to remove. Same inputs and seed give the same plan, bit for bit."""
+    """Decide what to remove. Same inputs and seed give the same plan, bit for bit.
+
+    The plan meets every constraint asked (the ratio within `plan.ratio_tolerance`, protected dims
+    kept, widths at least `min_width` and multiples of `round_to`) or a UsageError says which
+    constraint makes the target unreachable."""
     allocation = allocation or ("global" if granularity == "dims" else "layer")
-    level, crit = _validate(model, profile, granularity, criterion, ratio, allocation)
-    if protect < 0:
-        raise UsageError("--protect must be >= 0")
-    if protect and profile is None:
-        raise UsageError("--protect needs a calibration profile (it reads max|h|)")
-    if min_width is not None and min_width < 0:
-        raise UsageError("--min-width must be >= 0")
-    if round_to is not None and round_to < 1:
-        raise UsageError("--round-to must be >= 1")
-    if exponents is not None and criterion != "unified":
-        raise UsageError("--exponents is only used with --criterion unified")
     layers = find_moe_layers(model)
-    if any(len(set(l.widths)) != 1 for l in layers):
-        raise UsageError("this model is already compressed to different widths; plan on the original model")
-    params_before = sum(l.routed_params() for l in layers)
+    level, crit = _validate(model, layers, profile, granularity, criterion, ratio, allocation)
+    _validate_options(layers, granularity, criterion, profile, min_width, round_to, protect, exponents)
     scores = [_layer_scores(criterion, level, profile, l, seed, exponents) for l in layers]
-    if granularity == "experts":
-        plans = _plan_experts(layers, scores, ratio, allocation, crit.comparable_across_layers)
-        rt = 1
-    else:
-        width = layers[0].widths[0]
-        rt = round_to if round_to is not None else _auto_round(width, ratio, allocation)
-        mw = min_width if min_width is not None else max(1, width // 32)
-        if mw % rt:
-            mw = (mw // rt + 1) * rt
-        if protect:
-            scores = [_protect(s, profile.get(l.index, "act_abs_max").double(), protect) for s, l in zip(scores, layers)]
-        plans = _plan_dims(layers, scores, ratio, allocation, crit.comparable_across_layers, mw, rt)
-        min_width = mw
-    params_after = sum(
-        sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in p.widths) for l, p in zip(layers, plans)
-    )
-    return Plan(
-        granularity=granularity,
-        criterion=criterion,
-        ratio=float(ratio),
-        allocation=allocation,
-        seed=int(seed),
-        min_width=min_width if granularity == "dims" else None,
-        round_to=rt,
-        protect=int(protect),
-        exponents=[float(x) for x in exponents] if exponents is not None else None,
-        model_fingerprint=model_fingerprint(model),
-        profile_digest=profile.digest() if profile is not None else None,
-        params_before=int(params_before),
-        params_after=int(params_after),
-        layers=plans,
-    )
+    protected = [_protected(profile.get(l.index, "act_abs_max").double(), protect) for l in layers] if protect else None
+
+    def build(ratio: float, min_width: int | None, round_to: int | None, protected) -> Plan:
+        if granularity == "experts":
+            plans, rt, mw = _plan_experts(layers, scores, ratio, allocation, crit.comparable_across_layers), 1, None
+        else:
+            width = layers[0].widths[0]
+            rt = round_to if round_to is not None else _auto_round(width, ratio, allocation)
+            mw = min_width if min_width is not None else max(1, width // 32)
+            if mw % rt:
+                mw = min((mw // rt + 1) * rt, width)
+            plans = _plan_dims(layers, scores, ratio, allocation, crit.comparable_across_layers, mw, rt, protected)
+        params_after = sum(
+            sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in p.widths) for l, p in zip(layers, plans)
+        )
+        return Plan(
+            granularity=granularity,
+            criterion=criterion,
+            ratio=float(ratio),
+            allocation=allocation,
+            seed=int(seed),
+            min_width=mw,
+            round_to=rt,
+            protect=int(protect) if protected is not None else 0,
+            exponents=[float(x) for x in exponents] if exponents is not None else None,
+            model_fingerprint=model_fingerprint(model),
+            profile_digest=profile.digest() if profile is not None else None,
+            params_before=int(sum(l.routed_params() for l in layers)),
+            params_after=int(params_after),
+            layers=plans,
+            ratio_tolerance=ratio_tolerance(layers, granularity, allocation, rt),
+        )
+
+    plan = build(ratio, min_width, round_to, protected)
+    check_constraints(plan, layers, protected, lambda **kw: build(**{**dict(ratio=ratio, min_width=min_width, round_to=round_to,
+                                                                            protected=protected), **kw}))
+    return plan
 
 
 def _auto_round(width: int, ratio: float, allocation: str) -> int:
@@ -228,13 +173,12 @@ def _auto_round(width: int, ratio: float, allocation: str) -> int:
     return 1
 
 
-def _protect(scores: torch.Tensor, act_max: torch.Tensor, k: int) -> torch.Tensor:
-    """Never remove the k dimensions of the layer with the largest max|h|."""
+def _protected(act_max: torch.Tensor, k: int) -> torch.Tensor:
+    """[E, I] mask of the k dimensions of the layer with the largest max|h|: never removed."""
     flat = act_max.flatten()
-    top = _ranking(flat)[: min(k, flat.numel())]
-    out = scores.clone().flatten()
-    out[top] = math.inf
-    return out.view_as(scores)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[_ranking(flat)[: min(k, flat.numel())]] = True
+    return mask.view_as(act_max)
 
 
 def _plan_experts(layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, allocation: str, comparable: bool) -> list[LayerPlan]:
@@ -279,8 +223,13 @@ def _plan_experts(layers: list[MoELayer], scores: list[torch.Tensor], ratio: flo
 
 
 def _plan_dims(
-    layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, allocation: str, comparable: bool, min_width: int, round_to: int
+    layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, allocation: str, comparable: bool, min_width: int, round_to: int,
+    protected: list[torch.Tensor] | None = None,
 ) -> list[LayerPlan]:
+    """Widths per expert, then each expert's best dims. Protected dims rank first in their expert and
+    count as kept before the budget is spent (so too many of them show as a missed ratio)."""
+    if protected is not None:
+        scores = [torch.where(m, torch.full_like(s, math.inf), s) for s, m in zip(scores, protected)]
     widths_per_layer: list[torch.Tensor]
     if allocation == "uniform":
         width = layers[0].widths[0]
@@ -308,13 +257,13 @@ def _plan_dims(
 def _widths_from_ranking(layers: list[MoELayer], scores: list[torch.Tensor], ratio: float, min_width: int, round_to: int) -> list[torch.Tensor]:
     """Keep the best dims across the given layers until (1 - ratio) of their parameters remain.
 
-    The first `min_width` dims of every expert (by score) are kept regardless; widths are then
-    rounded to multiples of `round_to` (an expert rounded to zero is removed)."""
+    The first `min_width` dims of every expert (by score) and dims scored +inf (protected) are kept
+    regardless; widths are then rounded to multiples of `round_to` (an expert rounded to zero is removed)."""
     width = layers[0].widths[0]
     forced = []
     for s in scores:
         rank_in_expert = torch.argsort(_ranking_rows(s), dim=1)  # position of each dim in its expert's ranking
-        forced.append(rank_in_expert < min_width)
+        forced.append((rank_in_expert < min_width) | (s == math.inf))
     entries = torch.cat([s.flatten() for s in scores])
     must = torch.cat([f.flatten() for f in forced])
     cost = torch.cat([torch.full((s.numel(),), l.params_per_dim(), dtype=torch.float64) for l, s in zip(layers, scores)])
@@ -326,14 +275,24 @@ def _widths_from_ranking(layers: list[MoELayer], scores: list[torch.Tensor], rat
     n_keep = min(max(n_keep, int(must.sum())), entries.numel()) if keep_budget > 0 else int(must.sum())
     keep = torch.zeros(entries.numel(), dtype=torch.bool)
     keep[order[:n_keep]] = True
-    out, start = [], 0
-    for l, s in zip(layers, scores):
-        counts = keep[start : start + s.numel()].view(s.shape).sum(1).double()
+    counts, start = [], 0
+    for s in scores:
+        counts.append(keep[start : start + s.numel()].view(s.shape).sum(1))
         start += s.numel()
-        if round_to > 1:
-            counts = torch.round(counts / round_to) * round_to
-        out.append(counts.clamp(max=width).to(torch.long))
-    return out
+    counts = _round_counts(torch.cat(counts), round_to, width) if round_to > 1 else torch.cat(counts)
+    return list(counts.split([s.shape[0] for s in scores]))
+
+
+def _round_counts(counts: torch.Tensor, round_to: int, width: int) -> torch.Tensor:
+    """Widths in multiples of round_to whose total stays within half a step of the unrounded total
+    (largest remainders get the extra steps; ties in expert order), so rounding many experts does not
+    add up to a missed ratio. An expert whose width is not a multiple keeps at most its full width."""
+    q = counts.double() / round_to
+    units = q.floor()
+    extra = int(round(float(q.sum()))) - int(units.sum())
+    if extra > 0:
+        units[_ranking(q - units)[:extra]] += 1
+    return (units * round_to).clamp(max=width).to(torch.long)
 
 
 def _ranking_rows(s: torch.Tensor) -> torch.Tensor:

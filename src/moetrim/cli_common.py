@@ -1,0 +1,177 @@
+"""What every `moetrim` command shares: consoles, one-line errors and exit codes, option declarations.
+
+Exit codes: 0 done; 2 a usage mistake (bad option, bad input file, an --out that would touch an
+input); 1 a failure (bad checkpoint, disk full, a bug); 130 interrupted; 143 terminated. Every error
+is one line on stderr; `MOETRIM_DEBUG=1` shows the traceback of unexpected ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup, TyperOption
+
+from moetrim.errors import MoetrimError, UsageError
+from moetrim.outputs import Terminated, describe_os_error
+
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _console(stderr: bool = False) -> Console:
+    # Piped output keeps whole table rows instead of cutting them at rich's default 80 columns.
+    stream = sys.stderr if stderr else sys.stdout
+    wide = None if stream.isatty() else 240
+    return Console(stderr=stderr, width=wide)
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+class OneLineErrors(TyperGroup):
+    """Click's own usage errors (unknown option, bad number) as one line and exit 2, like ours."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "moetrim", complete_var=complete_var, standalone_mode=False, **extra)
+        except _ClickException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has already printed the help
+                ctx = getattr(exc, "ctx", None)
+                where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+                err.print(f"[bold red]error:[/] {escape(exc.format_message().rstrip('.'))}{escape(where)}", highlight=False, soft_wrap=True)
+            rv = exc.exit_code
+        except typer.Abort:
+            rv = 130
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+# typer labels flags "<bool>" as if they took a value; they take none.
+if hasattr(TyperOption, "display_type_rich"):
+    _display_type_rich = TyperOption.display_type_rich
+
+    def _flag_has_no_type(self, ctx):
+        return None if getattr(self, "is_flag", False) else _display_type_rich(self, ctx)
+
+    TyperOption.display_type_rich = _flag_has_no_type
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handled(fn):
+    """Turn every failure into a one-line message and the right exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MoetrimError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written to the output")
+            raise typer.Exit(130)
+        except Terminated as exc:
+            err.print(f"terminated ({exc}); nothing was written to the output")
+            raise typer.Exit(143)
+        except MemoryError:
+            _fail("out of memory; lower --batch-size or --seq-len, or use --dtype bfloat16", 1)
+        except OSError as exc:
+            _fail(describe_os_error(exc), 1)
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+                _fail("out of device memory; lower --batch-size or --seq-len", 1)
+            if os.environ.get("MOETRIM_DEBUG"):
+                raise
+            first = (str(exc).splitlines() or [""])[0][:300]
+            _fail(f"internal error ({type(exc).__name__}: {first}); this is a bug in moetrim: "
+                  "please report it with the command (MOETRIM_DEBUG=1 shows the traceback)", 1)
+
+    return wrapper
+
+
+# -- shared options (typer reads defaults and help from these) ------------------------------------
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto")
+DtypeOpt = typer.Option("auto", "--dtype", help="load dtype: auto (as saved), float32, bfloat16, float16")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="allow code shipped with the checkpoint to run")
+SeedOpt = typer.Option(0, "--seed", help="seed for data sampling and random criteria")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing output that moetrim wrote (never an input)")
+MaxTokensOpt = typer.Option(None, "--max-tokens", help="calibrate on at most this many tokens (at least 2)")
+SeqLenOpt = typer.Option(None, "--seq-len", help="tokens per calibration sequence (default: 512, or the model's context if shorter)")
+BatchOpt = typer.Option(4, "--batch-size", help="calibration sequences per forward/backward pass")
+FisherModeOpt = typer.Option("sequence", "--fisher-mode", help="square gradients per 'sequence' (default) or per 'batch'")
+GranularityOpt = typer.Option("dims", "--granularity", help="dims (trim intermediate dimensions) or experts (remove whole experts)")
+RatioOpt = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)")
+MinWidthOpt = typer.Option(None, "--min-width", help="dims: smallest width an expert keeps (default 1/32 of the width; 0 lets experts go)")
+RoundToOpt = typer.Option(None, "--round-to", help="dims: widths in multiples of N (default 1; uniform rounds to 8 when within 2 points)")
+ProtectOpt = typer.Option(0, "--protect", help="dims: never remove the K dims per layer with the largest max|h|")
+ExponentsOpt = typer.Option(None, "--exponents", help="with --criterion unified: a,b,p of S(a,b,p) (b, p in 0, 1, 2)")
+
+
+def criterion_option() -> Optional[str]:
+    from moetrim import criteria
+
+    dims, experts = ", ".join(criteria.names("dim")), ", ".join(criteria.names("expert"))
+    return typer.Option(None, "--criterion", help=f"dims: {dims} (default fisher). experts: {experts} (default reap)")
+
+
+def allocation_option() -> Optional[str]:
+    return typer.Option(None, "--allocation", help="global, layer or uniform (default: global for dims, layer for experts)")
+
+
+def parse_exponents(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError("--exponents takes three numbers a,b,p (e.g. 0,1,1 for REAP)") from None
+    if len(vals) != 3:
+        raise UsageError("--exponents takes three numbers a,b,p (e.g. 0,1,1 for REAP)")
+    return vals
+
+
+def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> str:
+    """Fail before any expensive work on a bad method choice; returns the criterion (its default filled in)."""
+    import math
+
+    from moetrim import criteria
+    from moetrim.plan import ALLOCATIONS, GRANULARITIES
+
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"unknown --granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
+    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
+        raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
+    criterion = criterion or ("fisher" if granularity == "dims" else "reap")
+    criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
+    return criterion
+
+
+def data_files(data: str) -> list[Path]:
+    """The comma-separated data files of --data, each checked to exist."""
+    files = [Path(part) for part in data.split(",")]
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"data file not found: {f}")
+    return files
+
+
+def model_dir(model_path: str) -> Path:
+    """The folder a model argument names ('reference' is the bundled model)."""
+    from moetrim.reference import resolve_model_path
+
+    return resolve_model_path(model_path)

@@ -1,0 +1,302 @@
+"""Where results are written: never over or inside an input, atomically, and without leftovers.
+
+Every output (checkpoint folder, profile, plan, report) is first checked against the command's
+inputs and the file system, before any expensive work:
+- it must not be an input, lie inside an input folder, or contain an input (replacing a folder
+  deletes what is in it), nor be the current folder or one above it;
+- an existing output is replaced only with `overwrite`, and only when it is what moetrim would write
+  there (a moetrim checkpoint or an empty folder, a moetrim profile, a JSON file): `--overwrite`
+  never deletes a folder of someone else's files;
+- the folder it goes into must be writable, and hold roughly the bytes it will take.
+
+Writing goes to a hidden temporary beside the output, `.NAME.tmp-PID-XXXX`, renamed into place at
+the end. SIGINT and SIGTERM unwind through `finally` blocks that remove it; a temporary left by a
+killed process (SIGKILL, power loss) is found by the next run that writes the same output, from
+its PID, and removed. A replaced output moves to `.NAME.old-PID-XXXX` for the instant of the swap
+(signals blocked); if that process died in between, the next run puts the old output back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from moetrim.errors import MoetrimError, UsageError
+
+KINDS = ("checkpoint", "folder", "profile", "plan", "json")
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM/SIGHUP so that `finally` blocks clean up as on Ctrl-C."""
+
+
+def raise_on_termination() -> None:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C (the CLI calls this once at start-up)."""
+
+    def handler(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread, or not on this OS
+            signal.signal(sig, handler)
+
+
+# -- checks before work ---------------------------------------------------------------------
+def _abs(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _is_moetrim_checkpoint(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return (folder / "results.json").is_file() and (folder / "compressed").is_dir()  # a demo folder
+    return isinstance(cfg, dict) and "moetrim" in cfg
+
+
+def _is_kind(path: Path, kind: str) -> bool:
+    """Whether an existing file is what an output of `kind` holds (so replacing it loses nothing else)."""
+    if kind == "profile":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return "moetrim_profile" in (f.metadata() or {})
+        except Exception:  # any unreadable or foreign file
+            return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return kind == "json" or (isinstance(data, dict) and "schema_version" in data and "layers" in data)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    inputs: Sequence[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    need_bytes: int = 0,
+    option: str = "--out",
+) -> Path:
+    """Refuse (UsageError, before any work) an output that would touch an input or someone else's
+    files; remove what killed earlier runs left beside it. Returns the path as given."""
+    assert kind in KINDS, kind
+    target = _abs(path)
+    shown = f"{option} {path}"
+    for given in inputs:
+        if given is None:
+            continue
+        src = _abs(given)
+        if _inside(target, src):
+            what = "is" if target == src else "is inside"
+            raise UsageError(f"{shown} {what} the input {given}; moetrim never writes to its inputs: choose a path outside it")
+        if _inside(src, target):
+            raise UsageError(f"{shown} contains the input {given}; writing there would replace it: choose a new path")
+    if _inside(Path.cwd().resolve(), target):
+        raise UsageError(f"{shown} is the current folder or one above it; choose a new folder")
+    folder = kind in ("checkpoint", "folder")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise UsageError(f"{path} already exists; choose another {option} or pass --overwrite")
+        if folder and not target.is_dir():
+            raise UsageError(f"{shown} is a file; this output is a folder: choose a folder path")
+        if not folder and not target.is_file():
+            raise UsageError(f"{shown} is not a regular file; give a file path")
+        if folder and any(target.iterdir()) and not _is_moetrim_checkpoint(target):
+            raise UsageError(f"{path} is not a moetrim output; --overwrite replaces only what moetrim wrote: "
+                             f"choose another {option} or remove it yourself")
+        if not folder and not _is_kind(target, kind):
+            raise UsageError(f"{path} is not a moetrim {kind}; --overwrite replaces only what moetrim wrote: "
+                             f"choose another {option} or remove it yourself")
+    base = _existing_ancestor(target.parent)
+    if not base.is_dir():
+        raise UsageError(f"cannot create {shown}: {base} is a file, not a folder")
+    _probe_writable(base, shown)
+    if need_bytes:
+        free = shutil.disk_usage(base).free
+        if free < need_bytes:
+            raise MoetrimError(f"not enough free space for {shown}: about {need_bytes / 2**20:,.0f} MiB needed, "
+                               f"{free / 2**20:,.0f} MiB free in {base}")
+    if target.parent.is_dir():
+        sweep_stale(target)
+    return Path(path)
+
+
+def _probe_writable(folder: Path, shown: str) -> None:
+    """Create and remove a file: os.access says yes to root on a read-only file system."""
+    probe = folder / f".moetrim-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UsageError(f"cannot write {shown}: {folder} is not writable ({reason})") from None
+
+
+def bytes_of_weights(model_dir: str | os.PathLike) -> int:
+    """Bytes of a checkpoint's weight files (an upper bound on what compressing it writes)."""
+    from moetrim.reference import resolve_model_path
+
+    folder = resolve_model_path(str(model_dir))
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
+# -- atomic writing -------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def sweep_stale(target: Path) -> list[Path]:
+    """Remove temporaries of `target` whose process is gone; put back an output whose swap was cut."""
+    target = Path(target)
+    found = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        m = _STALE.match(entry.name)
+        if not m or m["name"] != target.name or _pid_alive(int(m["pid"])):
+            continue
+        if m["what"] == "old" and not target.exists():
+            os.replace(entry, target)  # the process died between moving the old output away and the new in
+        else:
+            _remove(entry)
+        found.append(entry)
+    return found
+
+
+def _temp_name(target: Path, what: str) -> Path:
+    return target.parent / f".{target.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move tmp to target, replacing what is there; no signal lands between the two renames."""
+    with _signals_blocked():
+        if target.is_dir() and not target.is_symlink():
+            old = _temp_name(target, "old")
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `target`; on success it becomes `target` (replacing it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    tmp = _temp_name(target, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _install(tmp, target)
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden path beside `target` to write; on success it is renamed onto `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    tmp = _temp_name(target, "tmp")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise MoetrimError(f"internal error: nothing was written for {target}")
+        _install(tmp, target)
+    finally:
+        _remove(tmp)
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    with atomic_file(target) as tmp:
+        tmp.write_text(text)
+    return Path(target)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed read or write (disk full, permission, ...)."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    where = f" {exc.filename}" if exc.filename else ""
+    hint = "; free some space and run again" if exc.errno == errno.ENOSPC else ""
+    return f"could not write or read{where}: {reason}{hint}"
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, with the metadata in sorted order: safetensors writes it from a
+    hash map, so the same tensors would otherwise give different bytes from run to run. The header
+    is rewritten in place to the same length (compact JSON, padded with spaces as safetensors pads)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise MoetrimError(f"internal error: re-ordered safetensors header of {path} is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))

@@ -1,0 +1,330 @@
+"""Bad inputs and faults, command by command: every case must end in one line on stderr with the
+right exit code, no traceback, nothing written anywhere, and every input byte as it was.
+
+Each case runs in a fresh copy of one workspace (a tiny model, its profile and plan, a variable-width
+and a standard checkpoint, calibration text), snapshotted by content before and after the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from moetrim.cli import app
+from moetrim.tiny import save_tiny
+
+runner = CliRunner()
+
+
+def cli(*args, cwd: Path | None = None):
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        r = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root (hidden ones too) with a hash of its bytes (folders: 'dir')."""
+    snap = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        snap[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return snap
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, calib_text):
+    """The workspace every case copies: m (tiny qwen3-moe), P.safetensors (its Fisher profile),
+    F.safetensors (forward only), p.json (global dims plan), vw (variable-width checkpoint),
+    std (standard checkpoint), calib.txt, other (a tiny mixtral) and its profile Q.safetensors."""
+    ws = tmp_path_factory.mktemp("fuzz-base")
+    save_tiny("qwen3_moe", ws / "m")
+    save_tiny("mixtral", ws / "other")
+    shutil.copy(calib_text, ws / "calib.txt")
+    assert cli("calibrate", ws / "m", "--data", ws / "calib.txt", "--seq-len", 32, "--out", ws / "P.safetensors")[0] == 0
+    assert cli("calibrate", ws / "m", "--data", ws / "calib.txt", "--seq-len", 32, "--no-fisher", "--out", ws / "F.safetensors")[0] == 0
+    assert cli("calibrate", ws / "other", "--data", ws / "calib.txt", "--seq-len", 32, "--out", ws / "Q.safetensors")[0] == 0
+    assert cli("plan", ws / "m", "--profile", ws / "P.safetensors", "--out", ws / "p.json")[0] == 0
+    assert cli("apply", ws / "m", "--plan", ws / "p.json", "--out", ws / "vw")[0] == 0
+    assert cli("compress", ws / "m", "--data", ws / "calib.txt", "--seq-len", 32, "--allocation", "uniform", "--out", ws / "std")[0] == 0
+    return ws
+
+
+# -- making bad inputs ----------------------------------------------------------------------
+def _edit_json(path: Path, fn) -> None:
+    d = json.loads(path.read_text())
+    d = fn(d) or d
+    path.write_text(json.dumps(d))
+
+
+def _edit_profile(path: Path, fn) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta, stats = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    fn(stats, meta)
+    save_file(stats, str(path), metadata=meta)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+def _edit_plan_layer(fn):
+    def edit(d):
+        fn(d["layers"][0])
+    return lambda ws: _edit_json(ws / "p.json", edit)
+
+
+def _set(stats_key: str, value):
+    def edit(stats, meta):
+        t = stats[stats_key].clone()
+        t.view(-1)[0] = value
+        stats[stats_key] = t
+    return edit
+
+
+def _dense_model(ws: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moetrim.tiny import tiny_tokenizer
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(ws / "dense")
+    tiny_tokenizer().save_pretrained(ws / "dense")
+
+
+def _pickle_model(ws: Path) -> None:
+    (ws / "m" / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(2)}, ws / "m" / "pytorch_model.bin")
+
+
+def _swap_widths(d):
+    w = d["moetrim_varwidth"]["layers"]["0"]["widths"]
+    i = next(i for i in range(1, len(w)) if w[i] != w[0])
+    w[0], w[i] = w[i], w[0]
+
+
+def _mkdir_with(path: Path, name: str = "keep.txt") -> None:
+    path.mkdir()
+    (path / name).write_text("mine")
+
+
+M, P, PLAN = "{m}", "{P}", "{p}"
+CAL = ["--data", "{ws}/calib.txt", "--seq-len", "32"]
+
+# (id, setup(ws) or None, args (with {ws}, {m}, {P}, {p} filled in), exit code, text the one line must hold, cwd)
+CASES = [
+    # -- the input model and what is around it is never written --------------------------------
+    ("apply-out-is-model", None, ["apply", M, "--plan", PLAN, "--out", M, "--overwrite"], 2, "is the input", None),
+    ("apply-out-parent-of-model", None, ["apply", M, "--plan", PLAN, "--out", "{ws}", "--overwrite"], 2, "contains the input", None),
+    ("apply-out-inside-model", None, ["apply", M, "--plan", PLAN, "--out", "{m}/sub"], 2, "is inside the input", None),
+    ("apply-out-dot", None, ["apply", M, "--plan", PLAN, "--out", ".", "--overwrite"], 2, "contains the input", "{ws}"),
+    ("apply-out-cwd-elsewhere", lambda ws: (ws / "empty").mkdir(), ["apply", M, "--plan", PLAN, "--out", ".", "--overwrite"], 2,
+     "current folder", "{ws}/empty"),
+    ("apply-out-is-plan", None, ["apply", M, "--plan", PLAN, "--out", PLAN, "--overwrite"], 2, "is the input", None),
+    ("apply-out-foreign-dir", lambda ws: _mkdir_with(ws / "mine"), ["apply", M, "--plan", PLAN, "--out", "{ws}/mine", "--overwrite"], 2,
+     "not a moetrim output", None),
+    ("apply-out-is-file", None, ["apply", M, "--plan", PLAN, "--out", "{ws}/calib.txt", "--overwrite"], 2, "is a file", None),
+    ("apply-out-exists", None, ["apply", M, "--plan", PLAN, "--out", "{ws}/vw"], 2, "already exists", None),
+    ("apply-out-under-file", None, ["apply", M, "--plan", PLAN, "--out", "{ws}/calib.txt/x"], 2, "is a file, not a folder", None),
+    ("apply-out-read-only-fs", None, ["apply", M, "--plan", PLAN, "--out", "/proc/moetrim-out"], 2, "not writable", None),
+    ("plan-out-model-config", None, ["plan", M, "--profile", P, "--out", "{m}/config.json", "--overwrite"], 2, "is inside the input", None),
+    ("plan-out-is-profile", None, ["plan", M, "--profile", P, "--out", P, "--overwrite"], 2, "is the input", None),
+    ("plan-out-foreign-json", lambda ws: (ws / "notes.json").write_text("[1]"),
+     ["plan", M, "--profile", P, "--out", "{ws}/notes.json", "--overwrite"], 2, "not a moetrim plan", None),
+    ("calibrate-out-model-weights", None, ["calibrate", M, *CAL, "--out", "{m}/model.safetensors", "--overwrite"], 2, "is inside the input", None),
+    ("calibrate-out-existing-dir", None, ["calibrate", M, *CAL, "--out", "{ws}/vw", "--overwrite"], 2, "not a regular file", None),
+    ("calibrate-out-is-data", None, ["calibrate", M, *CAL, "--out", "{ws}/calib.txt", "--overwrite"], 2, "is the input", None),
+    ("calibrate-out-foreign-file", lambda ws: (ws / "x.safetensors").write_bytes(b"12345678"),
+     ["calibrate", M, *CAL, "--out", "{ws}/x.safetensors", "--overwrite"], 2, "not a moetrim profile", None),
+    ("compress-out-is-model", None, ["compress", M, *CAL, "--out", M, "--overwrite"], 2, "is the input", None),
+    ("merge-out-is-input", None, ["merge", P, "{ws}/P2.safetensors", "--out", P, "--overwrite"], 2, "is the input", None),
+    ("eval-json-in-model", None, ["eval", M, "--n", 1, "--json", "{m}/config.json"], 2, "is inside the input", None),
+    ("demo-out-is-model", None, ["demo", "--model", M, "--out", M], 2, "already exists", None),
+    ("demo-out-nonempty", lambda ws: _mkdir_with(ws / "d"), ["demo", "--model", M, "--out", "{ws}/d"], 2, "not empty", None),
+    # -- plans that cannot be what was asked ------------------------------------------------------
+    ("plan-protect-too-many", None, ["plan", M, "--profile", P, "--protect", 150, "--out", "{ws}/q.json"], 2, "--protect 150", None),
+    ("plan-protect-over-layer", None, ["plan", M, "--profile", P, "--protect", 1000000, "--out", "{ws}/q.json"], 2, "dims of a layer", None),
+    ("plan-protect-uniform", None, ["plan", M, "--profile", P, "--protect", 200, "--allocation", "uniform", "--ratio", 0.75,
+                                    "--out", "{ws}/q.json"], 2, "--protect", None),
+    ("plan-min-width-full", None, ["plan", M, "--profile", P, "--min-width", 32, "--out", "{ws}/q.json"], 2, "--min-width 32", None),
+    ("plan-min-width-over", None, ["plan", M, "--profile", P, "--min-width", 64, "--out", "{ws}/q.json"], 2, "--min-width must be", None),
+    ("plan-round-to-over", None, ["plan", M, "--profile", P, "--round-to", 1000, "--allocation", "uniform", "--out", "{ws}/q.json"], 2,
+     "--round-to must be", None),
+    ("plan-round-to-full", None, ["plan", M, "--profile", P, "--round-to", 32, "--ratio", 0.25, "--out", "{ws}/q.json"], 2,
+     "--round-to 32", None),
+    ("plan-experts-too-far", None, ["plan", M, "--profile", P, "--granularity", "experts", "--ratio", 0.99, "--out", "{ws}/q.json"], 2,
+     "whole experts", None),
+    ("plan-experts-min-width", None, ["plan", M, "--profile", P, "--granularity", "experts", "--min-width", 4, "--out", "{ws}/q.json"], 2,
+     "applies to --granularity dims", None),
+    ("plan-exponents-nan", None, ["plan", M, "--profile", P, "--granularity", "experts", "--criterion", "unified", "--exponents", "nan,1,1",
+                                  "--out", "{ws}/q.json"], 2, "--exponents", None),
+    ("plan-exponents-fraction", None, ["plan", M, "--profile", P, "--granularity", "experts", "--criterion", "unified",
+                                       "--exponents", "0,1.5,1", "--out", "{ws}/q.json"], 2, "--exponents", None),
+    ("plan-exponents-not-unified", None, ["plan", M, "--profile", P, "--granularity", "experts", "--exponents", "0,1,1",
+                                          "--out", "{ws}/q.json"], 2, "--criterion unified", None),
+    ("plan-ratio-one", None, ["plan", M, "--profile", P, "--ratio", 1, "--out", "{ws}/q.json"], 2, "--ratio must be", None),
+    ("plan-ratio-nan", None, ["plan", M, "--profile", P, "--ratio", "nan", "--out", "{ws}/q.json"], 2, "--ratio must be", None),
+    ("plan-ratio-text", None, ["plan", M, "--profile", P, "--ratio", "half", "--out", "{ws}/q.json"], 2, "Invalid value for '--ratio'", None),
+    ("plan-unknown-flag", None, ["plan", M, "--profile", P, "--bogus"], 2, "No such option", None),
+    ("plan-unknown-criterion", None, ["plan", M, "--profile", P, "--criterion", "bogus", "--out", "{ws}/q.json"], 2, "unknown dim criterion", None),
+    ("plan-dims-criterion-for-experts", None, ["plan", M, "--profile", P, "--granularity", "experts", "--criterion", "fisher",
+                                               "--out", "{ws}/q.json"], 2, "unknown expert criterion", None),
+    ("plan-unknown-allocation", None, ["plan", M, "--profile", P, "--allocation", "even", "--out", "{ws}/q.json"], 2, "--allocation", None),
+    ("plan-no-profile", None, ["plan", M, "--out", "{ws}/q.json"], 2, "needs a calibration profile", None),
+    ("plan-forward-only-profile", None, ["plan", M, "--profile", "{ws}/F.safetensors", "--out", "{ws}/q.json"], 2, "--no-fisher", None),
+    ("plan-compressed-model", None, ["plan", "{ws}/vw", "--criterion", "magnitude", "--out", "{ws}/q.json"], 2, "already compressed", None),
+    # -- profiles that are empty, broken, foreign ---------------------------------------------------
+    ("profile-nan", lambda ws: _edit_profile(ws / "P.safetensors", _set("layers.0.fisher", float("nan"))),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "non-finite", None),
+    ("profile-inf", lambda ws: _edit_profile(ws / "P.safetensors", _set("layers.1.act_abs_sum", float("inf"))),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "non-finite", None),
+    ("profile-all-nan", lambda ws: _edit_profile(ws / "P.safetensors", lambda s, m: s.update({"layers.0.fisher": s["layers.0.fisher"] * float("nan")})),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "non-finite", None),
+    ("profile-wrong-shape", lambda ws: _edit_profile(ws / "P.safetensors", lambda s, m: s.update({"layers.0.fisher": torch.zeros(8, 16, dtype=torch.float64)})),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "shape", None),
+    ("profile-wrong-width-everywhere",
+     lambda ws: _edit_profile(ws / "P.safetensors", lambda s, m: s.update({k: v[:, :16].clone() for k, v in s.items() if k.startswith("layers.0.") and v.ndim == 2})),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "width 32", None),
+    ("profile-zero-tokens", lambda ws: _edit_profile(ws / "P.safetensors", lambda s, m: m.update(tokens="0")),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "no calibration tokens", None),
+    ("profile-random-bytes", lambda ws: _random_bytes(ws / "P.safetensors"), ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2,
+     "not a safetensors profile", None),
+    ("profile-truncated", lambda ws: _truncate(ws / "P.safetensors"), ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2,
+     "not a safetensors profile", None),
+    ("profile-of-other-model", None, ["plan", M, "--profile", "{ws}/Q.safetensors", "--out", "{ws}/q.json"], 2, "another model", None),
+    ("profile-missing", None, ["plan", M, "--profile", "{ws}/nope.safetensors", "--out", "{ws}/q.json"], 2, "profile not found", None),
+    ("profile-missing-stat", lambda ws: _edit_profile(ws / "P.safetensors", lambda s, m: s.pop("layers.0.moments")),
+     ["plan", M, "--profile", P, "--out", "{ws}/q.json"], 2, "lacks moments", None),
+    ("merge-one", None, ["merge", P, "--out", "{ws}/R.safetensors"], 2, "at least two", None),
+    ("merge-wrong-shape", lambda ws: _edit_profile(ws / "P2.safetensors", lambda s, m: s.update({k: v[:, :16].clone() for k, v in s.items() if k.startswith("layers.0.") and v.ndim == 2})),
+     ["merge", P, "{ws}/P2.safetensors", "--out", "{ws}/R.safetensors"], 2, "shape", None),
+    ("merge-corrupt", lambda ws: _random_bytes(ws / "P2.safetensors"), ["merge", P, "{ws}/P2.safetensors", "--out", "{ws}/R.safetensors"], 2,
+     "not a safetensors profile", None),
+    ("merge-other-model", None, ["merge", P, "{ws}/Q.safetensors", "--out", "{ws}/R.safetensors"], 2, "different models", None),
+    ("merge-forward-and-fisher", None, ["merge", P, "{ws}/F.safetensors", "--out", "{ws}/R.safetensors"], 2, "different statistics", None),
+    # -- calibration inputs -----------------------------------------------------------------------
+    ("calibrate-max-tokens-0", None, ["calibrate", M, *CAL, "--max-tokens", 0, "--out", "{ws}/R.safetensors"], 2, "--max-tokens", None),
+    ("calibrate-max-tokens-1", None, ["calibrate", M, *CAL, "--max-tokens", 1, "--out", "{ws}/R.safetensors"], 2, "--max-tokens", None),
+    ("compress-max-tokens-0", None, ["compress", M, *CAL, "--max-tokens", 0, "--out", "{ws}/o"], 2, "--max-tokens", None),
+    ("calibrate-seq-len-1", None, ["calibrate", M, "--data", "{ws}/calib.txt", "--seq-len", 1, "--out", "{ws}/R.safetensors"], 2, "--seq-len", None),
+    ("calibrate-batch-0", None, ["calibrate", M, *CAL, "--batch-size", 0, "--out", "{ws}/R.safetensors"], 2, "--batch-size", None),
+    ("calibrate-fisher-mode", None, ["calibrate", M, *CAL, "--fisher-mode", "token", "--out", "{ws}/R.safetensors"], 2, "fisher mode", None),
+    ("calibrate-dtype", None, ["calibrate", M, *CAL, "--dtype", "int8", "--out", "{ws}/R.safetensors"], 2, "--dtype", None),
+    ("calibrate-device", None, ["calibrate", M, *CAL, "--device", "tpu", "--out", "{ws}/R.safetensors"], 2, "--device", None),
+    ("calibrate-empty-data", lambda ws: (ws / "empty.txt").write_text("\n\n"),
+     ["calibrate", M, "--data", "{ws}/empty.txt", "--out", "{ws}/R.safetensors"], 2, "empty", None),
+    ("calibrate-binary-data", lambda ws: (ws / "bin.txt").write_bytes(b"\xff\xfe" + os.urandom(64)),
+     ["calibrate", M, "--data", "{ws}/bin.txt", "--out", "{ws}/R.safetensors"], 2, "not UTF-8", None),
+    ("calibrate-bad-jsonl", lambda ws: (ws / "d.jsonl").write_text('{"text": "a b"}\n{oops\n'),
+     ["calibrate", M, "--data", "{ws}/d.jsonl", "--out", "{ws}/R.safetensors"], 2, "not valid JSON", None),
+    ("calibrate-jsonl-no-text", lambda ws: (ws / "d.jsonl").write_text('{"prompt": "a b"}\n'),
+     ["calibrate", M, "--data", "{ws}/d.jsonl", "--out", "{ws}/R.safetensors"], 2, "'text'", None),
+    ("calibrate-missing-data", None, ["calibrate", M, "--data", "{ws}/nope.txt", "--out", "{ws}/R.safetensors"], 2, "data file not found", None),
+    ("calibrate-compressed-model", None, ["calibrate", "{ws}/vw", *CAL, "--out", "{ws}/R.safetensors"], 2, "already compressed", None),
+    ("compress-compressed-model", None, ["compress", "{ws}/vw", *CAL, "--out", "{ws}/o"], 2, "already compressed", None),
+    # -- models that are missing, broken, or not what they claim ------------------------------------
+    ("model-missing", None, ["calibrate", "{ws}/nope", *CAL, "--out", "{ws}/R.safetensors"], 2, "model directory not found", None),
+    ("model-no-config", lambda ws: (ws / "m" / "config.json").unlink(), ["inspect", M], 2, "no config.json", None),
+    ("model-config-not-json", lambda ws: (ws / "m" / "config.json").write_text("{"), ["inspect", M], 2, "not valid JSON", None),
+    ("model-truncated-weights", lambda ws: _truncate(ws / "m" / "model.safetensors"),
+     ["calibrate", M, *CAL, "--out", "{ws}/R.safetensors"], 1, "cannot load", None),
+    ("model-random-weights-file", lambda ws: _random_bytes(ws / "m" / "model.safetensors"),
+     ["compress", M, *CAL, "--out", "{ws}/o"], 1, "cannot load", None),
+    ("model-pickle-bin", _pickle_model, ["calibrate", M, *CAL, "--out", "{ws}/R.safetensors"], 1, "pickle", None),
+    ("model-expert-count-mismatch", lambda ws: _edit_json(ws / "m" / "config.json", lambda d: d.update(num_local_experts=6, num_experts=6)),
+     ["calibrate", M, *CAL, "--out", "{ws}/R.safetensors"], 1, "other shapes than config.json", None),
+    ("model-not-moe", _dense_model, ["calibrate", "{ws}/dense", *CAL, "--out", "{ws}/R.safetensors"], 1, "MoE", None),
+    ("model-no-tokenizer", lambda ws: (ws / "m" / "tokenizer.json").unlink(),
+     ["calibrate", M, *CAL, "--out", "{ws}/R.safetensors"], 2, "no tokenizer files", None),
+    # -- hand-edited plans ------------------------------------------------------------------------
+    ("plan-widths-vs-dims", _edit_plan_layer(lambda l: l["widths"].__setitem__(0, l["widths"][0] - 1)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "must agree", None),
+    ("plan-negative-dim", _edit_plan_layer(lambda l: l["kept_dims"][0].__setitem__(0, -3)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "kept_dims", None),
+    ("plan-negative-expert", _edit_plan_layer(lambda l: l["kept_experts"].__setitem__(0, -1)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "kept_experts", None),
+    ("plan-unsorted-dims", _edit_plan_layer(lambda l: l["kept_dims"][0].reverse()),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "ascending", None),
+    ("plan-dim-over-width", _edit_plan_layer(lambda l: l["kept_dims"][0].__setitem__(-1, 99)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "names dim 99", None),
+    ("plan-top-k-zero", _edit_plan_layer(lambda l: l.update(top_k=0)), ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "top_k", None),
+    ("plan-width-string", _edit_plan_layer(lambda l: l["widths"].__setitem__(0, "8")), ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2,
+     "widths", None),
+    ("plan-is-list", lambda ws: (ws / "p.json").write_text("[1, 2]"), ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "JSON object", None),
+    ("plan-not-json", lambda ws: (ws / "p.json").write_text("plan: yes"), ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2,
+     "not valid JSON", None),
+    ("plan-missing-field", lambda ws: _edit_json(ws / "p.json", lambda d: d.pop("layers") and None),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "lacks layers", None),
+    ("plan-params-edited", lambda ws: _edit_json(ws / "p.json", lambda d: d.update(params_after=d["params_after"] - 1)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "params_after", None),
+    ("plan-other-model", lambda ws: _edit_json(ws / "p.json", lambda d: d.update(model_fingerprint="0" * 16)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "another model", None),
+    ("plan-schema", lambda ws: _edit_json(ws / "p.json", lambda d: d.update(schema_version=7)),
+     ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "schema version", None),
+    ("plan-missing", None, ["apply", M, "--plan", "{ws}/nope.json", "--out", "{ws}/o"], 2, "plan not found", None),
+    # -- hand-edited variable-width checkpoints ------------------------------------------------------
+    ("varwidth-swapped-widths", lambda ws: _edit_json(ws / "vw" / "config.json", _swap_widths), ["eval", "{ws}/vw", "--n", 1], 1,
+     "disagrees with its weight files", None),
+    ("varwidth-layout-edited", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d["moetrim_varwidth"].update(layout="by_expert")),
+     ["eval", "{ws}/vw", "--n", 1], 1, "disagrees with its weight files", None),
+    ("varwidth-top-k-edited", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d["moetrim_varwidth"]["layers"]["0"].update(top_k=1)),
+     ["eval", "{ws}/vw", "--n", 1], 1, "disagrees with its weight files", None),
+    ("varwidth-negative-width", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d["moetrim_varwidth"]["layers"]["0"]["widths"].__setitem__(0, -5)),
+     ["eval", "{ws}/vw", "--n", 1], 1, "positive integers", None),
+    ("varwidth-zero-width", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d["moetrim_varwidth"]["layers"]["0"]["widths"].__setitem__(0, 0)),
+     ["inspect", "{ws}/vw"], 1, "positive integers", None),
+    ("varwidth-unknown-layer", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d["moetrim_varwidth"]["layers"].update({"9": d["moetrim_varwidth"]["layers"]["0"]})),
+     ["eval", "{ws}/vw", "--n", 1], 1, "not an MoE layer", None),
+    ("varwidth-unknown-base", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d.update(moetrim_base_model_type="nope")),
+     ["eval", "{ws}/vw", "--n", 1], 1, "model type", None),
+    ("varwidth-unknown-layout", lambda ws: _edit_json(ws / "vw" / "config.json", lambda d: d["moetrim_varwidth"].update(layout="diagonal")),
+     ["eval", "{ws}/vw", "--n", 1], 1, "layout", None),
+    ("standard-truncated", lambda ws: _truncate(ws / "std" / "model.safetensors"), ["eval", "{ws}/std", "--n", 1], 1, "cannot load", None),
+    # -- other commands' options --------------------------------------------------------------------
+    ("eval-unknown-task", None, ["eval", M, "--tasks", "poetry"], 2, "poetry", None),
+    ("eval-n-zero", None, ["eval", M, "--n", 0], 2, "--n must be", None),
+    ("demo-eval-items-zero", None, ["demo", "--model", M, "--eval-items", 0, "--out", "{ws}/d"], 2, "--eval-items", None),
+    ("demo-bad-ratio", None, ["demo", "--model", M, "--ratio", 1.5, "--out", "{ws}/d"], 2, "--ratio must be", None),
+    ("unknown-command", None, ["shrink", M], 2, "No such command", None),
+]
+
+
+def _fill(arg, ws: Path) -> str:
+    return str(arg).format(ws=ws, m=ws / "m", P=ws / "P.safetensors", p=ws / "p.json")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, base, tmp_path):
+    name, setup, args, code, text, cwd = case
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws)
+    shutil.copy(ws / "P.safetensors", ws / "P2.safetensors")
+    if setup is not None:
+        setup(ws)
+    before = snapshot(tmp_path)
+    got, stdout, stderr = cli(*[_fill(a, ws) for a in args], cwd=Path(_fill(cwd, ws)) if cwd else None)
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert got == code, f"exit {got}, wanted {code}: {stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert text in lines[0], lines[0]
+    assert "Traceback" not in stderr + stdout and "internal error" not in stderr
+    assert snapshot(tmp_path) == before  # nothing written, moved or deleted; every input byte as it was
