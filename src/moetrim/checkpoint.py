@@ -99,9 +99,15 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM
 
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if pickles:
+                raise UsageError(f"{path} holds pickle weights ({pickles[0]}); moetrim reads safetensors only and unpickles nothing "
+                                 "it is given: convert them with transformers' save_pretrained (safetensors is its default)")
+            raise UsageError(f"{path} has no *.safetensors weights")
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code
+                path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code, use_safetensors=True
             )
         except Exception as exc:  # transformers and safetensors raise many kinds for a broken checkpoint
             first = (str(exc).splitlines() or [""])[0] or type(exc).__name__

@@ -39,7 +39,7 @@ from moetrim.cli_common import (
     resolve_method,
 )
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output, raise_on_termination, write_text
+from moetrim.outputs import bytes_of_weights, check_output, raise_on_termination, refuse_inputs, write_text
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -377,6 +377,7 @@ def demo(
     if eval_items < 1:
         raise UsageError("--eval-items must be at least 1")
     target = out_dir or fresh_out_dir()
+    refuse_inputs(target, [model_dir(model_path)])
     empty = target.is_dir() and not any(target.iterdir())
     if target.exists() and not empty:
         raise UsageError(f"{target} already exists and is not empty; choose another --out")

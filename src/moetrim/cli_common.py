@@ -40,7 +40,7 @@ class OneLineErrors(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(args=args, prog_name=prog_name or "moetrim", complete_var=complete_var, standalone_mode=False, **extra)
+            rv = super().main(args=args, prog_name="moetrim", complete_var=complete_var, standalone_mode=False, **extra)
         except _ClickException as exc:
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has already printed the help
                 ctx = getattr(exc, "ctx", None)
@@ -49,6 +49,9 @@ class OneLineErrors(TyperGroup):
             rv = exc.exit_code
         except typer.Abort:
             rv = 130
+        except Terminated as exc:  # a signal outside any command's own handling (parsing, imports)
+            err.print(f"terminated ({exc}); nothing was written to the output")
+            rv = 143
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv

@@ -105,15 +105,7 @@ def check_output(
     assert kind in KINDS, kind
     target = _abs(path)
     shown = f"{option} {path}"
-    for given in inputs:
-        if given is None:
-            continue
-        src = _abs(given)
-        if _inside(target, src):
-            what = "is" if target == src else "is inside"
-            raise UsageError(f"{shown} {what} the input {given}; moetrim never writes to its inputs: choose a path outside it")
-        if _inside(src, target):
-            raise UsageError(f"{shown} contains the input {given}; writing there would replace it: choose a new path")
+    refuse_inputs(path, inputs, option)
     if _inside(Path.cwd().resolve(), target):
         raise UsageError(f"{shown} is the current folder or one above it; choose a new folder")
     folder = kind in ("checkpoint", "folder")
@@ -142,6 +134,20 @@ def check_output(
     if target.parent.is_dir():
         sweep_stale(target)
     return Path(path)
+
+
+def refuse_inputs(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], option: str = "--out") -> None:
+    """UsageError when `path` is an input, lies inside an input folder, or contains an input."""
+    target = _abs(path)
+    for given in inputs:
+        if given is None:
+            continue
+        src = _abs(given)
+        if _inside(target, src):
+            what = "is" if target == src else "is inside"
+            raise UsageError(f"{option} {path} {what} the input {given}; moetrim never writes to its inputs: choose a path outside it")
+        if _inside(src, target):
+            raise UsageError(f"{option} {path} contains the input {given}; writing there would replace it: choose a new path")
 
 
 def _probe_writable(folder: Path, shown: str) -> None:
@@ -237,27 +243,13 @@ def _install(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty hidden folder beside `target`; on success it becomes `target` (replacing it)."""
+def _atomic(target: str | os.PathLike, folder: bool) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target)
     tmp = _temp_name(target, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _install(tmp, target)
-    finally:
-        _remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden path beside `target` to write; on success it is renamed onto `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
-    tmp = _temp_name(target, "tmp")
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
         if not tmp.exists():
@@ -265,6 +257,16 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
         _install(tmp, target)
     finally:
         _remove(tmp)
+
+
+def atomic_dir(target: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Yield an empty hidden folder beside `target`; on success it becomes `target` (replacing it)."""
+    return _atomic(target, folder=True)
+
+
+def atomic_file(target: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Yield a hidden path beside `target` to write; on success it is renamed onto `target`."""
+    return _atomic(target, folder=False)
 
 
 def write_text(target: str | os.PathLike, text: str) -> Path:
