@@ -10,6 +10,14 @@ Three experiments, all on `moetrim.reference_model()`:
    math-calibrated Fisher, by activation, and at random; math vs knowledge accuracy against k.
 3. Dense reference figures for every domain.
 
+The grid runs once per seed (--seeds, default 0,1,2): each seed draws its own calibration texts and
+its own random baselines; the evaluation items are the same for every seed, so methods are compared
+paired. Tables give the mean over seeds with a 95% t-interval; a finding says one method beats
+another only where the paired difference over seeds has a 95% t-interval that excludes 0, and calls
+the rest ties. The interval covers calibration draws, not the sampling of evaluation items (a
+fixed set of 200-256 per domain: about ±3 points on one domain's accuracy, binomially). Critical
+dimensions run on the first seed only.
+
     python benchmarks/quality.py --quick     # 64 calibration texts per domain, 200 eval items: minutes on 2 CPU cores
     python benchmarks/quality.py             # 128 calibration texts per domain, 256 eval items
 
@@ -72,6 +80,8 @@ def remove_top_k(model, scores: dict[int, torch.Tensor], k: int):
             dims.append([j for j in range(width) if j not in gone])
         lp.kept_dims = dims
         lp.widths = [len(d) for d in dims]
+    plan.params_after = sum(sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in lp.widths)
+                            for l, lp in zip(layers, plan.layers))
     plan.criterion = "remove-top-k"
     return plan
 
@@ -86,11 +96,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer calibration texts (64 per domain) and 200 eval items per domain")
     ap.add_argument("--items", type=int, default=None, help="evaluation items per domain (default 256, quick 200)")
     ap.add_argument("--calib", type=int, default=None, help="calibration items per domain (default 128, quick 64)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the grid runs once per seed (default 0,1,2)")
     ap.add_argument("--model", default="reference", help="model directory trained on the task suite (default: the bundled reference)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")]
     n_items = args.items or (200 if args.quick else 256)
     n_calib = args.calib or (64 if args.quick else 128)
     torch.set_num_threads(args.threads)
@@ -103,46 +114,51 @@ def main(argv=None) -> int:
         return err.exit_code
     domains = list(DOMAINS)
 
-    log("calibrating: mixture and each domain")
-    prof_mix = calibrate(model, calibration_texts(domains, n_per_domain=n_calib, seed=args.seed), tokenizer=tok,
-                         seq_len=256, batch_size=8, seed=args.seed)
-    prof_dom = {d: calibrate(model, calibration_texts([d], n_per_domain=n_calib * 2, seed=args.seed), tokenizer=tok,
-                             seq_len=256, batch_size=8, seed=args.seed) for d in domains}
     dense = evaluate(model, tok, domains, n_items)
     log(f"dense: {dense['accuracy']}")
     rows = []
 
-    def run(setting, granularity, criterion, ratio, profile, eval_domains):
+    def run(setting, granularity, criterion, ratio, profile, eval_domains, seed):
         m = shared_copy(model)
-        plan = make_plan(m, profile, granularity=granularity, criterion=criterion, ratio=ratio, seed=args.seed)
+        plan = make_plan(m, profile, granularity=granularity, criterion=criterion, ratio=ratio, seed=seed)
         apply_plan(m, plan)
         res = evaluate(m, tok, eval_domains, n_items)
-        row = {"setting": setting, "granularity": granularity, "criterion": criterion, "ratio": ratio,
+        row = {"setting": setting, "granularity": granularity, "criterion": criterion, "ratio": ratio, "seed": seed,
                "removed_fraction": round(plan.removed_fraction, 4), "allocation": plan.allocation, **res}
         del m
         return row
 
     methods = [("dims", c) for c in DIM_CRITERIA] + [("experts", c) for c in EXPERT_CRITERIA]
-    for granularity, criterion in methods:
-        for ratio in (0.25, 0.5):
-            row = run("task-agnostic", granularity, criterion, ratio, prof_mix, domains)
-            row["mean_accuracy"] = sum(row["accuracy"].values()) / len(domains)
-            rows.append(row)
-            spec = {"accuracy": {}, "perplexity": {}}
-            for d in domains:
-                r = run("task-specific", granularity, criterion, ratio, prof_dom[d], [d])
-                spec["accuracy"][d] = r["accuracy"][d]
-                spec["perplexity"][d] = r["perplexity"][d]
-            rows.append({"setting": "task-specific", "granularity": granularity, "criterion": criterion, "ratio": ratio,
-                         "removed_fraction": row["removed_fraction"], "allocation": row["allocation"], **spec,
-                         "mean_accuracy": sum(spec["accuracy"].values()) / len(domains)})
-            log(f"{granularity:7s} {criterion:15s} {ratio:.2f}: agnostic {row['mean_accuracy']:.3f}  specific {rows[-1]['mean_accuracy']:.3f}"
-                f"  ({time.perf_counter() - t0:.0f}s)")
+    calib_tokens = {}
+    for seed in seeds:
+        log(f"seed {seed}: calibrating on the mixture and on each domain")
+        prof_mix = calibrate(model, calibration_texts(domains, n_per_domain=n_calib, seed=seed), tokenizer=tok,
+                             seq_len=256, batch_size=8, seed=seed)
+        prof_dom = {d: calibrate(model, calibration_texts([d], n_per_domain=n_calib * 2, seed=seed), tokenizer=tok,
+                                 seq_len=256, batch_size=8, seed=seed) for d in domains}
+        calib_tokens[seed] = {"mixture": prof_mix.tokens, **{d: p.tokens for d, p in prof_dom.items()}}
+        if seed == seeds[0]:
+            first_math_profile = prof_dom["math"]
+        for granularity, criterion in methods:
+            for ratio in (0.25, 0.5):
+                row = run("task-agnostic", granularity, criterion, ratio, prof_mix, domains, seed)
+                row["mean_accuracy"] = sum(row["accuracy"].values()) / len(domains)
+                rows.append(row)
+                spec = {"accuracy": {}, "perplexity": {}}
+                for d in domains:
+                    r = run("task-specific", granularity, criterion, ratio, prof_dom[d], [d], seed)
+                    spec["accuracy"][d] = r["accuracy"][d]
+                    spec["perplexity"][d] = r["perplexity"][d]
+                rows.append({"setting": "task-specific", "granularity": granularity, "criterion": criterion, "ratio": ratio,
+                             "seed": seed, "removed_fraction": row["removed_fraction"], "allocation": row["allocation"], **spec,
+                             "mean_accuracy": sum(spec["accuracy"].values()) / len(domains)})
+                log(f"seed {seed} {granularity:7s} {criterion:15s} {ratio:.2f}: agnostic {row['mean_accuracy']:.3f}  "
+                    f"specific {rows[-1]['mean_accuracy']:.3f}  ({time.perf_counter() - t0:.0f}s)")
 
     log("critical dimensions (math-calibrated)")
     layers = find_moe_layers(model)
-    pm = prof_dom["math"]
-    gen = torch.Generator().manual_seed(args.seed)
+    pm = first_math_profile
+    gen = torch.Generator().manual_seed(seeds[0])
     rankings = {
         "fisher": {l.index: pm.get(l.index, "fisher") for l in layers},
         "activation": {l.index: pm.get(l.index, "act_abs_sum") for l in layers},
@@ -159,11 +175,12 @@ def main(argv=None) -> int:
             del m
 
     result = {
-        "meta": {"quick": args.quick, "items_per_domain": n_items, "calib_items_per_domain": n_calib, "seed": args.seed,
-                 "calibration_tokens": {"mixture": prof_mix.tokens, **{d: p.tokens for d, p in prof_dom.items()}},
-                 "seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads()},
+        "meta": {"quick": args.quick, "items_per_domain": n_items, "calib_items_per_domain": n_calib, "seeds": seeds,
+                 "calibration_tokens": calib_tokens, "seconds": round(time.perf_counter() - t0, 1),
+                 "torch_threads": torch.get_num_threads()},
         "dense": dense,
         "grid": rows,
+        "summary": summarise(rows, domains),
         "critical_dims": critical,
     }
     write_json(args.out, result)
@@ -176,6 +193,51 @@ def main(argv=None) -> int:
         wrote.append("benchmarks/README.md")
     log(f"wrote {', '.join(wrote)} in {time.perf_counter() - t0:.0f}s")
     return 0
+
+
+# Two-sided 95% t quantiles by degrees of freedom (n - 1); beyond the table the normal 1.96.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, _T95.get(n - 1, 1.96) * sd / n**0.5
+
+
+def key_of(r: dict) -> tuple:
+    return (r["setting"], r["granularity"], r["criterion"], r["ratio"])
+
+
+def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
+    """Per method: the mean over seeds and the 95% interval of every accuracy, with the per-seed values."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key_of(r), []).append(r)
+    out = []
+    for (setting, gran, crit, ratio), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        mean, ci = interval([r["mean_accuracy"] for r in rs])
+        out.append({"setting": setting, "granularity": gran, "criterion": crit, "ratio": ratio,
+                    "seeds": [r["seed"] for r in rs], "mean_accuracy": mean, "mean_accuracy_ci95": ci,
+                    "mean_accuracy_per_seed": [r["mean_accuracy"] for r in rs],
+                    "accuracy": {d: interval([r["accuracy"][d] for r in rs])[0] for d in domains},
+                    "accuracy_ci95": {d: interval([r["accuracy"][d] for r in rs])[1] for d in domains}})
+    return out
+
+
+def compare(a: dict, b: dict) -> str:
+    """'a > b', 'a < b' or 'tie': the paired difference of mean accuracy over seeds, by its 95% t-interval
+    (identical differences in every seed count as a difference, equal values as a tie)."""
+    diffs = [x - y for x, y in zip(a["mean_accuracy_per_seed"], b["mean_accuracy_per_seed"])]
+    mean, half = interval(diffs)
+    if abs(mean) < 1e-12 or abs(mean) <= half:
+        return "tie"
+    return "a > b" if mean > 0 else "a < b"
 
 
 def plot_critical(critical: list[dict], dense: dict, path: Path) -> Path:
@@ -210,18 +272,23 @@ def markdown(result: dict, png: Path) -> str:
     dense = result["dense"]["accuracy"]
     doms = list(dense)
     meta = result["meta"]
-    lines = [f"### Quality on the reference model ({'quick' if meta['quick'] else 'full'}: {meta['items_per_domain']} eval items per domain)",
-             "", "`python benchmarks/quality.py" + (" --quick" if meta["quick"] else "") + "`; exact-match accuracy.", ""]
+    seeds = meta["seeds"]
+    lines = [f"### Quality on the reference model ({'quick' if meta['quick'] else 'full'}: {meta['items_per_domain']} eval items per domain, "
+             f"seeds {', '.join(map(str, seeds))})",
+             "", "`python benchmarks/quality.py" + (" --quick" if meta["quick"] else "") + f"` ({meta['seconds']:.0f} s); exact-match accuracy, "
+             f"mean over {len(seeds)} seeds (calibration draws and random baselines); mean column: ± half-width of the 95% "
+             "t-interval over seeds. Evaluation items are the same for every seed (paired).", ""]
     for setting in ("task-agnostic", "task-specific"):
         lines += [f"**{setting}** ({'calibrated on the mixture of all domains' if setting == 'task-agnostic' else 'calibrated on the evaluated domain'})", "",
                   "| granularity | criterion | removed | " + " | ".join(doms) + " | mean |",
                   "|---|---|---|" + "---|" * (len(doms) + 1)]
         lines.append("| dense | - | 0% | " + " | ".join(f"{dense[d]:.3f}" for d in doms) + f" | {sum(dense.values()) / len(doms):.3f} |")
-        for r in result["grid"]:
+        for r in result["summary"]:
             if r["setting"] != setting:
                 continue
             lines.append(f"| {r['granularity']} | {r['criterion']} | {r['ratio']:.0%} | "
-                         + " | ".join(f"{r['accuracy'][d]:.3f}" for d in doms) + f" | {r['mean_accuracy']:.3f} |")
+                         + " | ".join(f"{r['accuracy'][d]:.3f}" for d in doms)
+                         + f" | {r['mean_accuracy']:.3f} ± {r['mean_accuracy_ci95']:.3f} |")
         lines.append("")
     lines += ["**critical dimensions** (remove only the k most important dims, math-calibrated ranking): math / knowledge accuracy", "",
               "| ranking | " + " | ".join(f"k={k}" for k in CRITICAL_K) + " |", "|---|" + "---|" * len(CRITICAL_K)]
@@ -241,31 +308,39 @@ def findings(result: dict) -> list[str]:
     """Plain statements read off the measured numbers, including where the papers' claims do not hold."""
     dense = result["dense"]["accuracy"]
     dense_mean = sum(dense.values()) / len(dense)
-    grid = result["grid"]
+    summary = result["summary"]
 
     def select(setting, gran, ratio):
-        return [r for r in grid if (r["setting"], r["granularity"], r["ratio"]) == (setting, gran, ratio)]
+        return [r for r in summary if (r["setting"], r["granularity"], r["ratio"]) == (setting, gran, ratio)]
+
+    def best(rows: list[dict]) -> str:
+        """The top method and every method tied with it (paired over seeds)."""
+        top = min(rows, key=lambda r: (-r["mean_accuracy"], r["criterion"]))
+        tied = [r for r in rows if r is not top and compare(r, top) == "tie"]
+        names = f"{top['criterion']} ({top['mean_accuracy']:.3f})"
+        if tied:
+            names += ", tied with " + ", ".join(f"{r['criterion']} ({r['mean_accuracy']:.3f})" for r in sorted(tied, key=lambda r: -r["mean_accuracy"]))
+        return names
 
     out = []
     for ratio in (0.25, 0.5):
         dims, experts = select("task-agnostic", "dims", ratio), select("task-agnostic", "experts", ratio)
-        fisher = next(r for r in dims if r["criterion"] == "fisher")["mean_accuracy"]
-        best_d = max(dims, key=lambda r: r["mean_accuracy"])
-        best_e = max(experts, key=lambda r: r["mean_accuracy"])
+        fisher = next(r for r in dims if r["criterion"] == "fisher")
+        top_e = min(experts, key=lambda r: (-r["mean_accuracy"], r["criterion"]))
+        verdict = {"a > b": "beats", "a < b": "does NOT beat", "tie": "ties with"}[compare(fisher, top_e)]
         out.append(
-            f"{ratio:.0%} removed, task-agnostic: Fisher dimension pruning keeps {fisher / dense_mean:.2f} of dense mean accuracy "
-            f"({fisher:.3f} vs {dense_mean:.3f}); best dimension criterion {best_d['criterion']} ({best_d['mean_accuracy']:.3f}); "
-            f"best expert criterion {best_e['criterion']} ({best_e['mean_accuracy']:.3f}). "
-            + ("Fisher dimension pruning beats every expert criterion here." if fisher > best_e["mean_accuracy"]
-               else "Fisher dimension pruning does NOT beat the best expert criterion here.")
+            f"{ratio:.0%} removed, task-agnostic: Fisher dimension pruning keeps {fisher['mean_accuracy'] / dense_mean if dense_mean else float('nan'):.2f} of dense mean "
+            f"accuracy ({fisher['mean_accuracy']:.3f} ± {fisher['mean_accuracy_ci95']:.3f} vs {dense_mean:.3f}). Best dimension criterion: "
+            f"{best(dims)}. Best expert criterion: {best(experts)}. Fisher dimension pruning {verdict} the best expert criterion "
+            f"({top_e['criterion']}), paired over seeds."
         )
     for setting, favoured in (("task-agnostic", ("man", "msan")), ("task-specific", ("frequency", "soft_frequency", "reap"))):
         for ratio in (0.25, 0.5):
             ranked = sorted(select(setting, "experts", ratio), key=lambda r: (-r["mean_accuracy"], r["criterion"]))
             order = ", ".join(f"{r['criterion']} {r['mean_accuracy']:.3f}" for r in ranked)
             places = [i + 1 for i, r in enumerate(ranked) if r["criterion"] in favoured]
-            out.append(f"expert criteria, {setting}, {ratio:.0%}: {order}. The principle's picks ({', '.join(favoured)}) place "
-                       f"{', '.join(map(str, places))} of {len(ranked)}.")
+            out.append(f"expert criteria, {setting}, {ratio:.0%} (mean over seeds): {order}. The principle's picks ({', '.join(favoured)}) "
+                       f"place {', '.join(map(str, places))} of {len(ranked)}; best: {best(ranked)}.")
     crit = result["critical_dims"]
     for method in ("fisher", "activation", "random"):
         pts = sorted((r for r in crit if r["ranking"] == method), key=lambda r: r["k"])
