@@ -132,3 +132,35 @@ def test_bad_domain_or_split_is_a_one_line_error() -> None:
         calibration_texts(["poetry"])
     with pytest.raises(ValueError, match="only"):
         get_items("knowledge", "eval", 10**6)
+
+
+def _code_shape(prompt: str) -> str:
+    """The program with one-letter variables renamed in order of first use (written apart from the suite's own key)."""
+    prog = prompt.split("Q: ", 1)[1].split("\n", 1)[0]
+    order: list[str] = []
+    for name in re.findall(r"(?<![A-Za-z])[a-z](?![A-Za-z])", prog):
+        if name not in order:
+            order.append(name)
+    return re.sub(r"(?<![A-Za-z])[a-z](?![A-Za-z])", lambda m: f"V{order.index(m.group())}", prog)
+
+
+def test_eval_computations_never_occur_in_training() -> None:
+    """Disjoint at the level of what is computed, not just the strings: no eval math problem is a training
+    problem with another name or object (its worked chain names the operations and numbers), no eval
+    program is a training program with its variables renamed."""
+    train_math = {it.answer for it in get_items("math", "train", 20000)}
+    for split in ("eval", "calib"):
+        assert not {it.answer for it in get_items("math", split)} & train_math
+    train_code = {_code_shape(it.prompt) for it in get_items("code", "train", 20000)}
+    for split in ("eval", "calib"):
+        assert not {_code_shape(it.prompt) for it in get_items("code", split)} & train_code
+
+
+def test_training_script_never_reads_the_eval_split() -> None:
+    """The reference model's training probes and reports on calib; eval is the test split of every benchmark."""
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "scripts" / "train_reference.py").read_text()
+    calls = re.findall(r"evaluate_tasks\(.*", src)
+    assert calls and all('split="calib"' in c for c in calls)
+    assert not re.search(r"get_items\([^)]*\"eval\"", src)

@@ -10,10 +10,17 @@ Four domains, each a deterministic generator of short question/answer items:
 Every item is ``prompt = "Q: ...\\nA:"`` followed by ``completion = " <answer>\\n"``; the newline ends the
 answer, so greedy decoding stops there and exact match is taken on the stripped text before it.
 
-Splits are disjoint as strings: for generated domains a prompt's split is a function of a SHA-256 hash of
-the prompt itself, so the same prompt can never land in two splits; for ``knowledge`` the splits use
-disjoint sets of question templates over the same facts (the facts must be learned in training, the
-evaluation asks about them in phrasings never seen there). Nothing depends on Python's ``hash()``.
+Splits are disjoint at the level of the computation, not only as strings: an item's split is a function
+of a SHA-256 hash of its *key*, what it asks the model to compute with names and wording taken out.
+math: the operation and its numbers (a name or an object never moves an item to another split, so no
+eval problem is a training problem with another name); code: the program with its variable names
+normalised; strings: the operation, the string and the letter. Math templates are shared by every
+split: the reference model, trained on one phrasing per operation, does not carry its arithmetic over
+to phrasings it never saw, so held-out templates would measure that and nothing about compression.
+For ``knowledge`` the splits use disjoint sets of question templates over the same facts: recall of the
+facts *is* that domain's skill, so the facts are shared and only the questions' phrasing is held out.
+The training script probes on the calib split; eval is a test split nothing trains or tunes on.
+Nothing depends on Python's ``hash()``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
@@ -42,11 +49,14 @@ _CALIB_BUCKETS = range(8, 16)
 
 @dataclass(frozen=True)
 class TaskItem:
-    """One question; the model is scored on greedily generating ``answer`` right after ``prompt``."""
+    """One question; the model is scored on greedily generating ``answer`` right after ``prompt``.
+
+    ``key`` names the computation (what decides the split): items with one key are one problem."""
 
     domain: str
     prompt: str
     answer: str
+    key: str = field(default="", compare=False)
 
     @property
     def completion(self) -> str:
@@ -65,9 +75,9 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _split_of(prompt: str) -> str:
-    """Split that owns ``prompt``; a pure function of the string, which makes splits disjoint."""
-    bucket = _stable_int("split", prompt) % 100
+def _split_of(key: str) -> str:
+    """Split that owns an item with this computation key; a pure function of it, so splits are disjoint."""
+    bucket = _stable_int("split", key) % 100
     if bucket in _EVAL_BUCKETS:
         return "eval"
     if bucket in _CALIB_BUCKETS:
@@ -95,7 +105,6 @@ _MATH_TEMPLATES = (
     "{n} has {a} {o}, gets {b} on Monday and {c} on Tuesday. How many now?",  # a + b + c
     "{n} has {a} {o}, sells {b} and eats {c}. How many left?",  # a - b - c
 )
-
 
 def _math_item(rng: random.Random) -> TaskItem:
     """A two-operation word problem whose answer is the worked chain plus the final number."""
@@ -138,7 +147,7 @@ def _math_item(rng: random.Random) -> TaskItem:
             chain = f"{a}-{b}={s}. {s}-{c}={r}."
         if 0 <= s <= 99 and 0 <= r <= 99:
             question = _MATH_TEMPLATES[kind].format(n=name, a=a, b=b, c=c, o=obj)
-            return TaskItem("math", _q(question), f"{chain} The answer is {r}.")
+            return TaskItem("math", _q(question), f"{chain} The answer is {r}.", key=f"math:{kind}:{a}:{b}:{c}")
 
 
 # ----------------------------------------------------------------------------------------- knowledge
@@ -255,7 +264,14 @@ def _code_item(rng: random.Random) -> TaskItem:
             out = yes if a > t else no
             prog = f"{v1}={a};print({yes} if {v1}>{t} else {no})"
         if 0 <= out <= 99:
-            return TaskItem("code", _q(prog), str(out))
+            return TaskItem("code", _q(prog), str(out), key=f"code:{normalise_program(prog)}")
+
+
+def normalise_program(prog: str) -> str:
+    """The program with its variables renamed x0, x1, ... in order of first use (names are one letter;
+    keywords are longer), so two programs that compute the same thing get the same text."""
+    names: dict[str, str] = {}
+    return re.sub(r"\b[a-z]\b", lambda m: names.setdefault(m.group(), f"x{len(names)}"), prog)
 
 
 # ------------------------------------------------------------------------------------------- strings
@@ -285,7 +301,7 @@ def _strings_item(rng: random.Random) -> TaskItem:
     letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(_LETTERS)
     question = _STRINGS_TEMPLATES[kind].format(w=word, c=letter)
     answer = (word[::-1], "".join(sorted(word)), word.upper(), str(word.count(letter)), str(len(word)))[kind]
-    return TaskItem("strings", _q(question), answer)
+    return TaskItem("strings", _q(question), answer, key=f"strings:{kind}:{word}:{letter if kind == 3 else ''}")
 
 
 _CODE_KEYWORDS = ("print", "max", "min", "if", "else")
@@ -362,7 +378,7 @@ def get_items(domain: str, split: str, n: int | None = None, seed: int = 0) -> l
     misses = 0
     while len(items) < want:
         item = gen(rng)
-        if item.prompt in seen or _split_of(item.prompt) != split:
+        if item.prompt in seen or _split_of(item.key) != split:
             misses += 1
             if misses > 50 * want + 10_000:  # guard against asking for more than the space holds
                 raise ValueError(f"could not draw {want} distinct {domain}/{split} items")

@@ -148,18 +148,20 @@ def evaluate_tasks(
     batch_size: int = 32,
     max_new_tokens: int | None = None,
     progress: bool = False,
+    split: str = "eval",
 ) -> dict[str, dict[str, float | int]]:
-    """Exact-match accuracy (greedy) and answer perplexity (teacher-forced) on each domain's eval split.
+    """Exact-match accuracy (greedy) and answer perplexity (teacher-forced) on each domain's eval split
+    (or `split`: the training script watches "calib" and never looks at eval).
 
     Returns ``{"accuracy": {d: float}, "perplexity": {d: float}, "n": {d: int}}``. ``n=None`` uses the
-    default eval size of the suite; ``max_new_tokens=None`` allows the longest reference answer + 8.
+    default size of the split; ``max_new_tokens=None`` allows the longest reference answer + 8.
     """
     was_training = model.training
     model.eval()
     result: dict[str, dict[str, Any]] = {"accuracy": {}, "perplexity": {}, "n": {}}
     try:
         for domain in domains:
-            items = get_items(domain, "eval", n)
+            items = get_items(domain, split, n)
             pairs = _encode_pairs(tokenizer, items)
             budget = max_new_tokens or (max(len(a) for _, a in pairs) + 8)
             outputs = greedy_generate(model, tokenizer, [p for p, _ in pairs], budget, batch_size)
