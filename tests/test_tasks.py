@@ -156,6 +156,24 @@ def test_eval_computations_never_occur_in_training() -> None:
         assert not {_code_shape(it.prompt) for it in get_items("code", split)} & train_code
 
 
+def test_eval_math_asks_half_its_items_in_held_out_phrasings_with_known_words() -> None:
+    """About half of the eval math items use a phrasing no training item uses; every word is a training word."""
+    from moetrim.data.tasks import vocabulary_words
+
+    names = r"\b(Ann|Bob|Cal|Dee|Eli|Fay|Gus|Ida|Jon|Kim|Lou|Max|Ned|Ola|Pam|Ray|Sue|Tom|Uma|Viv)\b"
+    objects = r"\b(apples|pens|cards|eggs|coins|books|shells|stamps|marbles|cups|rocks|beads)\b"
+
+    def shape(prompt: str) -> str:
+        return re.sub(objects, "O", re.sub(names, "N", re.sub(r"\d+", "#", prompt)))
+
+    train = {shape(it.prompt) for it in get_items("math", "train", 20000)}
+    evals = get_items("math", "eval")
+    unseen = [it for it in evals if shape(it.prompt) not in train]
+    assert 0.3 <= len(unseen) / len(evals) <= 0.7
+    known = set(vocabulary_words())
+    assert all(set(re.findall(r"[A-Za-z]{2,}", it.prompt)) <= known for it in evals)
+
+
 def test_training_script_never_reads_the_eval_split() -> None:
     """The reference model's training probes and reports on calib; eval is the test split of every benchmark."""
     from pathlib import Path

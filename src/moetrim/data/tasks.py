@@ -14,9 +14,9 @@ Splits are disjoint at the level of the computation, not only as strings: an ite
 of a SHA-256 hash of its *key*, what it asks the model to compute with names and wording taken out.
 math: the operation and its numbers (a name or an object never moves an item to another split, so no
 eval problem is a training problem with another name); code: the program with its variable names
-normalised; strings: the operation, the string and the letter. Math templates are shared by every
-split: the reference model, trained on one phrasing per operation, does not carry its arithmetic over
-to phrasings it never saw, so held-out templates would measure that and nothing about compression.
+normalised; strings: the operation, the string and the letter. Math is also asked in phrasings no
+training item uses: each operation has several (its clauses worded with any verb of their sign), a
+quarter of them are held out, and half of the eval math items use one of those.
 For ``knowledge`` the splits use disjoint sets of question templates over the same facts: recall of the
 facts *is* that domain's skill, so the facts are shared and only the questions' phrasing is held out.
 The training script probes on the calib split; eval is a test split nothing trains or tunes on.
@@ -97,19 +97,52 @@ _OBJECTS = ("apples", "pens", "cards", "eggs", "coins", "books", "shells",
             "stamps", "marbles", "cups", "rocks", "beads")
 
 
-_MATH_TEMPLATES = (
-    "{n} has {a} {o}, buys {b} more and gives {c} away. How many now?",  # a + b - c
-    "{n} has {a} {o}, loses {b} and then finds {c}. How many now?",  # a - b + c
-    "{n} has {a} {o} and buys {b} packs of {c}. How many now?",  # a + b * c
-    "{n} buys {a} boxes of {b} {o} and gives {c} away. How many left?",  # a * b - c
-    "{n} has {a} {o}, gets {b} on Monday and {c} on Tuesday. How many now?",  # a + b + c
-    "{n} has {a} {o}, sells {b} and eats {c}. How many left?",  # a - b - c
-)
+# Each operation is asked in several phrasings: its clauses in a fixed order, each clause worded with
+# any verb of its sign. Training sees most combinations; every fourth combination of each operation
+# (never the first, the canonical one) is held out for eval, which asks half of its items that way. A
+# held-out phrasing is a new combination of verbs the model knows, so eval tests whether it reads the
+# operation from the words rather than recognising a memorised template.
+_ADD_MORE = ("buys {x} more", "gets {x} more", "finds {x} more")
+_ADD = ("finds {x}", "buys {x}", "gets {x}")
+_TAKE = ("gives {x} away", "loses {x}", "sells {x}", "eats {x}")
+_ADD_VERBS = ("buys", "gets", "finds")
 
-def _math_item(rng: random.Random) -> TaskItem:
+
+def _math_phrasings() -> tuple[tuple[str, ...], ...]:
+    """Per operation kind, every phrasing (the canonical one first)."""
+    def fill(pattern: str, **clauses: str) -> str:
+        slots = {k: "{" + k + "}" for k in "nabco"}
+        slots.update({k: v.replace("{x}", "{" + k + "}") for k, v in clauses.items()})
+        return pattern.format(**slots)
+
+    return (
+        tuple(fill("{n} has {a} {o}, {b} and {c}. How many now?", b=p, c=m) for p in _ADD_MORE for m in _TAKE),  # a + b - c
+        tuple(fill("{n} has {a} {o}, {b} and then {c}. How many now?", b=m, c=p) for m in _TAKE[1:] + _TAKE[:1] for p in _ADD),  # a - b + c
+        tuple(f"{{n}} has {{a}} {{o}} and {v} {{b}} packs of {{c}}. How many now?" for v in _ADD_VERBS),  # a + b * c
+        tuple(fill(f"{{n}} {v} {{a}} boxes of {{b}} {{o}} and {{c}}. How many left?", c=m) for v in _ADD_VERBS for m in _TAKE),  # a * b - c
+        tuple(f"{{n}} has {{a}} {{o}}, {v} {{b}} on Monday and {{c}} on Tuesday. How many now?" for v in _ADD_VERBS[1:] + _ADD_VERBS[:1]),  # a + b + c
+        tuple(fill("{n} has {a} {o}, {b} and {c}. How many left?", b=m1, c=m2)
+              for m1 in _TAKE[2:] + _TAKE[:2] for m2 in _TAKE[3:] + _TAKE[:3] if m1 != m2),  # a - b - c
+    )
+
+
+def _held_out(count: int) -> set[int]:
+    """Indices of the held-out phrasings of an operation with `count`: every fourth, or the last one."""
+    return {i for i in range(1, count) if i % 4 == 0} or {count - 1}
+
+
+_MATH_PHRASINGS = _math_phrasings()
+_MATH_TRAIN_PHRASINGS = tuple(tuple(p for i, p in enumerate(ps) if i not in _held_out(len(ps))) for ps in _MATH_PHRASINGS)
+_MATH_HELD_OUT_PHRASINGS = tuple(tuple(p for i, p in enumerate(ps) if i in _held_out(len(ps))) for ps in _MATH_PHRASINGS)
+_MATH_TEMPLATES = tuple(ps[0] for ps in _MATH_PHRASINGS)  # the canonical phrasing of each operation
+
+
+def _math_item(rng: random.Random, split: str = "train") -> TaskItem:
     """A two-operation word problem whose answer is the worked chain plus the final number."""
     name, obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
     kind = rng.randrange(len(_MATH_TEMPLATES))
+    held_out = split == "eval" and rng.random() < 0.5
+    template = rng.choice((_MATH_HELD_OUT_PHRASINGS if held_out else _MATH_TRAIN_PHRASINGS)[kind])
     while True:
         if kind == 0:  # a + b - c
             a, b, c = rng.randint(2, 49), rng.randint(2, 49), rng.randint(2, 29)
@@ -146,7 +179,7 @@ def _math_item(rng: random.Random) -> TaskItem:
             r = s - c
             chain = f"{a}-{b}={s}. {s}-{c}={r}."
         if 0 <= s <= 99 and 0 <= r <= 99:
-            question = _MATH_TEMPLATES[kind].format(n=name, a=a, b=b, c=c, o=obj)
+            question = template.format(n=name, a=a, b=b, c=c, o=obj)
             return TaskItem("math", _q(question), f"{chain} The answer is {r}.", key=f"math:{kind}:{a}:{b}:{c}")
 
 
@@ -223,7 +256,7 @@ def _knowledge_pool(split: str) -> tuple[TaskItem, ...]:
 _VARS = "abcdmnpqrstuvwxyz"
 
 
-def _code_item(rng: random.Random) -> TaskItem:
+def _code_item(rng: random.Random, split: str = "train") -> TaskItem:
     """A one-line program using variables, reassignment, lists, max/min or a conditional.
 
     The answer is the printed value with no worked steps, so arithmetic operands are single digits (the
@@ -288,7 +321,7 @@ _STRINGS_TEMPLATES = (
 )
 
 
-def _strings_item(rng: random.Random) -> TaskItem:
+def _strings_item(rng: random.Random, split: str = "train") -> TaskItem:
     """A letter-level operation on a random lowercase string (never a word of the suite's vocabulary,
     so a word-level tokenizer cannot hide its letters)."""
     kind = rng.randrange(len(_STRINGS_TEMPLATES))
@@ -319,7 +352,7 @@ def vocabulary_words() -> tuple[str, ...]:
     on purpose so that they never get embeddings that training did not touch.
     """
     words: set[str] = set()
-    for text in (*_MATH_TEMPLATES, *_STRINGS_TEMPLATES, "Q: A: The answer is", *_CODE_KEYWORDS):
+    for text in (*(p for ps in _MATH_TRAIN_PHRASINGS for p in ps), *_STRINGS_TEMPLATES, "Q: A: The answer is", *_CODE_KEYWORDS):
         words |= _words(text)
     words |= set(_NAMES) | set(_OBJECTS)
     for form in _KNOWLEDGE_FORMS["train"]:
@@ -336,7 +369,7 @@ def _reserved_lowercase() -> frozenset[str]:
     return frozenset(w.lower() for w in vocabulary_words())
 
 
-_GENERATORS: dict[str, Callable[[random.Random], TaskItem]] = {
+_GENERATORS: dict[str, Callable[[random.Random, str], TaskItem]] = {
     "math": _math_item,
     "code": _code_item,
     "strings": _strings_item,
@@ -377,7 +410,7 @@ def get_items(domain: str, split: str, n: int | None = None, seed: int = 0) -> l
     items: list[TaskItem] = []
     misses = 0
     while len(items) < want:
-        item = gen(rng)
+        item = gen(rng, split)
         if item.prompt in seen or _split_of(item.key) != split:
             misses += 1
             if misses > 50 * want + 10_000:  # guard against asking for more than the space holds
