@@ -80,8 +80,7 @@ def remove_top_k(model, scores: dict[int, torch.Tensor], k: int):
             dims.append([j for j in range(width) if j not in gone])
         lp.kept_dims = dims
         lp.widths = [len(d) for d in dims]
-    plan.params_after = sum(sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in lp.widths)
-                            for l, lp in zip(layers, plan.layers))
+    plan.params_after = sum(l.params_at(lp.widths) for l, lp in zip(layers, plan.layers))
     plan.criterion = "remove-top-k"
     return plan
 

@@ -29,6 +29,7 @@ from moetrim.model.view import (
     MoELayer,
     find_moe_layers,
     make_activation,
+    require_uniform_widths,
 )
 from moetrim.plan import LayerPlan, Plan
 from moetrim.plan.schema import check_plan
@@ -49,6 +50,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     in place, so a shallow copy sharing them with another model is safe to compress.
     force_varwidth: use the variable-width experts even where a standard checkpoint is possible."""
     layers = find_moe_layers(model)
+    require_uniform_widths(layers, "apply plans to")
     check_plan(plan)  # a Plan built or edited in Python gets the checks a plan file gets
     if check_fingerprint and plan.model_fingerprint != model_fingerprint(model):
         raise UsageError("the plan was made for another model (model fingerprints differ)")
@@ -58,7 +60,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     for layer in layers:
         _check_layer_plan(layer, by_index[layer.index])
     before = sum(l.routed_params() for l in layers)
-    after = sum(sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in by_index[l.index].widths) for l in layers)
+    after = sum(l.params_at(by_index[l.index].widths) for l in layers)
     if (plan.params_before, plan.params_after) != (before, after):
         raise UsageError(f"the plan's params_before/params_after ({plan.params_before}, {plan.params_after}) are not what its widths "
                          f"give on this model ({before}, {after}); was it edited? fix them or re-run `moetrim plan`")
@@ -96,8 +98,6 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 def _check_layer_plan(layer: MoELayer, p: LayerPlan) -> None:
     """The plan's own consistency is `check_plan`'s; this is its agreement with the model's layer."""
-    if len(set(layer.widths)) != 1:
-        raise UsageError("this model is already compressed to different widths; apply plans to the original model")
     if p.experts_before != layer.num_experts or p.width_before != layer.widths[0]:
         raise UsageError(f"plan does not match layer {layer.index}: it expects {p.experts_before} experts of width {p.width_before}, "
                          f"the model has {layer.num_experts} of width {layer.widths[0]}")

@@ -148,20 +148,9 @@ def parse_exponents(text: Optional[str]) -> Optional[list[float]]:
 
 def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> str:
     """Fail before any expensive work on a bad method choice; returns the criterion (its default filled in)."""
-    import math
+    from moetrim.plan.allocate import check_method
 
-    from moetrim import criteria
-    from moetrim.plan import ALLOCATIONS, GRANULARITIES
-
-    if granularity not in GRANULARITIES:
-        raise UsageError(f"unknown --granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
-    if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
-        raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
-    criterion = criterion or ("fisher" if granularity == "dims" else "reap")
-    criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
-    if allocation is not None and allocation not in ALLOCATIONS:
-        raise UsageError(f"unknown --allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
-    return criterion
+    return check_method(granularity, criterion, ratio, allocation).name
 
 
 def data_files(data: str) -> list[Path]:

@@ -12,7 +12,7 @@ from moetrim.calibrate.profile import PROFILE_VERSION, Profile, data_digest
 from moetrim.data.text import DataSource, batches, token_chunks
 from moetrim.errors import UsageError
 from moetrim.model.identity import model_fingerprint
-from moetrim.model.view import find_moe_layers
+from moetrim.model.view import find_moe_layers, require_uniform_widths
 from moetrim.progress import progress_bar
 
 FISHER_MODES = ("sequence", "batch")
@@ -60,8 +60,7 @@ def calibrate(
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2 (a sequence needs two tokens to have a loss), got {max_tokens}")
     layers = find_moe_layers(model)
-    if any(len(set(l.widths)) != 1 for l in layers):
-        raise UsageError("this model is already compressed to different widths; calibrate the original model")
+    require_uniform_widths(layers, "calibrate")
     seq_len = default_seq_len(model) if seq_len is None else seq_len
     chunks = token_chunks(data, tokenizer, seq_len=seq_len, max_tokens=None)
     if not chunks:

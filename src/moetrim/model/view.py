@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moetrim.errors import MoetrimError
+from moetrim.errors import MoetrimError, UsageError
 
 # Attribute names under which families keep the pieces of a sparse block.
 _ROUTER_NAMES = ("gate", "router")
@@ -272,9 +272,19 @@ class MoELayer:
         """Parameters an expert has independent of its width (its down bias)."""
         return self.hidden_size if self.has_bias else 0
 
+    def params_at(self, widths) -> int:
+        """Routed-expert parameters of this layer with its kept experts at these widths."""
+        return sum(int(w) * self.params_per_dim() + self.params_per_expert_fixed() for w in widths)
+
     def routed_params(self) -> int:
         """Parameters actually stored in the routed experts module (not the router)."""
         return sum(p.numel() for p in self.experts.parameters())
+
+
+def require_uniform_widths(layers: list[MoELayer], doing: str) -> None:
+    """UsageError for a model already trimmed to different widths: every method starts from the original."""
+    if any(len(set(l.widths)) != 1 for l in layers):
+        raise UsageError(f"this model is already compressed to different widths; {doing} the original model")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

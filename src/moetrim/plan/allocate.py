@@ -18,7 +18,7 @@ from moetrim import criteria
 from moetrim.calibrate.profile import Profile
 from moetrim.errors import UsageError
 from moetrim.model.identity import model_fingerprint
-from moetrim.model.view import MoELayer, find_moe_layers
+from moetrim.model.view import MoELayer, find_moe_layers, require_uniform_widths
 from moetrim.plan.constraints import check_constraints, ratio_tolerance
 from moetrim.plan.schema import ALLOCATIONS, GRANULARITIES, LayerPlan, Plan
 
@@ -45,21 +45,27 @@ def _layer_scores(name: str, level: str, profile: Profile | None, layer: MoELaye
     return criteria.score(name, level, profile, layer, seed=seed, **kw)
 
 
-def _validate(model: nn.Module, layers: list[MoELayer], profile: Profile | None, granularity: str, criterion: str, ratio: float,
-              allocation: str):
+def check_method(granularity: str, criterion: str | None, ratio: float, allocation: str | None) -> criteria.Criterion:
+    """The method's choices on their own (the CLI calls this before loading anything); returns the
+    criterion, the granularity's default (fisher for dims, reap for experts) when none is named."""
     if granularity not in GRANULARITIES:
-        raise UsageError(f"unknown granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
+        raise UsageError(f"unknown granularity '{granularity}' (--granularity); choose from {', '.join(GRANULARITIES)}")
     if not isinstance(ratio, (int, float)) or not (0.0 <= ratio < 1.0) or math.isnan(ratio):
         raise UsageError(f"--ratio must be in [0, 1) (the fraction of routed-expert parameters removed), got {ratio}")
-    if allocation not in ALLOCATIONS:
-        raise UsageError(f"unknown allocation '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{allocation}' (--allocation); choose from {', '.join(ALLOCATIONS)}")
     level = "dim" if granularity == "dims" else "expert"
-    crit = criteria.get_criterion(criterion, level)
+    return criteria.get_criterion(criterion or ("fisher" if granularity == "dims" else "reap"), level)
+
+
+def _validate(model: nn.Module, layers: list[MoELayer], profile: Profile | None, granularity: str, criterion: str, ratio: float,
+              allocation: str):
+    crit = check_method(granularity, criterion, ratio, allocation)
+    level = crit.level
     needs_profile = criterion not in ("random", "magnitude")
     if needs_profile and profile is None:
         raise UsageError(f"criterion '{criterion}' needs a calibration profile (--profile or --data)")
-    if any(len(set(l.widths)) != 1 for l in layers):
-        raise UsageError("this model is already compressed to different widths; plan on the original model")
+    require_uniform_widths(layers, "plan on")
     if profile is not None:
         fp = model_fingerprint(model)
         if profile.fingerprint != fp:
@@ -134,9 +140,7 @@ def make_plan(
             if mw % rt:
                 mw = min((mw // rt + 1) * rt, width)
             plans = _plan_dims(layers, scores, ratio, allocation, crit.comparable_across_layers, mw, rt, protected)
-        params_after = sum(
-            sum(w * l.params_per_dim() + l.params_per_expert_fixed() for w in p.widths) for l, p in zip(layers, plans)
-        )
+        params_after = sum(l.params_at(p.widths) for l, p in zip(layers, plans))
         return Plan(
             granularity=granularity,
             criterion=criterion,
