@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import update_section, write_json  # noqa: E402
+from report import interval, paired_difference, save_figure, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply import apply_plan, shared_copy  # noqa: E402
@@ -194,20 +194,6 @@ def main(argv=None) -> int:
     return 0
 
 
-# Two-sided 95% t quantiles by degrees of freedom (n - 1); beyond the table the normal 1.96.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return mean, _T95.get(n - 1, 1.96) * sd / n**0.5
-
-
 def key_of(r: dict) -> tuple:
     return (r["setting"], r["granularity"], r["criterion"], r["ratio"])
 
@@ -232,11 +218,7 @@ def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
 def compare(a: dict, b: dict) -> str:
     """'a > b', 'a < b' or 'tie': the paired difference of mean accuracy over seeds, by its 95% t-interval
     (identical differences in every seed count as a difference, equal values as a tie)."""
-    diffs = [x - y for x, y in zip(a["mean_accuracy_per_seed"], b["mean_accuracy_per_seed"])]
-    mean, half = interval(diffs)
-    if abs(mean) < 1e-12 or abs(mean) <= half:
-        return "tie"
-    return "a > b" if mean > 0 else "a < b"
+    return paired_difference(a["mean_accuracy_per_seed"], b["mean_accuracy_per_seed"])
 
 
 def plot_critical(critical: list[dict], dense: dict, path: Path) -> Path:
@@ -258,13 +240,7 @@ def plot_critical(critical: list[dict], dense: dict, path: Path) -> Path:
     axes[0].set_ylabel("exact-match accuracy")
     axes[1].legend(loc="lower left")
     fig.suptitle("Removing only the k most important dimensions (math-calibrated ranking)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def markdown(result: dict, png: Path) -> str:

@@ -32,3 +32,39 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+# Two-sided 95% t quantiles by degrees of freedom (n - 1); beyond the table the normal 1.96.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, _T95.get(n - 1, 1.96) * sd / n**0.5
+
+
+def paired_difference(a: list[float], b: list[float]) -> str:
+    """'a > b', 'a < b' or 'tie': the paired difference over seeds by its 95% t-interval (identical
+    differences in every seed count as a difference, equal values as a tie)."""
+    mean, half = interval([x - y for x, y in zip(a, b)])
+    if abs(mean) < 1e-12 or abs(mean) <= half:
+        return "tie"
+    return "a > b" if mean > 0 else "a < b"
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG through a temporary file and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path

@@ -304,6 +304,7 @@ CASES = [
     # -- other commands' options --------------------------------------------------------------------
     ("eval-unknown-task", None, ["eval", M, "--tasks", "poetry"], 2, "poetry", None),
     ("eval-n-zero", None, ["eval", M, "--n", 0], 2, "--n must be", None),
+    ("routing-dense-model", _dense_model, ["routing", "{ws}/dense", *CAL, "--json", "{ws}/r.json", "--png", "{ws}/r.png"], 2, "no MoE layers", None),
     ("demo-eval-items-zero", None, ["demo", "--model", M, "--eval-items", 0, "--out", "{ws}/d"], 2, "--eval-items", None),
     ("demo-bad-ratio", None, ["demo", "--model", M, "--ratio", 1.5, "--out", "{ws}/d"], 2, "--ratio must be", None),
     ("unknown-command", None, ["shrink", M], 2, "No such command", None),

@@ -110,10 +110,14 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
                 "act_sq_sum": torch.zeros(E, width, **f64),
                 "act_abs_max": torch.zeros(E, width, **f64),
                 "gated_act_abs_sum": torch.zeros(E, width, **f64),
+                "out_sum": torch.zeros(E, x.shape[-1], **f64),
+                "in_gram": torch.zeros(E, x.shape[-1], x.shape[-1], **f64),
                 # Σ router probability of the chosen expert: g only where the model applies it unchanged;
                 # the others are wrong on purpose (see test_reference_tells_wrong_statistics_apart)
                 "chosen_prob_sum": torch.zeros(E, **f64),
                 "wrong_norm_sum_gated": torch.zeros(E, **f64),
+                "wrong_out_sum_gated": torch.zeros(E, x.shape[-1], **f64),
+                "wrong_in_gram_gated": torch.zeros(E, x.shape[-1], x.shape[-1], **f64),
                 "wrong_prob_sum_other_fn": (logits.softmax(-1) if family in SIGMOID_ROUTED else logits.sigmoid()).sum(0),
             }
             for t in range(T):
@@ -133,6 +137,11 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
                     r["gated_act_abs_sum"][e] += g * a
                     r["chosen_prob_sum"][e] += float(probs[t, e])
                     r["wrong_norm_sum_gated"][e] += abs(g) * n
+                    xt = x[t].double()
+                    r["out_sum"][e] += y
+                    r["in_gram"][e] += torch.outer(xt, xt)
+                    r["wrong_out_sum_gated"][e] += g * y
+                    r["wrong_in_gram_gated"][e] += g * torch.outer(xt, xt)
             out[i] = r
     return out
 
@@ -155,7 +164,7 @@ def stat_runs():
         model = tiny_model(family, seed=2).double()
         model.set_experts_implementation("eager")
         ref = reference_statistics(family, model, ids)
-        prof = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False)
+        prof = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False, whiten=True)
         runs[family] = (sorted(ref), prof, ref)
     return runs
 
@@ -184,6 +193,48 @@ def test_statistics_match_per_token_reference(stat_runs, family):
         # every expert that was routed to has a nonzero row: the comparison is not vacuous
         routed = r["moments"][:, 0, 0] > 0
         assert routed.sum() >= 2 and bool((r["act_abs_sum"][routed].sum(1) > 0).all())
+
+
+@pytest.mark.parametrize("family", STAT_FAMILIES)
+def test_output_sums_and_input_grams_match_per_token_reference(stat_runs, family):
+    """out_sum (Σ y before gating) and, with whiten=True, in_gram (Σ x xᵀ of the expert's inputs)."""
+    layers, prof, ref = stat_runs[family]
+    for l in layers:
+        r = ref[l]
+        assert _close(prof.get(l, "out_sum"), r["out_sum"]), (family, l)
+        assert _close(prof.get(l, "in_gram"), r["in_gram"]), (family, l)
+        assert not _close(prof.get(l, "out_sum"), r["wrong_out_sum_gated"]), (family, l)
+        assert not _close(prof.get(l, "in_gram"), r["wrong_in_gram_gated"]), (family, l)
+        routed = r["moments"][:, 0, 0] > 0
+        assert bool((r["out_sum"][routed].abs().sum(1) > 0).all()) and bool((prof.get(l, "in_gram")[~routed] == 0).all())
+
+
+def test_output_sums_and_grams_merge_by_addition_and_are_optional(tmp_path):
+    """Two half profiles merge into the whole one (out_sum, in_gram included); in_gram is recorded only
+    with whiten=True, and a profile without out_sum (older moetrim) still loads and validates."""
+    from moetrim.calibrate import load_profile
+
+    model = tiny_model("olmoe", seed=3).double()
+    model.set_experts_implementation("eager")
+    ids = torch.randint(0, 127, (4, 16), generator=torch.Generator().manual_seed(5))
+    halves = [moetrim.calibrate(model, [ids[:2]], seq_len=16, fisher=False, whiten=True),
+              moetrim.calibrate(model, [ids[2:]], seq_len=16, fisher=False, whiten=True)]
+    whole = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False, whiten=True)
+    merged = halves[0].merge(halves[1])
+    assert {k.rsplit(".", 1)[1] for k in whole.stats} >= {"out_sum", "in_gram"}
+    for key in whole.stats:
+        assert torch.allclose(merged.stats[key], whole.stats[key], rtol=1e-12, atol=1e-12), key
+    plain = moetrim.calibrate(model, [ids[:2]], seq_len=16, fisher=False)
+    assert "in_gram" not in plain.names() and not any(k.endswith("in_gram") for k in plain.stats)
+    with pytest.raises(moetrim.UsageError, match="whiten=True"):
+        plain.get(0, "in_gram")
+    with pytest.raises(moetrim.UsageError, match="different statistics"):
+        plain.merge(halves[1])
+    old = Profile({k: v for k, v in plain.stats.items() if not k.endswith("out_sum")}, plain.meta)
+    reloaded = load_profile(old.save(tmp_path / "old.safetensors"))
+    assert torch.equal(reloaded.get(0, "count"), plain.get(0, "count"))
+    with pytest.raises(moetrim.UsageError, match="older moetrim"):
+        reloaded.get(0, "out_sum")
 
 
 def test_reference_tells_wrong_statistics_apart(stat_runs):

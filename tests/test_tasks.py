@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -182,3 +183,103 @@ def test_training_script_never_reads_the_eval_split() -> None:
     calls = re.findall(r"evaluate_tasks\(.*", src)
     assert calls and all('split="calib"' in c for c in calls)
     assert not re.search(r"get_items\([^)]*\"eval\"", src)
+
+
+# ------------------------------------------------------------------------------------------- units
+# Small units per big unit, written here apart from the suite's own table: (big unit plural, small unit plural).
+_FACTORS = {("hours", "minutes"): 60, ("minutes", "seconds"): 60, ("days", "hours"): 24, ("weeks", "days"): 7,
+            ("years", "months"): 12, ("feet", "inches"): 12, ("dozen", "items"): 12, ("yards", "feet"): 3,
+            ("gallons", "quarts"): 4, ("pounds", "ounces"): 16, ("meters", "centimeters"): 100, ("decades", "years"): 10}
+_PLURAL = {"foot": "feet", "feet": "feet", "inch": "inches", "dozen": "dozen"}
+
+
+def _plural(word: str) -> str:
+    return _PLURAL.get(word, word if word.endswith("s") else word + "s")
+
+
+def _units_computation(prompt: str) -> tuple[str, str, str, int, int]:
+    """(big unit, small unit, op, a, b) read back from a units question."""
+    q = prompt[len("Q: ") : -len("\nA:")]
+    a, big, word, b, small = re.search(r"(\d+) ([a-z]+) (and|less|minus) (\d+) ([a-z]+)", q).groups()
+    target = re.search(r"^How many ([a-z]+)|(?:to|in) ([a-z]+)[.?]$", q)
+    target = target.group(1) or target.group(2)
+    assert _plural(small) == target and (small == target) == (b != "1")  # "1 minute", "2 minutes"
+    assert (big == _plural(big)) == (a != "1" or big == "dozen")
+    return _plural(big), target, "+" if word == "and" else "-", int(a), int(b)
+
+
+def test_units_is_a_new_domain_outside_all_and_the_vocabulary() -> None:
+    from transformers import AutoTokenizer
+
+    from moetrim.data.tasks import NEW_DOMAINS, TASK_DOMAINS, vocabulary_words
+    from moetrim.reference import REFERENCE_DIR
+
+    assert DOMAINS == ("math", "knowledge", "code", "strings") and NEW_DOMAINS == ("units",)
+    assert TASK_DOMAINS == DOMAINS + NEW_DOMAINS and "units" not in parse_domains("all")
+    assert parse_domains("units,math,units") == ["units", "math"]
+    # the reference tokenizer was built from vocabulary_words(): it must stay exactly its word tokens
+    vocab = AutoTokenizer.from_pretrained(REFERENCE_DIR).get_vocab()
+    assert {w.strip() for w in vocab if len(w.strip()) >= 2 and w.strip().isalpha()} == set(vocabulary_words())
+    assert not {"minutes", "inches", "convert", "Convert"} & set(vocabulary_words())
+
+
+def test_units_splits_are_disjoint_by_computation_and_deterministic() -> None:
+    train = get_items("units", "train", 10_000)  # the train split holds about 14k distinct prompts
+    assert len(train) == 10_000
+    keys = {split: {_units_computation(it.prompt) for it in items}
+            for split, items in (("train", train), ("calib", get_items("units", "calib")), ("eval", get_items("units", "eval")))}
+    assert not keys["train"] & keys["eval"] and not keys["train"] & keys["calib"] and not keys["calib"] & keys["eval"]
+    assert len(keys["eval"]) >= 150  # distinct computations, not only phrasings
+    assert get_items("units", "eval", 50) == get_items("units", "eval", 50) != get_items("units", "eval", 50, seed=1)
+    assert calibration_texts(["units"], n_per_domain=4) == [it.text for it in get_items("units", "calib", 4)]
+
+
+def test_units_answers_are_right_by_recomputing() -> None:
+    pairs, phrasings = set(), set()
+    for it in get_items("units", "eval") + get_items("units", "train", 2000):
+        big, small, op, a, b = _units_computation(it.prompt)
+        f = _FACTORS[(big, small)]
+        c, e = a * f, a * f + b if op == "+" else a * f - b
+        assert it.answer == f"{a}*{f}={c}. {c}{op}{b}={e}. The answer is {e}." and 0 < e <= 999 and 0 < b < f
+        assert it.domain == "units" and it.text == it.prompt + " " + it.answer + "\n" and len(it.text) <= 128
+        pairs.add((big, small))
+        phrasings.add(re.sub(r"\d+ [a-z]+", "#", it.prompt))
+    assert pairs == set(_FACTORS) and len(phrasings) >= 6
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_tasks_command_writes_a_file_that_reads_back(suffix: str, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from moetrim.cli import app
+    from moetrim.data.tasks import to_sft_records
+    from moetrim.data.text import read_documents
+
+    def run(*args):
+        r = CliRunner().invoke(app, ["tasks", *map(str, args)], catch_exceptions=False)
+        return r.exit_code, r.output
+
+    out = tmp_path / f"units{suffix}"
+    code, text = run("units", "--split", "eval", "--n", 40, "--seed", 3, "--out", out)
+    assert code == 0 and "40 units/eval items" in text, text
+    items = get_items("units", "eval", 40, seed=3)
+    docs = read_documents(out)
+    if suffix == ".jsonl":
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert records == to_sft_records(items) and records[0] == {"prompt": items[0].prompt, "response": items[0].completion}
+        assert docs == [it.text for it in items]
+    else:
+        assert docs == [it.text.strip() for it in items]
+    before = out.read_bytes()
+    assert run("units", "--n", 5, "--out", out)[0] == 2 and out.read_bytes() == before  # exists: refused
+    assert run("math", "--n", 5, "--out", out, "--overwrite")[0] == 0 and len(read_documents(out)) == 5
+    mine = tmp_path / f"notes{suffix}"
+    mine.write_text('{"note": 1}\n' if suffix == ".jsonl" else "my notes\n")
+    for args, match in ((["units", "--out", mine, "--overwrite"], "not a moetrim task file"),
+                        (["poetry", "--out", tmp_path / "p.jsonl"], "valid domains: math, knowledge, code, strings, units"),
+                        (["units", "--split", "test", "--out", tmp_path / "p.jsonl"], "unknown split"),
+                        (["units", "--out", tmp_path / "p.csv"], "must end in .jsonl"),
+                        (["knowledge", "--split", "eval", "--n", 10**6, "--out", tmp_path / "p.jsonl"], "--n")):
+        code, text = run(*args)
+        assert code == 2 and match in text and len(text.strip().splitlines()) == 1, text
+    assert mine.read_text().startswith(("{", "my")) and not (tmp_path / "p.jsonl").exists()

@@ -7,6 +7,11 @@ The whole pipeline is profile -> plan -> apply:
     plan = moetrim.make_plan(model, profile, granularity="dims", criterion="fisher", ratio=0.5)
     moetrim.apply_plan(model, plan)                         # real smaller tensors, in place
     moetrim.save(model, "out", tokenizer=tok, plan=plan, profile=profile)
+
+and fine-tuning keeps what rarely used experts know (moetrim.train):
+
+    result = moetrim.finetune(model, tok, "sft.jsonl", method="condenser", lr=1e-5, epochs=1)
+    moetrim.save(result.model, "tuned", tokenizer=tok)
 """
 
 from moetrim.apply import apply_plan
@@ -17,8 +22,17 @@ from moetrim.checkpoint import save_checkpoint as save
 from moetrim.errors import MoetrimError, UsageError
 from moetrim.model import find_moe_layers, routed_expert_param_count
 from moetrim.plan import Plan, load_plan, make_plan
+from moetrim.train import FinetuneConfig
 
 __version__ = "0.1.0"
+
+
+def finetune(model, tokenizer, data, config: "FinetuneConfig | None" = None, **settings):
+    """Fine-tune an MoE model in place with one method (see moetrim.train.finetune); returns
+    FinetuneResult(model, report)."""
+    from moetrim.train import finetune as _finetune
+
+    return _finetune(model, tokenizer, data, config, **settings)
 
 
 def reference_model(*args, **kwargs):
@@ -29,6 +43,7 @@ def reference_model(*args, **kwargs):
 
 
 __all__ = [
+    "FinetuneConfig",
     "Profile",
     "Plan",
     "MoetrimError",
@@ -36,6 +51,7 @@ __all__ = [
     "apply_plan",
     "calibrate",
     "find_moe_layers",
+    "finetune",
     "load",
     "load_plan",
     "load_profile",

@@ -2,7 +2,8 @@
 
 Standard checkpoints are written by `save_pretrained` and load in plain `transformers`. Variable-
 width checkpoints get `model_type: "moetrim_varwidth"` in config.json, so plain `transformers`
-refuses them loudly instead of loading random experts; `moetrim.load` rebuilds them.
+refuses them loudly instead of loading random experts; `moetrim.load` rebuilds them. Replaced-experts
+(`moetrim_replaced`) and rerouted (`moetrim_routed`) checkpoints work the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 
 from moetrim.apply import VARWIDTH_KEY
 from moetrim.errors import MoetrimError, UsageError
+from moetrim.model.replaced import REPLACED_KEY, REPLACED_MODEL_TYPE
+from moetrim.model.routing import ROUTED_MODEL_TYPE, ROUTING_KEY
 from moetrim.outputs import atomic_dir, check_output, save_safetensors
 
 VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
@@ -79,8 +82,8 @@ def load_model(
     raw = _read_config(path)
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
-    if raw.get("model_type") == VARWIDTH_MODEL_TYPE:
-        model = _load_varwidth(path, raw, dtype, trust_remote_code, meta=meta)
+    if raw.get("model_type") in (VARWIDTH_MODEL_TYPE, ROUTED_MODEL_TYPE, REPLACED_MODEL_TYPE):
+        model = _load_moetrim(path, raw, dtype, trust_remote_code, meta=meta)
         if meta:
             return model
     elif meta:
@@ -175,29 +178,35 @@ def _check_record(path: Path, record, moe_layers: dict) -> None:
             raise MoetrimError(f"{where} layer {key}: widths must be {n} positive integers and 1 <= top_k <= num_experts")
 
 
-def _weights_record(files: list[Path]) -> dict | None:
-    """The layer record the weight files were written with (None for files from before it was stored)."""
+def _weights_record(files: list[Path], key: str = VARWIDTH_KEY) -> dict | None:
+    """The layer record `key` the weight files were written with (None for files from before it was stored)."""
     records = set()
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            records.add((sf.metadata() or {}).get(VARWIDTH_KEY))
+            records.add((sf.metadata() or {}).get(key))
     if len(records) != 1:
         raise MoetrimError(f"{files[0].parent}: its weight files were written for different layer layouts")
     text = records.pop()
     return None if text is None else json.loads(text)
 
 
-def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: bool = False) -> nn.Module:
+def _load_moetrim(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: bool = False) -> nn.Module:
+    """A checkpoint in one of moetrim's own formats: variable-width or replaced experts, and/or rerouted routers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moetrim.apply import resize_expert_tensors
-    from moetrim.model.varwidth import LAYOUTS, VariableWidthExperts
-    from moetrim.model.view import find_moe_layers, make_activation
+    from moetrim.model.replaced import restore_replaced
+    from moetrim.model.routing import after_load, restore_routing
 
     record = raw.get(VARWIDTH_KEY)
+    routing = raw.get(ROUTING_KEY)
+    replaced = raw.get(REPLACED_KEY)
     base_type = raw.get("moetrim_base_model_type")
-    if not record or not base_type:
+    if raw["model_type"] == VARWIDTH_MODEL_TYPE and (not record or not base_type):
         raise MoetrimError(f"{path}/config.json says moetrim_varwidth but lacks its layer record")
+    if raw["model_type"] == ROUTED_MODEL_TYPE and (not routing or not base_type):
+        raise MoetrimError(f"{path}/config.json says {ROUTED_MODEL_TYPE} but lacks its routing record ({ROUTING_KEY})")
+    if raw["model_type"] == REPLACED_MODEL_TYPE and (not replaced or not base_type):
+        raise MoetrimError(f"{path}/config.json says {REPLACED_MODEL_TYPE} but lacks its layer record ({REPLACED_KEY})")
     d = dict(raw)
     d["model_type"] = base_type
     d.pop("moetrim_base_model_type")
@@ -214,18 +223,53 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if record:
+        _load_varwidth_layers(path, model, record)
+    if replaced:
+        try:
+            restore_replaced(model, replaced)
+        except MoetrimError as exc:
+            raise MoetrimError(f"{path}/config.json: {REPLACED_KEY}: {exc}") from None
+    if routing:
+        try:
+            restore_routing(model, routing)
+        except MoetrimError as exc:
+            raise MoetrimError(f"{path}/config.json: {ROUTING_KEY}: {exc}") from None
+    if meta:
+        return model.to(dtype)
+    files = _weight_files(path)
+    if record:
+        _check_written(path, record, _weights_record(files), "widths, expert count, top-k or layout")
+    if replaced:
+        _check_written(path, replaced, _weights_record(files, REPLACED_KEY), "kept experts, groups or rank")
+    model = _fill_weights(path, model, files, dtype, config)
+    if routing:
+        after_load(model)
+    return model
+
+
+def _check_written(path: Path, record: dict, written: dict | None, fields: str) -> None:
+    """The layer record of config.json against the one the weight files were written with: an edit that
+    keeps every tensor's shape (two widths swapped, two experts moved between groups) shows only here."""
+    if written is None or written == record:
+        return
+    keys = sorted(set(record["layers"]) | set(written.get("layers", {})), key=lambda k: (len(k), k))
+    bad = next((f"layer {k}" for k in keys if record["layers"].get(k) != written.get("layers", {}).get(k)), "its layout")
+    raise MoetrimError(f"{path}/config.json disagrees with its weight files at {bad} ({fields}); "
+                       "it was edited after saving: restore the config.json moetrim wrote")
+
+
+def _load_varwidth_layers(path: Path, model: nn.Module, record: dict) -> None:
+    """Swap the experts of every recorded layer for variable-width ones of the recorded widths."""
+    from moetrim.apply import resize_expert_tensors
+    from moetrim.model.varwidth import LAYOUTS, VariableWidthExperts
+    from moetrim.model.view import find_moe_layers, make_activation
+
     layers = {l.index: l for l in find_moe_layers(model)}
     _check_record(path, record, layers)
     layout = record.get("layout", "by_expert")  # version-1 records predate the width-sorted layout
     if layout not in LAYOUTS:
         raise MoetrimError(f"{path}/config.json: unknown variable-width layout {layout!r}; this moetrim reads {', '.join(LAYOUTS)}")
-    files = [] if meta else _weight_files(path)
-    written = None if meta else _weights_record(files)
-    if written is not None and written != record:
-        keys = sorted(set(record["layers"]) | set(written.get("layers", {})), key=lambda k: (len(k), k))
-        bad = next((f"layer {k}" for k in keys if record["layers"].get(k) != written.get("layers", {}).get(k)), "its layout")
-        raise MoetrimError(f"{path}/config.json disagrees with its weight files at {bad} (widths, expert count, top-k or layout); "
-                           "it was edited after saving: restore the config.json moetrim wrote")
     for key, spec in record["layers"].items():
         layer = layers[int(key)]
         n = spec["num_experts"]
@@ -239,8 +283,10 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
         resize_expert_tensors(layer, None, n)
         router = layer.router
         router.top_k = spec["top_k"]
-    if meta:
-        return model.to(dtype)
+
+
+def _fill_weights(path: Path, model: nn.Module, files: list[Path], dtype, config) -> nn.Module:
+    """Load every tensor of the files into a model built on meta; strict about names and shapes."""
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
@@ -255,7 +301,8 @@ def _load_varwidth(path: Path, raw: dict, dtype, trust_remote_code: bool, meta: 
     if missing or unexpected or bad:
         raise MoetrimError(f"{path}: weights do not match the recorded layout (missing {missing[:3]}, unexpected {unexpected[:3]}, mismatched {bad[:3]})")
     model.config._name_or_path = str(path)  # as from_pretrained sets it: what the model was loaded from
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # the router bias stays float32 whatever the weights' dtype (it shifts logits by small steps)
+    state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("moetrim_bias") else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     # Buffers that are not saved (rotary frequencies) are still on meta: recompute them on CPU.
@@ -350,6 +397,7 @@ def save_checkpoint(
     profile=None,
     recipe: dict[str, Any] | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write the compressed model into out_dir atomically: a temp folder beside it, then a rename.
     An interrupted save leaves no half-written checkpoint at out_dir. The folder the model was
@@ -364,8 +412,8 @@ def save_checkpoint(
     with atomic_dir(out) as tmp:
         if recipe is not None:
             model.config.moetrim = recipe
-        if is_varwidth(model):
-            _save_varwidth(model, tmp)
+        if is_varwidth(model) or is_rerouted(model) or is_replaced(model):
+            _save_moetrim(model, tmp)
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -374,14 +422,27 @@ def save_checkpoint(
             plan.save(tmp / "plan.json")
         if profile is not None:
             profile.save(tmp / "profile.safetensors")
+        for name, text in (extra_files or {}).items():  # reports that belong with the weights
+            (tmp / name).write_text(text)
     return out
 
 
-def _save_varwidth(model: nn.Module, out: Path) -> None:
+def is_rerouted(model: nn.Module) -> bool:
+    """Whether the model routes with a fine-tuned bias or condensers (see moetrim.model.routing)."""
+    return getattr(model.config, ROUTING_KEY, None) is not None
+
+
+def is_replaced(model: nn.Module) -> bool:
+    """Whether some experts are replaced by group bases and low-rank corrections (moetrim.model.replaced)."""
+    return getattr(model.config, REPLACED_KEY, None) is not None
+
+
+def _save_moetrim(model: nn.Module, out: Path) -> None:
+    """config.json with a model_type plain transformers refuses, and the weights with their records."""
     out.mkdir(parents=True, exist_ok=True)
     d = model.config.to_dict()
     d["moetrim_base_model_type"] = d["model_type"]
-    d["model_type"] = VARWIDTH_MODEL_TYPE
+    d["model_type"] = VARWIDTH_MODEL_TYPE if is_varwidth(model) else REPLACED_MODEL_TYPE if is_replaced(model) else ROUTED_MODEL_TYPE
     d["architectures"] = [type(model).__name__]
     dtype = next(model.parameters()).dtype
     d["dtype"] = str(dtype).replace("torch.", "")
@@ -394,4 +455,8 @@ def _save_varwidth(model: nn.Module, out: Path) -> None:
             pass
     # The layer record goes into the weight files too: config.json is a file people edit, and a swap of
     # two widths there keeps every tensor's total size, so only this record can tell.
-    _write_state(model, out, {"moetrim": "varwidth", VARWIDTH_KEY: json.dumps(d[VARWIDTH_KEY], sort_keys=True)})
+    meta = {"moetrim": d["model_type"].removeprefix("moetrim_")}
+    for key in (VARWIDTH_KEY, REPLACED_KEY):
+        if key in d:
+            meta[key] = json.dumps(d[key], sort_keys=True)
+    _write_state(model, out, meta)

@@ -38,8 +38,9 @@ from moetrim.cli_common import (
     parse_exponents,
     resolve_method,
 )
+from moetrim.cli_replace import MaxGroupOpt, RankOpt, WeightingOpt, WhitenOpt
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output, raise_on_termination, refuse_inputs, write_text
+from moetrim.outputs import bytes_of_weights, check_output, raise_on_termination
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -65,7 +66,8 @@ def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool):
         return load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
-def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False):
+def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False,
+               whiten=False):
     from moetrim.calibrate import calibrate
     from moetrim.calibrate.run import model_context
     from moetrim.checkpoint import load_tokenizer
@@ -86,6 +88,7 @@ def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens
         fisher=fisher,
         fisher_mode=fisher_mode,
         grad_magnitude=grad_magnitude,
+        whiten=whiten,
         progress=True,
     )
     return profile, tokenizer
@@ -206,15 +209,25 @@ def plan_cmd(
     round_to: Optional[int] = RoundToOpt,
     protect: int = ProtectOpt,
     exponents: Optional[str] = ExponentsOpt,
+    rank: int = RankOpt,
+    max_group: int = MaxGroupOpt,
+    base_weighting: str = WeightingOpt,
     seed: int = SeedOpt,
     out_path: Path = typer.Option(Path("plan.json"), "--out", help="plan file to write (JSON)"),
     overwrite: bool = OverwriteOpt,
     trust_remote_code: bool = TrustOpt,
 ):
-    """Decide which experts and dimensions stay; writes a JSON plan."""
+    """Decide which experts and dimensions stay (or become shared bases + corrections); writes a JSON plan."""
     from moetrim.calibrate import load_profile
     from moetrim.plan import make_plan
+    from moetrim.plan.replace import is_replace_granularity
 
+    if is_replace_granularity(granularity):
+        from moetrim.cli_replace import plan_replace
+
+        return plan_replace(model_path, profile_path, out_path, granularity=granularity, criterion=criterion, ratio=ratio, rank=rank,
+                            max_group=max_group, base_weighting=base_weighting, seed=seed, overwrite=overwrite,
+                            trust_remote_code=trust_remote_code)
     criterion = resolve_method(granularity, criterion, ratio, allocation)
     exps = parse_exponents(exponents)
     check_output(out_path, kind="plan", inputs=[model_dir(model_path), profile_path], overwrite=overwrite)
@@ -246,11 +259,29 @@ def apply_cmd(
 
     check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), plan_path, profile_path], overwrite=overwrite,
                  need_bytes=bytes_of_weights(model_path))
+    from moetrim.plan.replace import is_replace_granularity
+
+    raw = _read_json(plan_path)
+    if isinstance(raw, dict) and is_replace_granularity(raw.get("granularity")):
+        from moetrim.cli_replace import apply_replace
+
+        profile = load_profile(profile_path) if profile_path else None
+        model = _load(model_path, dtype, device, trust_remote_code)
+        tokenizer = load_tokenizer(model_path, required=False, trust_remote_code=trust_remote_code)
+        return apply_replace(model, raw, profile, model_path, out_dir, tokenizer, overwrite)
     plan = load_plan(plan_path)
     profile = load_profile(profile_path) if profile_path else None
     model = _load(model_path, dtype, device, trust_remote_code)
     tokenizer = load_tokenizer(model_path, required=False, trust_remote_code=trust_remote_code)
     _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir, overwrite)
+
+
+def _read_json(path: Path):
+    """The plan file's JSON, or None when it is not JSON (load_plan then says what is wrong)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 @app.command()
@@ -271,16 +302,44 @@ def compress(
     seq_len: Optional[int] = SeqLenOpt,
     batch_size: int = BatchOpt,
     fisher_mode: str = FisherModeOpt,
+    rank: int = RankOpt,
+    max_group: int = MaxGroupOpt,
+    base_weighting: str = WeightingOpt,
+    whiten: bool = WhitenOpt,
+    recover_steps: int = typer.Option(0, "--recover-steps", help="replace/naive/merge/d2: recovery steps after building (0: none)"),
+    recover_data: Optional[str] = typer.Option(None, "--recover-data", help="recovery data (default: the first --data file)"),
+    recover_lr: float = typer.Option(1e-4, "--recover-lr", help="recovery learning rate"),
     seed: int = SeedOpt,
     overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
 ):
-    """Calibrate, plan, apply and save in one go."""
+    """Calibrate, plan, apply and save in one go (granularity dims, experts, replace, naive, merge or d2)."""
     from moetrim import criteria
     from moetrim.plan import make_plan
+    from moetrim.plan.replace import is_replace_granularity
 
+    if is_replace_granularity(granularity):
+        from moetrim.cli_replace import compress_replace
+
+        if criterion is not None:
+            criteria.get_criterion(criterion, "expert")
+        if recover_steps < 0:
+            raise UsageError("--recover-steps must be >= 0")
+        files = data_files(data)
+        extra = [Path(recover_data)] if recover_data else []
+        for f in extra:
+            if not f.is_file():
+                raise UsageError(f"recovery data file not found: {f}")
+        check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), *files, *extra], overwrite=overwrite,
+                     need_bytes=bytes_of_weights(model_path))
+        model = _load(model_path, dtype, device, trust_remote_code)
+        return compress_replace(model, model_path, data, out_dir, granularity=granularity, criterion=criterion, ratio=ratio,
+                                rank=rank, max_group=max_group, base_weighting=base_weighting, whiten=whiten, max_tokens=max_tokens,
+                                seq_len=seq_len, batch_size=batch_size, fisher_mode=fisher_mode, seed=seed, overwrite=overwrite,
+                                recover_steps=recover_steps, recover_data=recover_data, recover_lr=recover_lr, dtype=dtype,
+                                trust_remote_code=trust_remote_code)
     criterion = resolve_method(granularity, criterion, ratio, allocation)
     exps = parse_exponents(exponents)
     files = data_files(data)
@@ -316,96 +375,14 @@ def merge(
     out.print(f"merged {len(profiles)} profiles, {merged.tokens:,} tokens -> [bold]{out_path}[/]")
 
 
-@app.command("eval")
-@handled
-def eval_cmd(
-    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
-    tasks: str = typer.Option("all", "--tasks", help="comma-separated domains, or 'all'"),
-    n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
-    batch_size: int = typer.Option(64, "--batch-size", help="items generated at once"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (replaces a JSON file already there)"),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    trust_remote_code: bool = TrustOpt,
-):
-    """Accuracy (greedy exact match) and perplexity per task domain."""
-    from moetrim.checkpoint import load_tokenizer
-    from moetrim.data.tasks import parse_domains
-    from moetrim.evaluate.tasks_eval import evaluate_tasks
+# Commands kept in modules of their own (each adds itself to `app`), in the order `--help` lists them.
+from moetrim.cli_eval import register as _register_eval  # noqa: E402
+from moetrim.cli_finetune import register as _register_finetune  # noqa: E402
+from moetrim.cli_replace import register as _register_replace  # noqa: E402
+from moetrim.cli_routing import register as _register_routing  # noqa: E402
 
-    try:
-        domains = parse_domains(tasks)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if n is not None and n < 1:
-        raise UsageError("--n must be at least 1")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if json_path is not None:
-        check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=True, option="--json")
-    model = _load(model_path, dtype, device, trust_remote_code)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    try:
-        res = evaluate_tasks(model, tokenizer, domains, n=n, batch_size=batch_size)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    t = Table(title=f"{model_path}")
-    for c in ("domain", "accuracy", "perplexity", "items"):
-        t.add_column(c, justify="left" if c == "domain" else "right")
-    for d in domains:
-        t.add_row(d, f"{res['accuracy'][d]:.3f}", f"{res['perplexity'][d]:.3f}", str(res["n"][d]))
-    out.print(t)
-    if json_path is not None:
-        write_text(json_path, json.dumps(res, indent=2))
-
-
-@app.command()
-@handled
-def demo(
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder (default: a fresh ./moetrim-demo*)"),
-    model_path: str = typer.Option("reference", "--model", help="model directory with a tokenizer (default: the bundled reference)"),
-    ratio: float = RatioOpt,
-    criterion: str = typer.Option("fisher", "--criterion", help="dims criterion (see `moetrim plan --help`)"),
-    eval_items: int = typer.Option(200, "--eval-items", help="evaluation items per domain"),
-    seed: int = SeedOpt,
-):
-    """Compress the bundled reference model (Fisher, 50% of routed-expert weights, global) and
-    compare dense vs compressed: accuracy, perplexity, memory, tokens/s."""
-    from moetrim.demo import fresh_out_dir, run_demo
-
-    resolve_method("dims", criterion, ratio, "global")
-    if eval_items < 1:
-        raise UsageError("--eval-items must be at least 1")
-    target = out_dir or fresh_out_dir()
-    refuse_inputs(target, [model_dir(model_path)])
-    empty = target.is_dir() and not any(target.iterdir())
-    if target.exists() and not empty:
-        raise UsageError(f"{target} already exists and is not empty; choose another --out")
-    check_output(target, kind="folder", inputs=[model_dir(model_path)], overwrite=empty, need_bytes=bytes_of_weights(model_path))
-    _quiet_transformers()
-    res = run_demo(target, model=model_path, ratio=ratio, criterion=criterion, eval_items=eval_items, seed=seed,
-                   log=lambda s: err.print(s))
-    d, c = res["dense"], res["compressed"]
-    title = "tiny random model (no reference weights bundled)" if res["method"]["fallback_tiny_random_model"] else str(res["method"]["model"])
-    t = Table(title=f"{title}: dense vs {res['method']['criterion']} dims {res['method']['removed_fraction']:.0%} removed ({res['method']['allocation']})")
-    t.add_column("")
-    t.add_column("dense", justify="right")
-    t.add_column("compressed", justify="right")
-    t.add_column("ratio", justify="right")
-    for dom in d["accuracy"]:
-        t.add_row(f"accuracy: {dom}", f"{d['accuracy'][dom]:.3f}", f"{c['accuracy'][dom]:.3f}",
-                  f"{c['accuracy'][dom] / d['accuracy'][dom]:.2f}" if d["accuracy"][dom] else "-")
-    acc_ratio = res["ratios"]["mean_accuracy"]
-    t.add_row("[bold]accuracy: mean", f"{d['mean_accuracy']:.3f}", f"{c['mean_accuracy']:.3f}", "-" if acc_ratio is None else f"{acc_ratio:.2f}")
-    for dom in d["perplexity"]:
-        t.add_row(f"perplexity: {dom}", f"{d['perplexity'][dom]:.3f}", f"{c['perplexity'][dom]:.3f}", f"{c['perplexity'][dom] / d['perplexity'][dom]:.2f}")
-    t.add_row("weight memory (MiB)", f"{d['weight_bytes'] / 2**20:.2f}", f"{c['weight_bytes'] / 2**20:.2f}", f"{res['ratios']['weight_bytes']:.2f}")
-    for key, label in (("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s (batch 1)"),
-                       ("decode_tokens_per_s_b8", "decode tokens/s (batch 8)")):
-        t.add_row(label, f"{d[key]:.0f}", f"{c[key]:.0f}", f"{c[key] / d[key]:.2f}")
-    out.print(t)
-    out.print(f"results -> [bold]{target / 'results.json'}[/]; compressed checkpoint -> [bold]{target / 'compressed'}[/] "
-              f"({res['method']['checkpoint_format']} format; {res['seconds']:.0f} s)")
+for _register in (_register_eval, _register_finetune, _register_replace, _register_routing):
+    _register(app)
 
 
 def main() -> None:

@@ -115,7 +115,8 @@ MaxTokensOpt = typer.Option(None, "--max-tokens", help="calibrate on at most thi
 SeqLenOpt = typer.Option(None, "--seq-len", help="tokens per calibration sequence (default: 512, or the model's context if shorter)")
 BatchOpt = typer.Option(4, "--batch-size", help="calibration sequences per forward/backward pass")
 FisherModeOpt = typer.Option("sequence", "--fisher-mode", help="square gradients per 'sequence' (default) or per 'batch'")
-GranularityOpt = typer.Option("dims", "--granularity", help="dims (trim intermediate dimensions) or experts (remove whole experts)")
+GranularityOpt = typer.Option("dims", "--granularity", help="dims (trim intermediate dimensions), experts (remove whole experts); "
+                              "compress also: replace, naive, merge, d2 (experts become shared bases + low-rank corrections)")
 RatioOpt = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)")
 MinWidthOpt = typer.Option(None, "--min-width", help="dims: smallest width an expert keeps (default 1/32 of the width; 0 lets experts go)")
 RoundToOpt = typer.Option(None, "--round-to", help="dims: widths in multiples of N (default 1; uniform rounds to 8 when within 2 points)")

@@ -5,8 +5,8 @@ inputs and the file system, before any expensive work:
 - it must not be an input, lie inside an input folder, or contain an input (replacing a folder
   deletes what is in it), nor be the current folder or one above it;
 - an existing output is replaced only with `overwrite`, and only when it is what moetrim would write
-  there (a moetrim checkpoint or an empty folder, a moetrim profile, a JSON file): `--overwrite`
-  never deletes a folder of someone else's files;
+  there (a moetrim checkpoint or an empty folder, a moetrim profile, a JSON file, a PNG image, a
+  task file as `moetrim tasks` writes it): `--overwrite` never deletes someone else's files;
 - the folder it goes into must be writable, and hold roughly the bytes it will take.
 
 Writing goes to a hidden temporary beside the output, `.NAME.tmp-PID-XXXX`, renamed into place at
@@ -31,7 +31,8 @@ from typing import Iterator, Sequence
 
 from moetrim.errors import MoetrimError, UsageError
 
-KINDS = ("checkpoint", "folder", "profile", "plan", "json")
+KINDS = ("checkpoint", "folder", "profile", "plan", "json", "image", "task file")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -69,6 +70,14 @@ def _is_moetrim_checkpoint(folder: Path) -> bool:
 
 def _is_kind(path: Path, kind: str) -> bool:
     """Whether an existing file is what an output of `kind` holds (so replacing it loses nothing else)."""
+    if kind == "image":
+        try:
+            with path.open("rb") as f:
+                return f.read(len(_PNG_MAGIC)) == _PNG_MAGIC
+        except OSError:
+            return False
+    if kind == "task file":
+        return _is_task_file(path)
     if kind == "profile":
         from safetensors import safe_open
 
@@ -82,6 +91,21 @@ def _is_kind(path: Path, kind: str) -> bool:
     except (OSError, ValueError):
         return False
     return kind == "json" or (isinstance(data, dict) and "schema_version" in data and "layers" in data)
+
+
+def _is_task_file(path: Path) -> bool:
+    """A .jsonl of prompt/response records, or a .txt whose every paragraph is a "Q: ...\nA: ..." item."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix == ".jsonl":
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            return False
+        return all(isinstance(r, dict) and set(r) == {"prompt", "response"} for r in records)
+    return all(p.strip().startswith("Q: ") and "\nA:" in p for p in text.split("\n\n") if p.strip())
 
 
 def _existing_ancestor(path: Path) -> Path:

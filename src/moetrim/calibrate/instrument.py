@@ -26,7 +26,8 @@ class LayerRecorder:
     """Running sums of one MoE layer (float64 accumulators on the model's device)."""
 
     def __init__(
-        self, layer: MoELayer, device: torch.device, gradients: bool, fisher_mode: str = "sequence", grad_magnitude: bool = False
+        self, layer: MoELayer, device: torch.device, gradients: bool, fisher_mode: str = "sequence", grad_magnitude: bool = False,
+        whiten: bool = False,
     ):
         widths = set(layer.widths)
         if len(widths) != 1:
@@ -46,6 +47,9 @@ class LayerRecorder:
         self.act_sq_sum = torch.zeros(E, I, **f64)
         self.act_abs_max = torch.zeros(E, I, dtype=torch.float32, device=device)
         self.gated_act_abs_sum = torch.zeros(E, I, **f64)
+        H = layer.hidden_size
+        self.out_sum = torch.zeros(E, H, **f64)
+        self.in_gram = torch.zeros(E, H, H, **f64) if whiten else None  # E·H²·8 bytes: 2 GiB per OLMoE layer
         if gradients:
             self.taylor = torch.zeros(E, I, **f64)
             self.fisher = torch.zeros(E, I, **f64)
@@ -76,7 +80,10 @@ class LayerRecorder:
         self.tokens += probs.shape[0]
 
     @torch.no_grad()
-    def record_experts(self, h: torch.Tensor, y: torch.Tensor, g: torch.Tensor, expert_of_slot: torch.Tensor) -> None:
+    def record_experts(
+        self, h: torch.Tensor, y: torch.Tensor, g: torch.Tensor, expert_of_slot: torch.Tensor, x: torch.Tensor | None = None
+    ) -> None:
+        """Per slot (sorted by expert): h [n, I], output y [n, H] before gating, weight g [n], input x [n, H]."""
         a = h.detach().float().abs()
         E, I = self.E, self.I
         idx = expert_of_slot
@@ -91,6 +98,14 @@ class LayerRecorder:
         gd = gf.double()
         feats = torch.stack([gd.pow(b) * norms.pow(p) for b in range(3) for p in range(3)], dim=-1)
         self.moments += norms.new_zeros(E, 9).index_add(0, idx, feats).view(E, 3, 3)
+        yw = _wide(y.detach())
+        self.out_sum += yw.new_zeros(E, yw.shape[1]).index_add(0, idx, yw).double()
+        if self.in_gram is not None and x is not None:
+            xw = _wide(x.detach())
+            ends = torch.bincount(idx, minlength=E).cumsum(0).tolist()
+            for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+                if end > start:
+                    self.in_gram[e] += (xw[start:end].T @ xw[start:end]).double()
 
     def grad_magnitude_hooks(
         self, e: int, x: torch.Tensor, gu: torch.Tensor, h: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, interleaved: bool
@@ -134,13 +149,22 @@ class LayerRecorder:
             f"layers.{l}.act_sq_sum": self.act_sq_sum,
             f"layers.{l}.act_abs_max": self.act_abs_max,
             f"layers.{l}.gated_act_abs_sum": self.gated_act_abs_sum,
+            f"layers.{l}.out_sum": self.out_sum,
         }
+        if self.in_gram is not None:
+            out[f"layers.{l}.in_gram"] = self.in_gram
         if self.gradients:
             out[f"layers.{l}.taylor"] = self.taylor
             out[f"layers.{l}.fisher"] = self.fisher
         if self.want_grad_magnitude:
             out[f"layers.{l}.grad_magnitude"] = self.grad_magnitude
         return out
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in at least float32 (float64 stays float64): products and sums of half-precision activations
+    would round away what the float64 accumulators keep."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class ProfilingExperts(nn.Module):
@@ -210,7 +234,7 @@ class ProfilingExperts(nn.Module):
                 rec.grad_magnitude_hooks(e, x, gu, h_e, y, seq[s : s + n], self.interleaved)
             ys.append(y)
         y_all = torch.cat(ys)
-        rec.record_experts(h_all, y_all, gs, expert_of_slot)
+        rec.record_experts(h_all, y_all, gs, expert_of_slot, xs)
 
         out_sorted = y_all * gs.to(y_all.dtype).unsqueeze(-1)
         out = torch.empty_like(out_sorted)

@@ -10,6 +10,10 @@ per expert [E]    count                  routed-token count (slots: a token coun
                   norm_sum, norm_sq_sum  Σ ‖y‖, Σ ‖y‖² (y: expert output before gating)
                   gated_norm_sum         Σ g·‖y‖
                   moments [E, 3, 3]      Σ g^b·‖y‖^p for b, p in 0..2 (feeds the unified S(a, b, p))
+per expert [E, H] out_sum                Σ y (mean output out_sum / count: what experts are grouped by
+                                         when replacing; absent from profiles of older moetrim)
+per expert        in_gram [E, H, H]      Σ x xᵀ over routed tokens (x: expert input), for whitened SVD
+                                         (only with calibrate(..., whiten=True))
 per dim [E, I]    act_abs_sum            Σ |h|      (h: intermediate activation, act(gate)·up)
                   act_sq_sum             Σ h²
                   act_abs_max            max |h|
@@ -37,6 +41,7 @@ PROFILE_VERSION = "1"
 EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")
 DIM_STATS = ("act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum", "taylor", "fisher", "grad_magnitude")
 GRADIENT_STATS = ("taylor", "fisher", "grad_magnitude")
+HIDDEN_STATS = ("out_sum", "in_gram")  # indexed by expert, then by hidden dimension: [E, H] and [E, H, H]
 # Named views into the moments tensor [E, b, p].
 _MOMENT_ALIASES = {"count": (0, 0), "gate_sum": (1, 0), "norm_sum": (0, 1), "norm_sq_sum": (0, 2), "gated_norm_sum": (1, 1)}
 _MAX_STATS = ("act_abs_max",)
@@ -70,10 +75,13 @@ class Profile:
         return self.meta.get("model_fingerprint", "")
 
     def names(self) -> list[str]:
-        return ["tokens", *EXPERT_STATS, *DIM_STATS]
+        """Statistics a profile can hold; in_gram only where this one holds it (it is opt-in)."""
+        gram = any(k.endswith(".in_gram") for k in self.stats)
+        return ["tokens", *EXPERT_STATS, *DIM_STATS, "out_sum", *(["in_gram"] if gram else [])]
 
     def get(self, layer: int, name: str) -> torch.Tensor:
-        """Statistic `name` of MoE layer `layer` (decoder-layer index): [E] per expert, [E, I] per dim."""
+        """Statistic `name` of MoE layer `layer` (decoder-layer index): [E] per expert, [E, I] per dim,
+        [E, H] out_sum, [E, H, H] in_gram."""
         if layer not in self.layers:
             raise UsageError(f"profile has no MoE layer {layer}; layers: {self.layers}")
         if name in _MOMENT_ALIASES:
@@ -85,6 +93,10 @@ class Profile:
                 raise UsageError("profile has no 'grad_magnitude': calibrate with --grad-magnitude")
             if name in GRADIENT_STATS:
                 raise UsageError(f"profile has no '{name}': it was calibrated with --no-fisher; recalibrate without it")
+            if name == "out_sum":
+                raise UsageError("profile has no 'out_sum' (expert mean outputs): it was written by an older moetrim; recalibrate")
+            if name == "in_gram":
+                raise UsageError("profile has no 'in_gram' (expert input Grams): calibrate with whiten=True")
             raise UsageError(f"unknown statistic '{name}'; known: {', '.join(self.names())}")
         return self.stats[key]
 
@@ -103,7 +115,8 @@ class Profile:
         if self.fingerprint != other.fingerprint:
             raise UsageError("cannot merge profiles of different models (model fingerprints differ)")
         if set(self.stats) != set(other.stats):
-            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher or --grad-magnitude?)")
+            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher, --grad-magnitude "
+                             "or whiten, or by an older moetrim without out_sum?)")
         for key, value in self.stats.items():
             if value.shape != other.stats[key].shape:
                 raise UsageError(f"cannot merge: '{key}' has shape {list(value.shape)} in one profile and {list(other.stats[key].shape)} in the other")
@@ -135,24 +148,26 @@ class Profile:
         disagree within a layer. Returns self."""
         if self.tokens <= 0 or not self.stats:
             raise UsageError(f"{source} holds no calibration tokens; calibrate on more data")
-        shapes: dict[int, tuple[int, int | None]] = {}
+        shapes: dict[int, tuple[int | None, int | None, int | None]] = {}  # E, I, H
         for key, t in self.stats.items():
             parts = key.split(".")
-            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, "tokens"):
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, *HIDDEN_STATS, "tokens"):
                 raise UsageError(f"{source} has an unknown statistic '{key}'; it was not written by moetrim calibrate")
             layer, name = int(parts[1]), parts[2]
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise UsageError(f"{source} has non-finite values in '{key}' (did the model overflow? calibrate with --dtype float32)")
-            E, I = shapes.get(layer, (None, None))
-            want = {"moments": 3}.get(name, 1 if name in EXPERT_STATS or name == "tokens" else 2)
-            if t.ndim != want or (name == "moments" and tuple(t.shape[1:]) != (3, 3)) or (name == "tokens" and t.numel() != 1):
+            E, I, H = shapes.get(layer, (None, None, None))
+            want = {"moments": 3, "in_gram": 3}.get(name, 1 if name in EXPERT_STATS or name == "tokens" else 2)
+            square = name != "in_gram" or (t.ndim == 3 and t.shape[1] == t.shape[2])
+            if t.ndim != want or (name == "moments" and tuple(t.shape[1:]) != (3, 3)) or (name == "tokens" and t.numel() != 1) or not square:
                 raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, not what moetrim calibrate writes")
             if name != "tokens":
                 E = t.shape[0] if E is None else E
                 I = t.shape[1] if name in DIM_STATS and I is None else I
-                if t.shape[0] != E or (name in DIM_STATS and t.shape[1] != I):
+                H = t.shape[1] if name in HIDDEN_STATS and H is None else H
+                if t.shape[0] != E or (name in DIM_STATS and t.shape[1] != I) or (name in HIDDEN_STATS and t.shape[1] != H):
                     raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, which disagrees with the layer's other statistics")
-            shapes[layer] = (E, I)
+            shapes[layer] = (E, I, H)
         required = {"tokens", "moments", "prob_sum", "act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum"}
         if self.has_gradients:
             required |= {"taylor", "fisher"}
@@ -164,15 +179,15 @@ class Profile:
 
     def check_model(self, layers) -> None:
         """Refuse a profile whose layers, expert counts or widths are not the model's (`layers`: MoELayer views)."""
-        want = {l.index: (l.num_experts, l.widths[0]) for l in layers}
+        want = {l.index: (l.num_experts, l.widths[0], l.hidden_size) for l in layers}
         if set(self.layers) != set(want):
             raise UsageError(f"the profile covers MoE layers {self.layers} but the model's are {sorted(want)}; calibrate this model")
         for key, t in self.stats.items():
             _, layer, name = key.split(".")
-            E, I = want[int(layer)]
-            if (name != "tokens" and t.shape[0] != E) or (name in DIM_STATS and t.shape[1] != I):
-                raise UsageError(f"the profile's '{key}' has shape {list(t.shape)} but layer {layer} has {E} experts of width {I}; "
-                                 "calibrate this model")
+            E, I, H = want[int(layer)]
+            if (name != "tokens" and t.shape[0] != E) or (name in DIM_STATS and t.shape[1] != I) or (name in HIDDEN_STATS and t.shape[1] != H):
+                raise UsageError(f"the profile's '{key}' has shape {list(t.shape)} but layer {layer} has {E} experts of width {I} "
+                                 f"(hidden size {H}); calibrate this model")
 
 
 def load_profile(path: str | os.PathLike) -> Profile:

@@ -44,6 +44,7 @@ def calibrate(
     fisher: bool = True,
     fisher_mode: str = "sequence",
     grad_magnitude: bool = False,
+    whiten: bool = False,
     progress: bool = False,
 ) -> Profile:
     """Run calibration data through `model` once and return its Profile.
@@ -52,7 +53,9 @@ def calibrate(
     input_ids tensors. With fisher=False only a forward pass runs (no gradient statistics).
     grad_magnitude=True also records the trimming paper's per-sequence weight-gradient magnitudes;
     it needs every sequence's weight gradients (about batch-size times the work of one weight
-    gradient), so it is off unless asked for.
+    gradient), so it is off unless asked for. whiten=True also records each expert's input Gram
+    Σ x xᵀ [E, H, H] (for whitened SVD when replacing experts); at H² floats per expert it is off
+    unless asked for.
     The model is left exactly as it was (modules restored, requires_grad flags restored).
     """
     if fisher_mode not in FISHER_MODES:
@@ -82,7 +85,7 @@ def calibrate(
     device = next(model.parameters()).device
     if grad_magnitude and not fisher:
         raise UsageError("grad-magnitude needs gradients: drop --no-fisher")
-    recorders = [LayerRecorder(layer, device, fisher, fisher_mode, grad_magnitude) for layer in layers]
+    recorders = [LayerRecorder(layer, device, fisher, fisher_mode, grad_magnitude, whiten) for layer in layers]
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval()
@@ -127,6 +130,7 @@ def calibrate(
         "fisher": "true" if fisher else "false",
         "fisher_mode": fisher_mode if fisher else "",
         "grad_magnitude": "true" if fisher and grad_magnitude else "false",
+        "whiten": "true" if whiten else "false",
         "hidden_size": str(layers[0].hidden_size),
     }
     return Profile(stats, meta).validate("calibration")

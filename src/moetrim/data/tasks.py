@@ -7,6 +7,10 @@ Four domains, each a deterministic generator of short question/answer items:
 * ``code``      -- the printed output of a tiny Python program.
 * ``strings``   -- reverse / sort / uppercase / count on a short random word.
 
+These four (``DOMAINS``, what ``"all"`` means) are what the bundled reference model was trained on. A
+fifth, ``units`` (unit conversion with a worked chain, `moetrim.data.units`), is one it never saw: a new
+domain to fine-tune on (``NEW_DOMAINS``; ``TASK_DOMAINS`` is all five).
+
 Every item is ``prompt = "Q: ...\\nA:"`` followed by ``completion = " <answer>\\n"``; the newline ends the
 answer, so greedy decoding stops there and exact match is taken on the stripped text before it.
 
@@ -32,7 +36,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
+from moetrim.data.units import units_problem
+
 DOMAINS: tuple[str, ...] = ("math", "knowledge", "code", "strings")
+NEW_DOMAINS: tuple[str, ...] = ("units",)  # never seen by the reference model; not part of "all"
+TASK_DOMAINS: tuple[str, ...] = DOMAINS + NEW_DOMAINS
 SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 
 # Default number of items returned when ``n`` is None (knowledge train returns every train item).
@@ -369,10 +377,17 @@ def _reserved_lowercase() -> frozenset[str]:
     return frozenset(w.lower() for w in vocabulary_words())
 
 
+def _units_item(rng: random.Random, split: str = "train") -> TaskItem:
+    """A unit conversion (`moetrim.data.units`); as for math, its key alone decides its split."""
+    question, answer, key = units_problem(rng)
+    return TaskItem("units", _q(question), answer, key=key)
+
+
 _GENERATORS: dict[str, Callable[[random.Random, str], TaskItem]] = {
     "math": _math_item,
     "code": _code_item,
     "strings": _strings_item,
+    "units": _units_item,
 }
 
 
@@ -380,8 +395,8 @@ _GENERATORS: dict[str, Callable[[random.Random, str], TaskItem]] = {
 
 
 def _check(domain: str, split: str) -> None:
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
+    if domain not in TASK_DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(TASK_DOMAINS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
@@ -430,18 +445,27 @@ def calibration_texts(domains: list[str] | None = None, n_per_domain: int = 64, 
     return [items[i].text for i in range(n_per_domain) for items in per]
 
 
+def to_sft_records(items: list[TaskItem]) -> list[dict[str, str]]:
+    """``{"prompt", "response"}`` records, the fine-tuning format `moetrim.data.text` reads (the response
+    keeps its leading space and end-of-answer newline, so prompt + response is the item's text)."""
+    return [{"prompt": item.prompt, "response": item.completion} for item in items]
+
+
 def parse_domains(spec: str) -> list[str]:
-    """Parse a CLI domain list such as ``"math,knowledge"`` or ``"all"`` (order kept, duplicates dropped)."""
+    """Parse a CLI domain list such as ``"math,units"`` or ``"all"`` (order kept, duplicates dropped).
+
+    ``"all"`` is the reference model's four domains; a new domain is asked for by name."""
+    valid = f"valid domains: {', '.join(TASK_DOMAINS)} (or 'all' for {', '.join(DOMAINS)})"
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
-        raise ValueError(f"no domains given; valid domains: {', '.join(DOMAINS)} (or 'all')")
+        raise ValueError(f"no domains given; {valid}")
     out: list[str] = []
     for p in parts:
         if p.lower() == "all":
             names = list(DOMAINS)
-        elif p in DOMAINS:
+        elif p in TASK_DOMAINS:
             names = [p]
         else:
-            raise ValueError(f"unknown domain {p!r}; valid domains: {', '.join(DOMAINS)} (or 'all')")
+            raise ValueError(f"unknown domain {p!r}; {valid}")
         out.extend(d for d in names if d not in out)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -19,24 +19,46 @@ from moetrim.errors import UsageError
 DataSource = str | os.PathLike | Sequence[str] | Iterable[torch.Tensor]
 
 
+def record_text(record: object) -> str | None:
+    """The running text of one .jsonl record: 'text', or 'prompt' + 'response', or its 'messages'
+    contents joined; None when the record has none of them. Fine-tuning files thereby also serve as
+    calibration and routing data."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        return record["prompt"] + record["response"]
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        return "\n".join(m["content"] for m in messages)
+    return None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank line of a .jsonl file; bad JSON is a UsageError naming the line."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+
+
 def read_documents(path: str | os.PathLike) -> list[str]:
-    """Documents of a .txt file (paragraphs split on blank lines) or a .jsonl file (its 'text' fields)."""
+    """Documents of a .txt file (paragraphs split on blank lines) or a .jsonl file (see `record_text`)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UsageError(f"{path}:{n}: each .jsonl line needs a string field 'text'")
-                docs.append(record["text"])
+        for n, record in iter_jsonl(path):
+            text = record_text(record)
+            if text is None:
+                raise UsageError(f"{path}:{n}: each .jsonl line needs a string field 'text', 'prompt' and 'response', or 'messages'")
+            docs.append(text)
         return [d for d in docs if d.strip()]
     try:
         text = path.read_text(encoding="utf-8")

@@ -18,7 +18,8 @@ from moetrim.data.tasks import TaskItem, get_items
 from moetrim.model.kv_cache import cache_kwargs, cache_of
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The token that pads batches: the tokenizer's pad, else end-of-text, else begin-of-text, else 0."""
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
@@ -67,7 +68,7 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations (cut at the first newline) for already-tokenized prompts."""
     device = next(model.parameters()).device
-    pad, stops = _pad_id(tokenizer), _stop_ids(tokenizer).to(device)
+    pad, stops = pad_id(tokenizer), _stop_ids(tokenizer).to(device)
     extra = _model_kwargs(model)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
     results: list[str] = [""] * len(prompt_ids)
@@ -166,7 +167,7 @@ def evaluate_tasks(
             budget = max_new_tokens or (max(len(a) for _, a in pairs) + 8)
             outputs = greedy_generate(model, tokenizer, [p for p, _ in pairs], budget, batch_size)
             correct = sum(out.strip() == item.answer.strip() for out, item in zip(outputs, items))
-            nll, count = answer_nll(model, pairs, _pad_id(tokenizer), batch_size)
+            nll, count = answer_nll(model, pairs, pad_id(tokenizer), batch_size)
             result["accuracy"][domain] = correct / len(items)
             result["perplexity"][domain] = math.exp(nll / max(count, 1))
             result["n"][domain] = len(items)

@@ -50,6 +50,16 @@ def _is_varwidth(experts: nn.Module) -> bool:
     return getattr(experts, "is_moetrim_varwidth", False)
 
 
+def _is_replaced(experts: nn.Module) -> bool:
+    return getattr(experts, "is_moetrim_replaced", False)
+
+
+def _is_moetrim(experts: nn.Module) -> bool:
+    """One of moetrim's own experts modules (variable-width or replaced): they share a small interface
+    (num_experts, hidden_dim, widths, activation, expert_weights) instead of the stock tensors."""
+    return _is_varwidth(experts) or _is_replaced(experts)
+
+
 def _is_fused_stock(experts: nn.Module) -> bool:
     """A `transformers` experts module on the shared dispatch (decorated by use_experts_implementation)."""
     down = getattr(experts, "down_proj", None)
@@ -101,7 +111,7 @@ def make_activation(experts: nn.Module) -> Callable[[torch.Tensor | None, torch.
     Families with their own `_apply_gate` (GPT-OSS's clamped SwiGLU) are called through it with the
     layout it expects, so any family-specific activation is reproduced exactly without copying it.
     """
-    if _is_varwidth(experts):
+    if _is_moetrim(experts):
         return experts.activation
     has_gate = bool(getattr(experts, "has_gate", True))
     act_fn = getattr(experts, "act_fn", None)
@@ -168,7 +178,7 @@ def _routes_with_sigmoid(router_cls: type) -> bool:
 
 def _experts_shape(experts: nn.Module) -> tuple[int, int]:
     """(num_experts, hidden_size) of an experts module."""
-    if _is_varwidth(experts):
+    if _is_moetrim(experts):
         return experts.num_experts, experts.hidden_dim
     down = experts.down_proj
     transposed = bool(getattr(experts, "is_transposed", False))
@@ -222,7 +232,7 @@ class MoELayer:
 
     @property
     def widths(self) -> list[int]:
-        if _is_varwidth(self.experts):
+        if _is_moetrim(self.experts):
             return list(self.experts.widths)
         return [self.expert(0).width] * self.num_experts
 
@@ -249,7 +259,7 @@ class MoELayer:
         return int(groups)
 
     def expert(self, e: int) -> ExpertWeights:
-        if _is_varwidth(self.experts):
+        if _is_moetrim(self.experts):
             return self.experts.expert_weights(e)
         return stock_expert_weights(self.experts, e)
 
@@ -282,9 +292,15 @@ class MoELayer:
 
 
 def require_uniform_widths(layers: list[MoELayer], doing: str) -> None:
-    """UsageError for a model already trimmed to different widths: every method starts from the original."""
+    """UsageError for a model already trimmed to different widths, or rerouted by fine-tuning (a router
+    bias, condenser experts): every compression method starts from a model with stock routing."""
     if any(len(set(l.widths)) != 1 for l in layers):
         raise UsageError(f"this model is already compressed to different widths; {doing} the original model")
+    if any(_is_replaced(l.experts) for l in layers):
+        raise UsageError(f"this model's experts are already replaced by shared bases and low-rank corrections; {doing} the original model")
+    if any(hasattr(l.router, "moetrim_bias") or hasattr(l.router, "moetrim_condensers") for l in layers):
+        raise UsageError(f"this model was fine-tuned with a router bias or condenser experts; {doing} the model before "
+                         "fine-tuning (compress first, then fine-tune the compressed model)")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -314,7 +330,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             experts = next((getattr(block, n) for n in _EXPERTS_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
             if experts is None:
                 continue
-            if not (_is_varwidth(experts) or _is_fused_stock(experts)):
+            if not (_is_moetrim(experts) or _is_fused_stock(experts)):
                 unknown.append(f"layer {i}: {type(block).__name__}.experts is {type(experts).__name__}")
                 continue
             n_exp, hidden = _experts_shape(experts)

@@ -32,25 +32,9 @@ class LayerPlan:
     kept_dims: list[list[int]] | None = None  # per kept expert, ascending; None: all dims kept
 
 
-@dataclass
-class Plan:
-    granularity: str
-    criterion: str
-    ratio: float
-    allocation: str
-    seed: int
-    min_width: int | None
-    round_to: int
-    protect: int
-    exponents: list[float] | None
-    model_fingerprint: str
-    profile_digest: str | None
-    params_before: int
-    params_after: int
-    layers: list[LayerPlan]
-    schema_version: int = SCHEMA_VERSION
-    notes: list[str] = field(default_factory=list)
-    ratio_tolerance: float | None = None  # the removed fraction is within ratio ± this (None: plans before it was stated)
+class PlanFile:
+    """What every plan (dims/experts here, replace/merge in plan.replace) shares: its removed fraction and
+    one canonical JSON text, a layer a line, so the same plan is the same bytes."""
 
     @property
     def removed_fraction(self) -> float:
@@ -71,6 +55,27 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_text(path, self.to_json())
+
+
+@dataclass
+class Plan(PlanFile):
+    granularity: str
+    criterion: str
+    ratio: float
+    allocation: str
+    seed: int
+    min_width: int | None
+    round_to: int
+    protect: int
+    exponents: list[float] | None
+    model_fingerprint: str
+    profile_digest: str | None
+    params_before: int
+    params_after: int
+    layers: list[LayerPlan]
+    schema_version: int = SCHEMA_VERSION
+    notes: list[str] = field(default_factory=list)
+    ratio_tolerance: float | None = None  # the removed fraction is within ratio ± this (None: plans before it was stated)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":

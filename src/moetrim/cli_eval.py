@@ -1,0 +1,123 @@
+"""`moetrim eval` (task accuracy and perplexity) and `moetrim demo` (the whole pipeline on the bundled model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from moetrim.cli_common import (
+    DeviceOpt, DtypeOpt, RatioOpt, SeedOpt, TrustOpt, err, handled, model_dir, out, resolve_method,
+)
+from moetrim.errors import UsageError
+from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs, write_text
+
+
+def _load(*args):
+    from moetrim.cli import _load as load
+
+    return load(*args)
+
+
+def _quiet_transformers() -> None:
+    from moetrim.cli import _quiet_transformers as quiet
+
+    quiet()
+
+
+@handled
+def eval_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
+    tasks: str = typer.Option("all", "--tasks", help="comma-separated domains, or 'all'"),
+    n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="items generated at once"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (replaces a JSON file already there)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
+):
+    """Accuracy (greedy exact match) and perplexity per task domain."""
+    from moetrim.checkpoint import load_tokenizer
+    from moetrim.data.tasks import parse_domains
+    from moetrim.evaluate.tasks_eval import evaluate_tasks
+
+    try:
+        domains = parse_domains(tasks)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if n is not None and n < 1:
+        raise UsageError("--n must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if json_path is not None:
+        check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=True, option="--json")
+    model = _load(model_path, dtype, device, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    try:
+        res = evaluate_tasks(model, tokenizer, domains, n=n, batch_size=batch_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    t = Table(title=f"{model_path}")
+    for c in ("domain", "accuracy", "perplexity", "items"):
+        t.add_column(c, justify="left" if c == "domain" else "right")
+    for d in domains:
+        t.add_row(d, f"{res['accuracy'][d]:.3f}", f"{res['perplexity'][d]:.3f}", str(res["n"][d]))
+    out.print(t)
+    if json_path is not None:
+        write_text(json_path, json.dumps(res, indent=2))
+
+
+@handled
+def demo(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder (default: a fresh ./moetrim-demo*)"),
+    model_path: str = typer.Option("reference", "--model", help="model directory with a tokenizer (default: the bundled reference)"),
+    ratio: float = RatioOpt,
+    criterion: str = typer.Option("fisher", "--criterion", help="dims criterion (see `moetrim plan --help`)"),
+    eval_items: int = typer.Option(200, "--eval-items", help="evaluation items per domain"),
+    seed: int = SeedOpt,
+):
+    """Compress the bundled reference model (Fisher, 50% of routed-expert weights, global) and
+    compare dense vs compressed: accuracy, perplexity, memory, tokens/s."""
+    from moetrim.demo import fresh_out_dir, run_demo
+
+    resolve_method("dims", criterion, ratio, "global")
+    if eval_items < 1:
+        raise UsageError("--eval-items must be at least 1")
+    target = out_dir or fresh_out_dir()
+    refuse_inputs(target, [model_dir(model_path)])
+    empty = target.is_dir() and not any(target.iterdir())
+    if target.exists() and not empty:
+        raise UsageError(f"{target} already exists and is not empty; choose another --out")
+    check_output(target, kind="folder", inputs=[model_dir(model_path)], overwrite=empty, need_bytes=bytes_of_weights(model_path))
+    _quiet_transformers()
+    res = run_demo(target, model=model_path, ratio=ratio, criterion=criterion, eval_items=eval_items, seed=seed,
+                   log=lambda s: err.print(s))
+    d, c = res["dense"], res["compressed"]
+    title = "tiny random model (no reference weights bundled)" if res["method"]["fallback_tiny_random_model"] else str(res["method"]["model"])
+    t = Table(title=f"{title}: dense vs {res['method']['criterion']} dims {res['method']['removed_fraction']:.0%} removed ({res['method']['allocation']})")
+    t.add_column("")
+    t.add_column("dense", justify="right")
+    t.add_column("compressed", justify="right")
+    t.add_column("ratio", justify="right")
+    for dom in d["accuracy"]:
+        t.add_row(f"accuracy: {dom}", f"{d['accuracy'][dom]:.3f}", f"{c['accuracy'][dom]:.3f}",
+                  f"{c['accuracy'][dom] / d['accuracy'][dom]:.2f}" if d["accuracy"][dom] else "-")
+    acc_ratio = res["ratios"]["mean_accuracy"]
+    t.add_row("[bold]accuracy: mean", f"{d['mean_accuracy']:.3f}", f"{c['mean_accuracy']:.3f}", "-" if acc_ratio is None else f"{acc_ratio:.2f}")
+    for dom in d["perplexity"]:
+        t.add_row(f"perplexity: {dom}", f"{d['perplexity'][dom]:.3f}", f"{c['perplexity'][dom]:.3f}", f"{c['perplexity'][dom] / d['perplexity'][dom]:.2f}")
+    t.add_row("weight memory (MiB)", f"{d['weight_bytes'] / 2**20:.2f}", f"{c['weight_bytes'] / 2**20:.2f}", f"{res['ratios']['weight_bytes']:.2f}")
+    for key, label in (("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s (batch 1)"),
+                       ("decode_tokens_per_s_b8", "decode tokens/s (batch 8)")):
+        t.add_row(label, f"{d[key]:.0f}", f"{c[key]:.0f}", f"{c[key] / d[key]:.2f}")
+    out.print(t)
+    out.print(f"results -> [bold]{target / 'results.json'}[/]; compressed checkpoint -> [bold]{target / 'compressed'}[/] "
+              f"({res['method']['checkpoint_format']} format; {res['seconds']:.0f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+    app.command("demo")(demo)

@@ -1,0 +1,168 @@
+"""`moetrim finetune`: one command for every fine-tuning method, on one CPU, one GPU or many processes.
+
+Under `torchrun` / `accelerate launch` every process runs this command; the Trainer shards the data,
+and only the main process measures routing and writes the output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moetrim.cli_common import OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, out
+from moetrim.errors import MoetrimError, UsageError
+from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs
+from moetrim.train.config import FinetuneConfig
+
+_D = FinetuneConfig()
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _health(model, tokenizer, data: str, base=None, max_tokens: int = 20000):
+    from moetrim.evaluate.routing import routing_health
+
+    return routing_health(model, tokenizer, data, base=base, max_tokens=max_tokens)
+
+
+def _health_line(report: dict) -> str:
+    s = report.get("summary", report)
+    parts = []
+    for key, label in (("entropy", "entropy"), ("gini", "Gini"), ("dead", "dead experts"), ("kl_to_base", "router KL vs base"),
+                       ("topk_overlap", "top-k overlap with base")):
+        hit = s.get(key)
+        if isinstance(hit, (int, float)):
+            parts.append(f"{label} {hit:.3g}")
+    return ", ".join(parts)
+
+
+def finetune_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference'); moetrim-compressed models too"),
+    data: str = typer.Option(..., "--data", help=".jsonl (prompt/response, messages or text records) or .txt"),
+    out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
+    method: str = typer.Option(_D.method, "--method", help="full, auxfree, esft, densemixer or condenser"),
+    lr: float = typer.Option(_D.lr, "--lr", help="peak learning rate (cosine to --min-lr-ratio of it)"),
+    epochs: float = typer.Option(_D.epochs, "--epochs", help="passes over the data (ignored with --max-steps)"),
+    max_steps: int = typer.Option(_D.max_steps, "--max-steps", help="optimizer steps (overrides --epochs)"),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="examples per process per micro-batch"),
+    grad_accum: int = typer.Option(_D.grad_accum, "--grad-accum", help="micro-batches per optimizer step"),
+    seq_len: int = typer.Option(_D.seq_len, "--seq-len", help="longest example in tokens (longer ones are cut)"),
+    warmup: float = typer.Option(_D.warmup, "--warmup", help="warm-up: a fraction of the steps (< 1) or a step count"),
+    min_lr_ratio: float = typer.Option(_D.min_lr_ratio, "--min-lr-ratio", help="final learning rate as a fraction of --lr"),
+    weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay", help="AdamW decoupled weight decay"),
+    lora: int = typer.Option(_D.lora, "--lora", help="LoRA rank on attention and fused experts (0: full weights)"),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 mixed precision"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in backward"),
+    aux_coef: Optional[float] = typer.Option(None, "--aux-coef", help="full: load-balancing loss weight (default: the model's)"),
+    bias: str = typer.Option(_D.bias, "--bias", help="auxfree: router bias none, sparsify or balance"),
+    bias_apply: str = typer.Option(_D.bias_apply, "--bias-apply", help="logits (selection and weights) or selection only"),
+    gamma: float = typer.Option(_D.gamma, "--gamma", help="router-bias step per optimizer step (condenser: phase 1)"),
+    gamma_phase2: float = typer.Option(_D.gamma_phase2, "--gamma-phase2", help="condenser: bias step once condensers run"),
+    condensers: int = typer.Option(_D.condensers, "--condensers", help="condenser: always-active experts per layer (r)"),
+    budget: str = typer.Option(_D.budget, "--budget", help="condenser: additive (k + r experts) or fixed (k - r routed + r)"),
+    gate: str = typer.Option(_D.gate, "--gate", help="condenser: prob (its routing probability) or learned"),
+    phase1: float = typer.Option(_D.phase1, "--phase1", help="condenser: fraction of the steps before condensers start"),
+    esft_score: str = typer.Option(_D.esft_score, "--esft-score", help="esft: token (routed-slot share) or gate (mean gate weight)"),
+    esft_threshold: float = typer.Option(_D.esft_threshold, "--esft-threshold", help="esft: cumulative relevance each layer keeps"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save a resumable checkpoint every N steps into OUT.checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT.checkpoints"),
+    routing_tokens: int = typer.Option(20000, "--routing-tokens", help="tokens of --data that measure routing before and after (0: skip)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar or loss lines"),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu or cuda; under torchrun one GPU per process"),
+    seed: int = SeedOpt,
+    overwrite: bool = OverwriteOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="weights' dtype while training (float32; bfloat16 halves memory)"),
+    trust_remote_code: bool = TrustOpt,
+):
+    """Fine-tune an MoE model on your data with one method, keeping what its rarely used experts know."""
+    from moetrim.checkpoint import load_model, load_tokenizer, save_checkpoint
+    from moetrim.cli import _quiet_transformers
+    from moetrim.train import finetune
+
+    cfg = FinetuneConfig(
+        method=method, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        seq_len=seq_len, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, seed=seed, lora=lora,
+        bf16=bf16, gradient_checkpointing=gradient_checkpointing, aux_coef=aux_coef, bias=bias, bias_apply=bias_apply,
+        gamma=gamma, gamma_phase2=gamma_phase2, condensers=condensers, budget=budget, gate=gate, phase1=phase1,
+        esft_score=esft_score, esft_threshold=esft_threshold, checkpoint_every=checkpoint_every, resume=resume,
+        progress=not quiet, device=device,
+    )
+    cfg.check()
+    if routing_tokens < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--routing-tokens")
+    files = data_files(data)
+    if len(files) != 1:
+        raise UsageError("--data takes one file for fine-tuning")
+    src = model_dir(model_path)
+    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
+    if checkpoint_every or resume:
+        refuse_inputs(checkpoints, [src, *files], option="--out (its .checkpoints folder)")
+        held = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+        if resume and not held:
+            raise UsageError(f"--resume: {checkpoints} holds no checkpoint to continue; run without --resume")
+        if held and not resume:
+            raise UsageError(f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it, or remove it")
+        cfg.checkpoint_dir = str(checkpoints)
+    if _main_process():
+        check_output(out_dir, kind="checkpoint", inputs=[src, *files], overwrite=overwrite, need_bytes=bytes_of_weights(model_path))
+    _quiet_transformers()
+    with err.status(f"loading {model_path}"):
+        model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    from moetrim.model.view import find_moe_layers
+
+    try:
+        find_moe_layers(model)
+    except MoetrimError as exc:
+        raise UsageError(str(exc)) from None
+    from moetrim.train.data import load_examples
+
+    load_examples(files[0], tokenizer, seq_len=seq_len)  # bad data fails here, before anything runs
+    measure = routing_tokens > 0 and _main_process()
+    before = _health(model, tokenizer, str(files[0]), max_tokens=routing_tokens) if measure else None
+    previous = getattr(model.config, "moetrim", None)
+    result = finetune(model, tokenizer, str(files[0]), cfg)
+    report = result.report
+    if not _main_process():
+        return
+    if measure:
+        base = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+        base = base.to(next(result.model.parameters()).device)
+        after = _health(result.model, tokenizer, str(files[0]), base=base, max_tokens=routing_tokens)
+        report["routing"] = {"before": before, "after": after}
+    from moetrim import __version__
+    from moetrim.checkpoint import is_rerouted, is_varwidth
+
+    recipe = {
+        "moetrim_version": __version__,
+        "source": str(src),
+        "format": "varwidth" if is_varwidth(result.model) else "routed" if is_rerouted(result.model) else "standard",
+        "finetune": {"method": method, "data": str(files[0]), "steps": report["steps"], "seed": seed},
+    }
+    if previous:
+        recipe["previous"] = previous
+    save_checkpoint(result.model, out_dir, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite,
+                    extra_files={"finetune.json": json.dumps(report, indent=2) + "\n"})
+    if checkpoints.is_dir():
+        import shutil
+
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the run finished: its resumable state is spent
+    line = f"fine-tuned with {method} in {report['steps']} steps ({report['seconds']:.1f} s, {report['seconds_per_step']:.3f} s/step), final loss {report['final_loss']:.4f}"
+    out.print(line)
+    if report.get("condensers"):
+        out.print("condensers per layer: " + "; ".join(f"{k}: {v}" for k, v in report["condensers"].items()))
+    if report.get("esft"):
+        out.print(f"esft trained {report['esft']['trained_expert_fraction']:.0%} of the experts")
+    if measure:
+        out.print(f"routing before: {_health_line(before)}")
+        out.print(f"routing after:  {_health_line(report['routing']['after'])}")
+    out.print(f"saved to {out_dir} (report: {out_dir / 'finetune.json'})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(handled(finetune_cmd))

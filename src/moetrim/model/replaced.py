@@ -1,0 +1,274 @@
+"""Replaced experts: some experts kept, the others a shared group base plus a low-rank correction each.
+
+Drop-in for a family's fused experts module: same call `experts(hidden [T, H], top_k_index [T, k],
+top_k_weights [T, k]) -> [T, H]`, the router untouched (it still routes among all E experts). Per layer:
+
+    kept experts     kept_gate_up [K, 2I, H], kept_down [K, H, I]    (gate rows first, then up rows)
+    group bases      base_gate_up [G, 2I, H], base_down [G, H, I]    (one full expert per group)
+    corrections      gate_a/up_a [R, r, H], gate_b/up_b [R, I, r],   for the R replaced experts, in
+                     down_a [R, r, I], down_b [R, H, r]              increasing id (absent when r = 0)
+
+Replaced expert e of group g computes the expert with W_g + B_e A_e for each of its three matrices:
+gate_pre = W_gate x + B (A x) (never materialising W + BA), so the activation sees the corrected
+pre-activations. Each group's base products run once per call for every token routed to any of its
+members: W_gate_up x once per token, and W_down once on Σ_e w_e h_e (linear, so summing the members'
+intermediate activations first is exact). With r = 0 every member *is* the base (a merge): a token
+that picks two members runs the base once with their summed routing weight (HC-SMoE's semantics).
+
+Everything is plain torch ops, so autograd trains kept experts, bases and factors alike. Gated
+experts without biases only (every family but GPT-OSS).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrim.errors import MoetrimError, UsageError
+from moetrim.model.view import ExpertWeights
+
+REPLACED_KEY = "moetrim_replaced"
+REPLACED_MODEL_TYPE = "moetrim_replaced"
+RECORD_VERSION = 1
+_SPEC_FIELDS = ("num_experts", "width", "kept", "groups", "rank")
+_FACTORS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def check_layout(num_experts: int, width: int, hidden: int, kept: Sequence[int], groups: Sequence[Sequence[int]], rank: int) -> None:
+    """UsageError (one line) unless every expert is kept or in exactly one non-empty group and
+    0 <= rank <= min(width, hidden): the rank of a difference of two [I, H] matrices is at most that."""
+    kept, groups = list(kept), [list(g) for g in groups]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise UsageError(f"rank must be a whole number >= 0, got {rank!r}")
+    if rank > min(width, hidden):
+        raise UsageError(f"rank {rank} is more than the experts' width {width} (hidden {hidden}); use at most {min(width, hidden)}")
+    if not _ints(kept) or not all(_ints(g) for g in groups):
+        raise UsageError("kept experts and groups must be lists of expert ids (integers)")
+    members = [e for g in groups for e in g]
+    bad = sorted({e for e in kept + members if not 0 <= e < num_experts})
+    if bad:
+        raise UsageError(f"expert ids {bad} are out of range: the layer has {num_experts} experts (0..{num_experts - 1})")
+    if len(set(kept)) != len(kept):
+        raise UsageError(f"kept experts are listed twice: {sorted({e for e in kept if kept.count(e) > 1})}")
+    if any(not g for g in groups):
+        raise UsageError("every group needs at least one member")
+    both = sorted(set(kept) & set(members))
+    if both:
+        raise UsageError(f"experts {both} are both kept and replaced (in a group)")
+    if len(set(members)) != len(members):
+        raise UsageError(f"experts {sorted({e for e in members if members.count(e) > 1})} are in more than one group")
+    missing = sorted(set(range(num_experts)) - set(kept) - set(members))
+    if missing:
+        raise UsageError(f"experts {missing} are neither kept nor in a group: the groups must cover every replaced expert")
+
+
+def replaced_param_count(hidden: int, width: int, kept: int, groups: int, replaced: int, rank: int) -> int:
+    """Parameters a replaced layer stores: full experts (kept and bases) and 3 rank-r factor pairs per
+    replaced expert. Equals the numel of the tensors `ReplacedExperts` saves (tested)."""
+    return (kept + groups) * 3 * hidden * width + replaced * rank * 3 * (hidden + width)
+
+
+class ReplacedExperts(nn.Module):
+    """Routed experts where replaced experts share a group base and keep a rank-r correction each."""
+
+    is_moetrim_replaced = True
+    has_gate = gated = True
+    has_bias = False
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        width: int,
+        kept: Sequence[int],
+        groups: Sequence[Sequence[int]],
+        rank: int,
+        activation: Activation,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        check_layout(num_experts, width, hidden_size, kept, groups, rank)
+        self.num_experts, self.hidden_dim, self.width, self.rank = int(num_experts), int(hidden_size), int(width), int(rank)
+        self.kept = [int(e) for e in kept]
+        self.groups = [[int(e) for e in g] for g in groups]
+        self.replaced = sorted(e for g in self.groups for e in g)  # factor row m belongs to expert replaced[m]
+        self.widths = [self.width] * self.num_experts
+        self.activation = activation
+        K, G, R, I, H, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.hidden_dim, self.rank
+        # unit u < K: kept expert kept[u]; unit K + g: group g. member: factor row, -1 for kept experts
+        self.unit_of_expert = [0] * self.num_experts
+        self.member_of_expert = [-1] * self.num_experts
+        for u, e in enumerate(self.kept):
+            self.unit_of_expert[e] = u
+        for g, members in enumerate(self.groups):
+            for e in members:
+                self.unit_of_expert[e] = K + g
+        for m, e in enumerate(self.replaced):
+            self.member_of_expert[e] = m
+        kw = {"dtype": dtype, "device": device}
+
+        def param(*shape: int) -> nn.Parameter | None:  # an empty stack is not stored (safetensors and numel stay exact)
+            return nn.Parameter(torch.empty(*shape, **kw)) if all(shape) else None
+
+        self.kept_gate_up, self.kept_down = param(K, 2 * I, H), param(K, H, I)
+        self.base_gate_up, self.base_down = param(G, 2 * I, H), param(G, H, I)
+        shapes = {"gate_a": (R, r, H), "gate_b": (R, I, r), "up_a": (R, r, H), "up_b": (R, I, r), "down_a": (R, r, I), "down_b": (R, H, r)}
+        for name in _FACTORS:
+            self.register_parameter(name, param(*shapes[name]))
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, width={self.width}, kept={len(self.kept)}, "
+                f"groups={len(self.groups)}, replaced={len(self.replaced)}, rank={self.rank}")
+
+    def spec(self) -> dict:
+        """The layer's record in config.json (`moetrim_replaced`): enough to rebuild the module's shapes."""
+        return {"num_experts": self.num_experts, "width": self.width, "kept": list(self.kept),
+                "groups": [list(g) for g in self.groups], "rank": self.rank}
+
+    def param_count(self) -> int:
+        return replaced_param_count(self.hidden_dim, self.width, len(self.kept), len(self.groups), len(self.replaced), self.rank)
+
+    # -- canonical access -------------------------------------------------------------------
+    def _unit_weights(self, u: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of unit u: a kept expert or a group base."""
+        K = len(self.kept)
+        return (self.kept_gate_up[u], self.kept_down[u]) if u < K else (self.base_gate_up[u - K], self.base_down[u - K])
+
+    def expert_weights(self, e: int) -> ExpertWeights:
+        """Expert e's canonical tensors: views for a kept expert; for a replaced one its effective weights
+        W_base + B A, computed (writing into them changes nothing)."""
+        gate_up, down = self._unit_weights(self.unit_of_expert[e])
+        I, m = self.width, self.member_of_expert[e]
+        gate, up = gate_up[:I], gate_up[I:]
+        if m >= 0 and self.rank:
+            gate = gate + self.gate_b[m] @ self.gate_a[m]
+            up = up + self.up_b[m] @ self.up_a[m]
+            down = down + self.down_b[m] @ self.down_a[m]
+        return ExpertWeights(gate, up, down)
+
+    # -- compute ----------------------------------------------------------------------------
+    def _tables(self, device: torch.device) -> torch.Tensor:
+        """unit of every expert id as a tensor on `device`, built once per device (not a buffer: a
+        checkpoint holds weights only, the record rebuilds the rest)."""
+        cache = self.__dict__.setdefault("_table_cache", {})
+        if device not in cache:
+            cache[device] = torch.tensor(self.unit_of_expert, dtype=torch.long, device=device)
+        return cache[device]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        T, k = top_k_index.shape
+        E = self.num_experts
+        flat = top_k_index.reshape(-1)
+        unit = self._tables(flat.device)[flat]
+        token = torch.arange(flat.numel(), device=flat.device) // k
+        # slots sorted by unit, then expert, then token: every unit's slots are one run, every member's a sub-run
+        order = torch.argsort((unit * E + flat) * T + token)
+        counts = torch.bincount(unit, minlength=len(self.kept) + len(self.groups)).tolist()
+        expert_of_slot, token_of_slot = flat[order], token[order]
+        weight_of_slot = top_k_weights.reshape(-1)[order].to(hidden_states.dtype)
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        for u, n in enumerate(counts):
+            if n:
+                s = slice(start, start + n)
+                self._run_unit(u, hidden_states, expert_of_slot[s], token_of_slot[s], weight_of_slot[s], out)
+                start += n
+        return out
+
+    def _run_unit(self, u: int, x_all: torch.Tensor, experts: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+                  out: torch.Tensor) -> None:
+        """Add unit u's routed outputs into `out` (its slots: expert, token and routing weight, sorted by
+        expert then token). Base products run once per distinct token."""
+        gate_up_w, down_w = self._unit_weights(u)
+        I, act = self.width, self.activation
+        if u < len(self.kept):  # one expert: each token once
+            uniq, pos = tokens, None
+        else:
+            uniq, pos = torch.unique(tokens, return_inverse=True)
+        x = x_all.index_select(0, uniq)
+        gu = F.linear(x, gate_up_w)
+        if pos is None or not self.rank:  # kept expert or merge: one intermediate activation per token
+            w = weights if pos is None else weights.new_zeros(uniq.numel()).index_add(0, pos, weights)
+            h = act(gu[:, :I], gu[:, I:]) * w[:, None]
+            out.index_add_(0, uniq, F.linear(h, down_w))
+            return
+        acc = gu.new_zeros(uniq.numel(), I)  # Σ_e w_e h_e per token, for the one base down product
+        ids, runs = torch.unique_consecutive(experts, return_counts=True)
+        start = 0
+        for e, n in zip(ids.tolist(), runs.tolist()):
+            m, s = self.member_of_expert[e], slice(start, start + n)
+            start += n
+            p = pos[s]
+            xe = x.index_select(0, p)
+            gate = gu[p, :I] + F.linear(F.linear(xe, self.gate_a[m]), self.gate_b[m])
+            up = gu[p, I:] + F.linear(F.linear(xe, self.up_a[m]), self.up_b[m])
+            h = act(gate, up) * weights[s, None]
+            acc.index_add_(0, p, h)
+            out.index_add_(0, tokens[s], F.linear(F.linear(h, self.down_a[m]), self.down_b[m]))
+        out.index_add_(0, uniq, F.linear(acc, down_w))
+
+
+def _check_spec(key: str, spec, layer) -> None:
+    """One layer's record as a person may have edited it (MoetrimError naming the field)."""
+    if not isinstance(spec, dict) or set(spec) != set(_SPEC_FIELDS):
+        raise MoetrimError(f"layer {key} needs exactly the fields {', '.join(_SPEC_FIELDS)}")
+    if spec["num_experts"] != layer.num_experts or spec["width"] != layer.widths[0]:
+        raise MoetrimError(f"layer {key}: {spec['num_experts']} experts of width {spec['width']} recorded, but the config "
+                           f"builds {layer.num_experts} of width {layer.widths[0]}")
+    if not isinstance(spec["groups"], list):
+        raise MoetrimError(f"layer {key}: groups must be a list of lists of expert ids")
+    try:
+        check_layout(layer.num_experts, layer.widths[0], layer.hidden_size, spec["kept"], spec["groups"], spec["rank"])
+    except (UsageError, TypeError) as exc:
+        raise MoetrimError(f"layer {key}: {exc}") from None
+
+
+def restore_replaced(model: nn.Module, record) -> None:
+    """Swap in meta-device `ReplacedExperts` for every layer the record names (weights loaded after)."""
+    from moetrim.model.view import find_moe_layers
+
+    if not isinstance(record, dict) or record.get("version") != RECORD_VERSION or not isinstance(record.get("layers"), dict) \
+            or not record["layers"]:
+        raise MoetrimError(f"needs version {RECORD_VERSION} and a non-empty per-layer record; restore the config.json moetrim wrote")
+    layers = {l.index: l for l in find_moe_layers(model)}
+    for key, spec in record["layers"].items():
+        if not key.isdigit() or int(key) not in layers:
+            raise MoetrimError(f"names layer {key!r}, which is not an MoE layer of this model ({sorted(layers)})")
+        layer = layers[int(key)]
+        _check_spec(key, spec, layer)
+        check_replaceable(layer)
+        with torch.device("meta"):
+            new = ReplacedExperts(layer.num_experts, layer.hidden_size, spec["width"], spec["kept"], spec["groups"],
+                                  spec["rank"], layer.activation())
+        install_layer(model, layer, new)
+
+
+def check_replaceable(layer) -> None:
+    """MoetrimError for experts this module cannot compute: biases (GPT-OSS), ungated, post-expert norms."""
+    if layer.has_bias:
+        raise MoetrimError(f"layer {layer.index}: experts with biases (GPT-OSS) cannot be replaced yet; "
+                           "replacing supports gated experts without biases (Qwen-MoE, OLMoE, Mixtral, DeepSeek)")
+    if not layer.gated or getattr(layer.experts, "has_post_expert_norm", False):
+        raise MoetrimError(f"layer {layer.index}: only gated experts without a post-expert norm can be replaced")
+
+
+def install_layer(model: nn.Module, layer, experts: ReplacedExperts) -> None:
+    """Put `experts` in the layer's block and record its layout in the model's config (saved with it)."""
+    name = next(c for c, m in layer.block.named_children() if m is layer.experts)
+    setattr(layer.block, name, experts)
+    layer.experts = experts
+    record = getattr(model.config, REPLACED_KEY, None) or {"version": RECORD_VERSION, "layers": {}}
+    record["layers"][str(layer.index)] = experts.spec()
+    record["layers"] = dict(sorted(record["layers"].items(), key=lambda kv: int(kv[0])))
+    setattr(model.config, REPLACED_KEY, record)

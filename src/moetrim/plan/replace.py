@@ -1,0 +1,272 @@
+"""Plans that replace experts instead of deleting them: replace, naive, merge and D²-MoE.
+
+Every method is priced in stored routed-expert parameters (kept experts, group bases and low-rank
+factors all count), so `ratio` means what it means for dims and experts: the fraction removed.
+
+- `replace` (LightMoE-style): the least important experts (an expert criterion, REAP by default,
+  normalised within each layer, ranked globally) are replaced; each layer keeps at least its top-k
+  experts. Replaced experts are clustered by their mean outputs (average linkage, at most
+  `max_group` per group); each group gets a usage-weighted base and each member a rank-r
+  correction initialised from the (optionally whitened) SVD of its difference to the base.
+- `naive`: the same selection, one base per layer for all its replaced experts, corrections
+  starting at zero (the plain version LightMoE improves on).
+- `merge` (HC-SMoE): every layer's experts clustered into ⌊E·(1−ratio)⌋ groups by their mean
+  outputs; a group becomes one usage-weighted expert that takes the summed routing weight of its
+  members (rank 0); singletons are kept as they are.
+- `d2` (D²-MoE, training-free): one base per layer from every expert (Fisher·usage weights when
+  the profile has Fisher, else usage), each expert a whitened rank-r delta, r the largest the
+  budget allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moetrim.errors import UsageError
+from moetrim.model.view import MoELayer, find_moe_layers, require_uniform_widths
+from moetrim.plan.schema import PlanFile
+
+METHODS = ("replace", "naive", "merge", "d2")
+BASE_WEIGHTINGS = ("usage", "uniform", "fisher_usage")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ReplaceLayer:
+    layer: int
+    experts_before: int
+    width: int
+    top_k: int
+    kept: list[int]
+    groups: list[list[int]]
+    rank: int
+    base_weights: dict[str, float]  # expert id -> its weight in its group's base
+    init: str  # svd or zero
+    whiten: bool
+
+
+@dataclass
+class ReplacePlan(PlanFile):
+    granularity: str  # one of METHODS
+    criterion: str
+    ratio: float
+    rank: int
+    max_group: int
+    base_weighting: str
+    seed: int
+    model_fingerprint: str
+    profile_digest: str | None
+    params_before: int
+    params_after: int
+    layers: list[ReplaceLayer]
+    allocation: str = "global"
+    schema_version: int = SCHEMA_VERSION
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReplacePlan":
+        if not isinstance(d, dict) or d.get("granularity") not in METHODS or not isinstance(d.get("layers"), list):
+            raise UsageError(f"not a replace plan (granularity one of {', '.join(METHODS)} and a list of layers)")
+        d = dict(d)
+        d.pop("removed_fraction", None)
+        try:
+            layers = [ReplaceLayer(**l) for l in d.pop("layers")]
+            return cls(layers=layers, **d)
+        except TypeError as exc:
+            raise UsageError(f"plan fields do not match a replace plan ({exc})") from None
+
+
+def is_replace_granularity(name: str | None) -> bool:
+    return name in METHODS
+
+
+def expert_params(layer: MoELayer) -> int:
+    return layer.params_at([layer.widths[0]])
+
+
+def factor_params(layer: MoELayer, rank: int) -> int:
+    """One replaced expert's rank-r corrections on gate, up and down."""
+    return rank * 3 * (layer.hidden_size + layer.widths[0])
+
+
+def _stored(layer: MoELayer, kept: int, groups: int, replaced: int, rank: int) -> int:
+    return (kept + groups) * expert_params(layer) + replaced * factor_params(layer, rank)
+
+
+def _base_weights(profile, layer: MoELayer, members: list[int], weighting: str) -> dict[str, float]:
+    if weighting == "uniform":
+        return {str(e): 1.0 for e in members}
+    count = profile.get(layer.index, "count").double()
+    if weighting == "fisher_usage":
+        fisher = profile.get(layer.index, "fisher").double().sum(dim=1)
+        w = fisher * count
+    else:
+        w = count
+    return {str(e): float(w[e]) for e in members}
+
+
+def check_replace_options(method: str, ratio: float, rank: int, max_group: int, weighting: str, layers: list[MoELayer]) -> None:
+    """UsageError for options no profile can make valid (checked before calibrating)."""
+    if method not in METHODS:
+        raise UsageError(f"unknown replace method '{method}'; choose {', '.join(METHODS)}")
+    if not 0 <= ratio < 1:
+        raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
+    most = min(layers[0].widths[0], layers[0].hidden_size)  # a difference of two [I, H] matrices has rank <= min(I, H)
+    if method in ("replace", "naive") and (not isinstance(rank, int) or not 0 < rank <= most):
+        raise UsageError(f"--rank must be between 1 and {most} (the experts' width {layers[0].widths[0]}, hidden "
+                         f"{layers[0].hidden_size}), got {rank}")
+    if not isinstance(max_group, int) or max_group < 1:
+        raise UsageError(f"--max-group must be at least 1, got {max_group}")
+    if weighting not in BASE_WEIGHTINGS:
+        raise UsageError(f"unknown base weighting '{weighting}'; choose {', '.join(BASE_WEIGHTINGS)}")
+
+
+def make_replace_plan(
+    model: nn.Module,
+    profile,
+    *,
+    method: str = "replace",
+    ratio: float = 0.5,
+    rank: int = 16,
+    criterion: str = "reap",
+    max_group: int = 8,
+    base_weighting: str = "usage",
+    whiten: bool | None = None,
+    seed: int = 0,
+) -> ReplacePlan:
+    """A reviewable plan of which experts are kept, grouped and corrected at what rank, priced in stored
+    parameters so that it removes at least `ratio` of the routed-expert parameters."""
+    from moetrim import criteria
+    from moetrim.replace import cluster_experts, mean_outputs
+
+    layers = find_moe_layers(model)
+    require_uniform_widths(layers, "replace experts of")
+    check_replace_options(method, ratio, rank, max_group, base_weighting, layers)
+    profile.check_model(layers)
+    if base_weighting == "fisher_usage" and not profile.has_gradients:
+        raise UsageError("--base-weighting fisher_usage needs a profile with Fisher (calibrate without --no-fisher)")
+    has_gram = all(f"layers.{l.index}.in_gram" in profile.stats for l in layers)
+    whiten = has_gram if whiten is None else whiten
+    if whiten and not has_gram:
+        raise UsageError("whitened corrections need the experts' input Grams: calibrate with --whiten")
+    before = sum(l.num_experts * expert_params(l) for l in layers)
+    target = math.ceil(ratio * before - 1e-9)
+    features = {l.index: mean_outputs(profile, l.index) for l in layers}
+    notes: list[str] = []
+
+    if method == "merge":
+        plan_layers = []
+        for l in layers:
+            n = max(l.top_k, math.floor(l.num_experts * (1 - ratio) + 1e-9))  # at least the ratio, as every method
+            groups = cluster_experts(features[l.index], list(range(l.num_experts)), max_group=l.num_experts, num_groups=n)
+            kept = sorted(g[0] for g in groups if len(g) == 1)
+            merged = [g for g in groups if len(g) > 1]
+            plan_layers.append(_layer(l, kept, merged, 0, profile, base_weighting, "svd", False))
+        return _finish(method, "output_similarity", ratio, 0, max_group, base_weighting, seed, model, profile, layers, plan_layers, before, notes)
+
+    if method == "d2":
+        P = expert_params(layers[0])
+        E = layers[0].num_experts
+        budget = (1 - ratio) * E * P - P
+        r = int(budget // (E * factor_params(layers[0], 1))) if budget > 0 else 0
+        r = min(r, layers[0].widths[0])
+        if r < 1:
+            raise UsageError(f"--ratio {ratio} is unreachable with D²-MoE: one shared base per layer alone keeps {1 / E:.0%} "
+                             "of the routed parameters and leaves no room for any delta; lower --ratio")
+        weighting = "fisher_usage" if profile.has_gradients else "usage"
+        plan_layers = [_layer(l, [], [list(range(l.num_experts))], r, profile, weighting, "svd", whiten) for l in layers]
+        notes.append(f"D²-MoE delta rank {r}: the largest the budget allows")
+        return _finish(method, "-", ratio, r, max_group, weighting, seed, model, profile, layers, plan_layers, before, notes)
+
+    # replace / naive: a global ranking of per-layer-normalised scores; each layer keeps its top-k
+    scores = {}
+    for l in layers:
+        s = criteria.score(criterion, "expert", profile, l, seed=seed)
+        scores[l.index] = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / l.num_experts)
+    candidates = []
+    for l in layers:
+        protected = set(torch.sort(scores[l.index], descending=True, stable=True).indices[: l.top_k].tolist())
+        candidates += [(float(scores[l.index][e]), l.index, e) for e in range(l.num_experts) if e not in protected]
+    candidates.sort()
+    by_index = {l.index: l for l in layers}
+
+    def build(q: int) -> tuple[list[ReplaceLayer], int]:
+        chosen: dict[int, list[int]] = {l.index: [] for l in layers}
+        for _, li, e in candidates[:q]:
+            chosen[li].append(e)
+        out, stored = [], 0
+        for l in layers:
+            rep = sorted(chosen[l.index])
+            kept = [e for e in range(l.num_experts) if e not in rep]
+            if method == "naive":
+                groups = [rep] if rep else []
+            else:
+                groups = cluster_experts(features[l.index], rep, max_group=max_group) if rep else []
+            lp = _layer(by_index[l.index], kept, groups, rank if rep else 0, profile, base_weighting,
+                        "zero" if method == "naive" else "svd", whiten and method == "replace")
+            out.append(lp)
+            stored += _stored(l, len(kept), len(groups), len(rep), rank)
+        return out, stored
+
+    # ratio 0 replaces nothing: the full replacement is no bound on it (at a rank whose corrections cost more
+    # than the experts they replace it removes less than nothing, and the search would then replace everything)
+    lo, hi = 0, len(candidates) if target > 0 else 0
+    if target > 0:
+        full_stored = build(hi)[1]
+        if before - full_stored < target:
+            most = 1 - full_stored / before
+            raise UsageError(f"--ratio {ratio} is unreachable at rank {rank}: replacing every expert but each layer's top-k "
+                             f"removes at most {most:.1%}; lower --rank or --ratio, or raise --max-group")
+    while lo < hi:  # the fewest replaced experts that remove at least the target
+        mid = (lo + hi) // 2
+        if before - build(mid)[1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    plan_layers, _ = build(lo)
+    return _finish(method, criterion, ratio, rank, max_group, base_weighting, seed, model, profile, layers, plan_layers, before, notes)
+
+
+def _layer(l: MoELayer, kept, groups, rank, profile, weighting, init, whiten) -> ReplaceLayer:
+    members = [e for g in groups for e in g]
+    return ReplaceLayer(l.index, l.num_experts, l.widths[0], l.top_k, list(kept), [list(g) for g in groups],
+                        rank if groups else 0, _base_weights(profile, l, members, weighting), init, bool(whiten))
+
+
+def _finish(method, criterion, ratio, rank, max_group, weighting, seed, model, profile, layers, plan_layers, before, notes) -> ReplacePlan:
+    from moetrim.model.identity import model_fingerprint
+
+    by_index = {l.index: l for l in layers}
+    after = sum(_stored(by_index[p.layer], len(p.kept), len(p.groups), sum(len(g) for g in p.groups), p.rank) for p in plan_layers)
+    return ReplacePlan(method, criterion, float(ratio), int(rank), int(max_group), weighting, int(seed), model_fingerprint(model),
+                       profile.meta.get("data_digest"), int(before), int(after), plan_layers, notes=notes)
+
+
+def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.Module:
+    """Build every planned layer's `ReplacedExperts` from the model's own weights and install it (in place)."""
+    from moetrim.model.identity import model_fingerprint
+    from moetrim.model.replaced import install_layer
+    from moetrim.replace import build_replaced
+
+    if plan.model_fingerprint != model_fingerprint(model):
+        raise UsageError("this plan was made for another model (its fingerprint differs); plan again on this model")
+    layers = {l.index: l for l in find_moe_layers(model)}
+    for lp in plan.layers:
+        if not lp.groups:
+            continue
+        layer = layers.get(lp.layer)
+        if layer is None or layer.num_experts != lp.experts_before:
+            raise UsageError(f"plan layer {lp.layer} does not match the model's MoE layers")
+        gram = None
+        if lp.whiten:
+            if profile is None or f"layers.{lp.layer}.in_gram" not in profile.stats:
+                raise UsageError("this plan whitens its corrections: give the profile with input Grams (calibrate --whiten)")
+            gram = profile.get(lp.layer, "in_gram")
+        weights = {int(e): w for e, w in lp.base_weights.items()}
+        new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, seed=plan.seed)
+        install_layer(model, layer, new)
+    return model
