@@ -103,7 +103,7 @@ def test_save_load_roundtrip(family, granularity, allocation, profiled, eval_ids
     loaded = moetrim.load(out)
     assert torch.equal(run_logits(loaded, eval_ids), before)
     assert json.loads((out / "plan.json").read_text())["criterion"] == plan.criterion
-    assert moetrim.load_profile(out / "profile.safetensors").digest() == prof.digest()
+    assert moetrim.load_profile(out / "moetrim" / "profile.safetensors").digest() == prof.digest()
     if allocation == "global":
         assert res.format == "varwidth"
         # plain transformers must refuse, not silently re-initialise experts

@@ -39,7 +39,7 @@ def test_compress_every_family(family, granularity, allocation, tiny_dirs, calib
         assert torch.isfinite(model(ids).logits).all()
     recipe = json.loads((tmp_path / "o" / "config.json").read_text())["moetrim"]
     assert recipe["criterion"] == crit and recipe["format"] == ("varwidth" if allocation == "global" else "standard")
-    assert (tmp_path / "o" / "plan.json").is_file() and (tmp_path / "o" / "profile.safetensors").is_file()
+    assert (tmp_path / "o" / "plan.json").is_file() and (tmp_path / "o" / "moetrim" / "profile.safetensors").is_file()
     assert (tmp_path / "o" / "tokenizer.json").is_file()
 
 

@@ -234,16 +234,18 @@ def test_densemixer_forward_is_sparse_and_router_gets_the_dense_gradient():
 
 
 # -- the engine ----------------------------------------------------------------------------------
-def test_lora_trains_adapters_and_merges_into_a_standard_model(tmp_path):
+@pytest.mark.parametrize("impl", ["moetrim", "peft"])
+def test_lora_trains_adapters_and_merges_into_a_standard_model(tmp_path, impl):
     pytest.importorskip("peft")
     model = tiny_model("qwen3_moe")
     before = copy.deepcopy(model.state_dict())
-    res = _run(model, "full", lora=4, lr=1e-2)
+    res = _run(model, "full", lora=4, lr=1e-2, lora_experts=impl)
     assert res.report["trainable_parameters"] < sum(t.numel() for t in before.values()) / 4
     after = res.model.state_dict()
     assert set(after) == set(before)  # merged: the original tensor names, no adapters left
     changed = [n for n in after if not torch.equal(after[n], before[n])]
     assert any("experts" in n for n in changed) and any("q_proj" in n for n in changed)
+    assert type(res.model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"  # the stock module is back
 
 
 def test_resume_from_a_trainer_checkpoint_gives_the_same_model(tmp_path):
@@ -268,3 +270,22 @@ def test_non_moe_model_is_a_usage_error():
                                          num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(moetrim.UsageError, match="no MoE layers"):
         _run(model, "full")
+
+
+def test_moetrim_expert_lora_folds_back_exactly():
+    """The corrections computed for routed tokens equal, once folded into the stock tensors, W + BA."""
+    from moetrim.train.expert_lora import ExpertLoRA
+
+    model = tiny_model("qwen3_moe")
+    lora = ExpertLoRA(find_moe_layers(model), rank=3, seed=1)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.randint(0, 120, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with_adapters = model(input_ids=ids).logits
+        lora.merge()
+        merged = model(input_ids=ids).logits
+    assert type(find_moe_layers(model)[0].experts).__name__ == "Qwen3MoeExperts"
+    torch.testing.assert_close(merged, with_adapters, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(merged, tiny_model("qwen3_moe")(input_ids=ids).logits)

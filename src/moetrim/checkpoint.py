@@ -26,6 +26,11 @@ from moetrim.outputs import atomic_dir, check_output, save_safetensors
 VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 SHARD_BYTES = 5 * 1024**3
+# Everything in a checkpoint folder that is not model weights lives here: loaders that glob the top
+# level for *.safetensors (vLLM does, when there is no index) must find model weights only.
+SIDE_DIR = "moetrim"
+PROFILE_FILE = f"{SIDE_DIR}/profile.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def resolve_dtype(name: str | torch.dtype | None):
@@ -301,6 +306,7 @@ def _fill_weights(path: Path, model: nn.Module, files: list[Path], dtype, config
     if missing or unexpected or bad:
         raise MoetrimError(f"{path}: weights do not match the recorded layout (missing {missing[:3]}, unexpected {unexpected[:3]}, mismatched {bad[:3]})")
     model.config._name_or_path = str(path)  # as from_pretrained sets it: what the model was loaded from
+    model.name_or_path = str(path)
     # the router bias stays float32 whatever the weights' dtype (it shifts logits by small steps)
     state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("moetrim_bias") else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
@@ -421,10 +427,38 @@ def save_checkpoint(
         if plan is not None:
             plan.save(tmp / "plan.json")
         if profile is not None:
-            profile.save(tmp / "profile.safetensors")
+            (tmp / SIDE_DIR).mkdir(exist_ok=True)
+            profile.save(tmp / PROFILE_FILE)
+        _ensure_index(tmp)
         for name, text in (extra_files or {}).items():  # reports that belong with the weights
             (tmp / name).write_text(text)
     return out
+
+
+def _ensure_index(folder: Path) -> None:
+    """Write model.safetensors.index.json for a single-file checkpoint too: with an index, every loader
+    reads exactly the listed weight files and never globs the folder."""
+    index, single = folder / INDEX_FILE, folder / "model.safetensors"
+    if index.is_file() or not single.is_file():
+        return
+    with safe_open(str(single), framework="pt") as sf:
+        names = list(sf.keys())
+        total = 0
+        for k in names:
+            piece = sf.get_slice(k)
+            total += _numel(piece.get_shape()) * _dtype_bytes(piece.get_dtype())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in sorted(names)}}, indent=2))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 4)
 
 
 def is_rerouted(model: nn.Module) -> bool:

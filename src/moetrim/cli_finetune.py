@@ -56,6 +56,7 @@ def finetune_cmd(
     min_lr_ratio: float = typer.Option(_D.min_lr_ratio, "--min-lr-ratio", help="final learning rate as a fraction of --lr"),
     weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay", help="AdamW decoupled weight decay"),
     lora: int = typer.Option(_D.lora, "--lora", help="LoRA rank on attention and fused experts (0: full weights)"),
+    lora_experts: str = typer.Option(_D.lora_experts, "--lora-experts", help="LoRA on experts in moetrim's experts module (routed tokens only) or through peft"),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 mixed precision"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in backward"),
     aux_coef: Optional[float] = typer.Option(None, "--aux-coef", help="full: load-balancing loss weight (default: the model's)"),
@@ -86,7 +87,7 @@ def finetune_cmd(
 
     cfg = FinetuneConfig(
         method=method, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        seq_len=seq_len, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, seed=seed, lora=lora,
+        seq_len=seq_len, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, seed=seed, lora=lora, lora_experts=lora_experts,
         bf16=bf16, gradient_checkpointing=gradient_checkpointing, aux_coef=aux_coef, bias=bias, bias_apply=bias_apply,
         gamma=gamma, gamma_phase2=gamma_phase2, condensers=condensers, budget=budget, gate=gate, phase1=phase1,
         esft_score=esft_score, esft_threshold=esft_threshold, checkpoint_every=checkpoint_every, resume=resume,

@@ -28,6 +28,8 @@ class FinetuneConfig:
     seed: int = 0
     lora: int = 0  # LoRA rank (0: train full weights)
     lora_alpha: float | None = None  # default 2 * rank
+    lora_experts: str = "moetrim"  # LoRA on fused experts: moetrim (routed tokens only; 6-8x faster per step than peft
+    # at OLMoE/Qwen1.5 shapes on CPU, benchmarks/lora_experts.py) or peft (target_parameters)
     bf16: bool = False
     gradient_checkpointing: bool = False
     aux_coef: float | None = None  # method full: load-balancing loss weight (default: the model's, else 0.001)
@@ -75,6 +77,8 @@ class FinetuneConfig:
             raise UsageError("--method esft trains whole experts; drop --lora")
         if not 0 < self.blend_fraction <= 1 or self.kd_weight < 0:
             raise UsageError("--blend-fraction must be in (0, 1] and --kd-weight >= 0")
+        if self.lora_experts not in ("peft", "moetrim"):
+            raise UsageError(f"unknown --lora-experts '{self.lora_experts}'; choose peft or moetrim")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device '{self.device}'; choose auto, cpu or cuda")
         if self.gamma < 0 or self.gamma_phase2 < 0:

@@ -49,7 +49,8 @@ def total_steps(n_examples: int, cfg: FinetuneConfig) -> int:
 
 
 def _lora(model: nn.Module, cfg: FinetuneConfig, layers) -> nn.Module:
-    """LoRA on attention projections and, through peft's target_parameters, on fused expert tensors."""
+    """LoRA on attention projections and on fused expert tensors: through peft's target_parameters,
+    or (`lora_experts="moetrim"`, already swapped in by the caller) in moetrim's experts module."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -58,7 +59,7 @@ def _lora(model: nn.Module, cfg: FinetuneConfig, layers) -> nn.Module:
     attention = sorted(names & {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense"})
     stock = [l for l in layers if not getattr(l.experts, "is_moetrim_varwidth", False) and not getattr(l.experts, "is_moetrim_replaced", False)]
     params = []
-    if stock:
+    if stock and cfg.lora_experts == "peft":
         experts_name = next(c for c, m in stock[0].block.named_children() if m is stock[0].experts)
         params = [f"{experts_name}.{t}" for t in ("gate_up_proj", "down_proj") if isinstance(getattr(stock[0].experts, t, None), nn.Parameter)]
     config = LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha or 2 * cfg.lora, lora_dropout=0.0,
@@ -220,8 +221,15 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
                             blend_fraction=cfg.blend_fraction, kd_weight=cfg.kd_weight, lora=bool(cfg.lora))
         report["recover"] = {"anneal": sorted(recovery.anneal), "created_parameters": sum(p.numel() for p in recovery.created),
                              "blend_steps": recovery.blend_steps if "blend" in recovery.anneal else 0}
+    expert_lora = None
+    if cfg.lora and cfg.lora_experts == "moetrim" and cfg.method != "recover":
+        from moetrim.train.expert_lora import ExpertLoRA
+
+        expert_lora = ExpertLoRA(layers, cfg.lora, seed=cfg.seed)
     if cfg.lora:
         model = _lora(model, cfg, layers)
+        for p in expert_lora.parameters() if expert_lora else []:
+            p.requires_grad_(True)
         for n, p in model.named_parameters():  # peft froze everything that is not an adapter
             if "moetrim_gate" in n:
                 p.requires_grad_(True)
@@ -296,6 +304,8 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     if cfg.lora:
         trained = trained.merge_and_unload()
     trained = getattr(trained, "module", trained)
+    if expert_lora is not None:
+        expert_lora.merge()
     for p in trained.parameters():
         p.requires_grad_(False)
     trained.config.output_router_logits = False
