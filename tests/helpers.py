@@ -59,3 +59,27 @@ def masked_model_logits(model, plan, ids):
                             t.index_fill_(axis, torch.tensor(removed), float("-inf"))
     with _MaskRouterLogits(masks):
         return run_logits(m, ids)
+
+
+def plain_transformers_error(path) -> str:
+    """What `AutoModelForCausalLM.from_pretrained(path)` says in a process that never imported moetrim
+    ('' if it loaded): plain transformers must refuse moetrim's own formats, not load random experts."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+            "assert 'moetrim' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert r.returncode == 0, r.stderr[-500:]
+    return r.stdout
+
+
+def auto_equals_moetrim_load(path, ids) -> bool:
+    """With moetrim imported, the Auto classes load a moetrim checkpoint by path exactly as moetrim.load does."""
+    import moetrim
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(path)
+    return torch.equal(run_logits(auto, ids), run_logits(moetrim.load(path), ids))

@@ -26,6 +26,10 @@ from moetrim.train import FinetuneConfig
 
 __version__ = "0.1.0"
 
+from moetrim.integrations.auto import install as _install_auto_classes  # noqa: E402
+
+_install_auto_classes()  # AutoModelForCausalLM.from_pretrained(DIR) loads moetrim checkpoints once moetrim is imported
+
 
 def finetune(model, tokenizer, data, config: "FinetuneConfig | None" = None, **settings):
     """Fine-tune an MoE model in place with one method (see moetrim.train.finetune); returns
