@@ -60,6 +60,33 @@ def test_ratio_is_honoured(setup, ratio, allocation):
         assert max(per_layer) - min(per_layer) <= 2
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_layer_width_gives_one_width_per_layer_from_the_global_ranking(setup, ratio):
+    m, prof = setup
+    plan = make_plan(m, prof, ratio=ratio, allocation="layer_width", round_to=4)
+    assert abs(plan.removed_fraction - ratio) <= plan.ratio_tolerance + 1e-9
+    for l in plan.layers:
+        assert len(set(l.widths)) == 1 and l.widths[0] % 4 == 0 and len(l.kept_experts) == l.experts_before
+    # each layer's width follows what the global ranking keeps in that layer
+    glob = make_plan(m, prof, ratio=ratio, allocation="global", min_width=plan.min_width)
+    kept_global = [sum(l.widths) / l.experts_before for l in glob.layers]
+    widths = [l.widths[0] for l in plan.layers]
+    assert all(abs(w - k) <= 4 for w, k in zip(widths, kept_global)), (widths, kept_global)
+    moetrim.apply_plan(copy_model(m), plan)
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def test_layer_width_is_for_dims_only(setup):
+    m, prof = setup
+    with pytest.raises(moetrim.UsageError, match="applies to --granularity dims"):
+        make_plan(m, prof, granularity="experts", criterion="reap", ratio=0.25, allocation="layer_width")
+
+
 def test_global_allocation_moves_budget_between_layers(setup):
     m, prof = setup
     plan = make_plan(m, prof, ratio=0.5, allocation="global")

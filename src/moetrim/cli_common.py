@@ -132,7 +132,8 @@ def criterion_option() -> Optional[str]:
 
 
 def allocation_option() -> Optional[str]:
-    return typer.Option(None, "--allocation", help="global, layer or uniform (default: global for dims, layer for experts)")
+    return typer.Option(None, "--allocation", help="global, layer, uniform or layer_width (dims: one width per layer) "
+                        "(default: global for dims, layer for experts)")
 
 
 def parse_exponents(text: Optional[str]) -> Optional[list[float]]:

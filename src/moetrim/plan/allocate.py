@@ -5,6 +5,9 @@
            divided by their layer's mean first), so experts end up with different widths;
   layer    the same ratio in every layer, ranked within the layer;
   uniform  one width for every expert of the model (dims), or the same count per layer (experts).
+  layer_width  (dims) the global ranking decides how many dims each layer keeps, and every expert of
+           a layer gets that layer's one width: layers differ, experts within a layer do not, so
+           each layer runs on stock fused kernels at its own width (serving-friendly).
 """
 
 from __future__ import annotations
@@ -131,6 +134,8 @@ def make_plan(
     protected = [_protected(profile.get(l.index, "act_abs_max").double(), protect) for l in layers] if protect else None
 
     def build(ratio: float, min_width: int | None, round_to: int | None, protected) -> Plan:
+        if granularity == "experts" and allocation == "layer_width":
+            raise UsageError("--allocation layer_width gives every layer one expert width: it applies to --granularity dims")
         if granularity == "experts":
             plans, rt, mw = _plan_experts(layers, scores, ratio, allocation, crit.comparable_across_layers), 1, None
         else:
@@ -168,6 +173,8 @@ def make_plan(
 def _auto_round(width: int, ratio: float, allocation: str) -> int:
     """Uniform widths feed transformers' grouped_mm, which needs width*bytes % 16 == 0: round to 8
     (or 4) when that stays within 2 points of the asked ratio; other allocations keep exact counts."""
+    if allocation == "layer_width":
+        return 8 if width % 8 == 0 and width >= 64 else 1  # grouped_mm alignment at bf16; rounded across layers
     if allocation != "uniform":
         return 1
     for step in (8, 4, 2):
@@ -241,6 +248,15 @@ def _plan_dims(
         widths_per_layer = [torch.full((l.num_experts,), min(w, width)) for l in layers]
     elif allocation == "layer":
         widths_per_layer = [_widths_from_ranking([l], [s], ratio, min_width, round_to)[0] for l, s in zip(layers, scores)]
+    elif allocation == "layer_width":
+        if experts_differ(layers):
+            raise UsageError("--allocation layer_width needs the same number of experts in every MoE layer")
+        normed = [s if comparable else _normalise(s) for s in scores]
+        counts = _widths_from_ranking(layers, normed, ratio, min_width, 1)  # what the global ranking keeps per expert
+        mean_width = torch.stack([c.double().mean() for c in counts])  # ... and per layer, spread over its experts
+        floor = max(min_width, round_to, 1)
+        layer_w = _round_counts(mean_width, round_to, layers[0].widths[0]) if round_to > 1 else mean_width.round().long()
+        widths_per_layer = [torch.full((l.num_experts,), max(int(w), floor)) for l, w in zip(layers, layer_w)]
     else:
         normed = [s if comparable else _normalise(s) for s in scores]
         widths_per_layer = _widths_from_ranking(layers, normed, ratio, min_width, round_to)
@@ -285,6 +301,10 @@ def _widths_from_ranking(layers: list[MoELayer], scores: list[torch.Tensor], rat
         start += s.numel()
     counts = _round_counts(torch.cat(counts), round_to, width) if round_to > 1 else torch.cat(counts)
     return list(counts.split([s.shape[0] for s in scores]))
+
+
+def experts_differ(layers: list[MoELayer]) -> bool:
+    return len({l.num_experts for l in layers}) > 1
 
 
 def _round_counts(counts: torch.Tensor, round_to: int, width: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ def ratio_tolerance(layers: list[MoELayer], granularity: str, allocation: str, r
     else:
         width = layers[0].widths[0]
         pools = {"uniform": [width], "layer": [l.num_experts * width for l in layers],
-                 "global": [sum(l.num_experts for l in layers) * width]}[allocation]
+                 "global": [sum(l.num_experts for l in layers) * width],
+                 "layer_width": [len(layers) * width]}[allocation]  # one width per layer, rounded across layers
         step = round_to / min(pools) if round_to > 1 else 0.0
     return round(max(BASE_TOLERANCE, step / 2), 6)
 

@@ -18,7 +18,7 @@ from moetrim.outputs import write_text
 
 SCHEMA_VERSION = 1
 GRANULARITIES = ("dims", "experts")
-ALLOCATIONS = ("global", "layer", "uniform")
+ALLOCATIONS = ("global", "layer", "uniform", "layer_width")
 
 
 @dataclass
