@@ -74,9 +74,9 @@ class ExpertMask:
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], chosen: dict[int, list[int]]):
         for layer in layers:
-            if getattr(layer.experts, "is_moetrim_varwidth", False):
-                raise UsageError("--method esft trains stock fused experts; this model is compressed to variable widths "
-                                 "(fine-tune it with --method full or auxfree)")
+            if getattr(layer.experts, "is_moetrim_varwidth", False) or getattr(layer.experts, "is_moetrim_replaced", False):
+                raise UsageError("--method esft trains stock fused experts; this model's experts are compressed "
+                                 "(fine-tune it with --method full or auxfree, or recover it with moetrim recover)")
         for p in model.parameters():
             p.requires_grad_(False)
         self.tensors: list[tuple[nn.Parameter, torch.Tensor]] = []  # (expert tensor, [E] bool mask of trained experts)
