@@ -146,7 +146,7 @@ def test_console_script_exit_code(tiny_dirs, calib_text, tmp_path):
 def test_sharded_checkpoints_load_and_save(tiny_dirs, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from moetrim import checkpoint
+    from moetrim import own_formats
 
     src = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2_moe"])
     src.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
@@ -158,7 +158,7 @@ def test_sharded_checkpoints_load_and_save(tiny_dirs, tmp_path, monkeypatch):
         assert torch.allclose(model(ids).logits, ref, atol=1e-6, rtol=0)
     prof = moetrim.calibrate(model, [torch.randint(0, 127, (2, 16))], seq_len=16)
     moetrim.apply_plan(model, moetrim.make_plan(model, prof, ratio=0.5))
-    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 100_000)
+    monkeypatch.setattr(own_formats, "SHARD_BYTES", 100_000)  # where moetrim's formats shard
     out = moetrim.save(model, tmp_path / "vw")
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     again = moetrim.load(out)

@@ -107,7 +107,7 @@ def test_failed_write_leaves_nothing_and_says_one_line(tiny_dirs, plan_file, tmp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
 
-    monkeypatch.setattr("moetrim.checkpoint.save_safetensors", full)
+    monkeypatch.setattr("moetrim.own_formats.save_safetensors", full)  # where the variable-width weights are written
     code, _, stderr = cli("apply", tiny_dirs["qwen3_moe"], "--plan", plan_file, "--out", tmp_path / "out")
     assert code == 1 and len(stderr.strip().splitlines()) == 1
     assert "No space left on device" in stderr and "Traceback" not in stderr
