@@ -53,6 +53,8 @@ from moetrim.plan import make_plan  # noqa: E402
 DIM_CRITERIA = ("fisher", "taylor", "activation", "router_weighted", "output_aware", "magnitude", "random")
 EXPERT_CRITERIA = ("frequency", "soft_frequency", "ean", "reap", "man", "msan", "random")
 CRITICAL_K = (1, 2, 4, 8, 12, 16, 32, 64)
+ALLOCATIONS = ("global", "layer", "uniform", "layer_width")  # Fisher dims, task-agnostic
+ALLOCATION_RATIOS = (0.25, 0.5, 0.75)
 DEFAULT_OUT = HERE / "results" / "quality.json"
 
 
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
         del m
         return row
 
+    alloc_rows: list[dict] = []
     methods = [("dims", c) for c in DIM_CRITERIA] + [("experts", c) for c in EXPERT_CRITERIA]
     calib_tokens = {}
     for seed in seeds:
@@ -138,6 +141,15 @@ def main(argv=None) -> int:
         calib_tokens[seed] = {"mixture": prof_mix.tokens, **{d: p.tokens for d, p in prof_dom.items()}}
         if seed == seeds[0]:
             first_math_profile = prof_dom["math"]
+        for allocation in ALLOCATIONS:
+            for ratio in ALLOCATION_RATIOS:
+                m = shared_copy(model)
+                plan = make_plan(m, prof_mix, granularity="dims", criterion="fisher", ratio=ratio, allocation=allocation, seed=seed)
+                apply_plan(m, plan)
+                res = evaluate(m, tok, domains, n_items)
+                alloc_rows.append({"allocation": allocation, "ratio": ratio, "seed": seed, **res,
+                                   "mean_accuracy": sum(res["accuracy"].values()) / len(domains)})
+                del m
         for granularity, criterion in methods:
             for ratio in (0.25, 0.5):
                 row = run("task-agnostic", granularity, criterion, ratio, prof_mix, domains, seed)
@@ -181,6 +193,7 @@ def main(argv=None) -> int:
         "grid": rows,
         "summary": summarise(rows, domains),
         "critical_dims": critical,
+        "allocations": alloc_rows,
     }
     write_json(args.out, result)
     png = plot_critical(critical, dense, args.out.parent / "critical_dims.png")
@@ -265,6 +278,7 @@ def markdown(result: dict, png: Path) -> str:
                          + " | ".join(f"{r['accuracy'][d]:.3f}" for d in doms)
                          + f" | {r['mean_accuracy']:.3f} ± {r['mean_accuracy_ci95']:.3f} |")
         lines.append("")
+    lines += allocation_table(result)
     lines += ["**critical dimensions** (remove only the k most important dims, math-calibrated ranking): math / knowledge accuracy", "",
               "| ranking | " + " | ".join(f"k={k}" for k in CRITICAL_K) + " |", "|---|" + "---|" * len(CRITICAL_K)]
     for method in ("fisher", "activation", "random"):
@@ -277,6 +291,33 @@ def markdown(result: dict, png: Path) -> str:
     lines += [f"- {f}" for f in findings(result)]
     lines.append("")
     return "\n".join(lines)
+
+
+def allocation_table(result: dict) -> list[str]:
+    """Fisher dims under each allocation (task-agnostic), mean over seeds with the 95% interval, and
+    layer_width (one width per layer, the serving-friendly one) against global and uniform, paired."""
+    rows = result.get("allocations") or []
+    if not rows:
+        return []
+    def per_seed(alloc, ratio):
+        return [r["mean_accuracy"] for r in sorted(rows, key=lambda r: r["seed"]) if r["allocation"] == alloc and r["ratio"] == ratio]
+    lines = ["**allocations** (Fisher dims, task-agnostic; mean accuracy over seeds ± 95% interval; `layer_width`: one "
+             "expert width per layer, set by the global ranking)", "",
+             "| allocation | " + " | ".join(f"{r:.0%}" for r in ALLOCATION_RATIOS) + " |", "|---|" + "---|" * len(ALLOCATION_RATIOS)]
+    for alloc in ALLOCATIONS:
+        cells = []
+        for ratio in ALLOCATION_RATIOS:
+            mean, half = interval(per_seed(alloc, ratio))
+            cells.append(f"{mean:.3f} ± {half:.3f}")
+        lines.append(f"| {alloc} | " + " | ".join(cells) + " |")
+    verdicts = []
+    for ratio in ALLOCATION_RATIOS:
+        lw = per_seed("layer_width", ratio)
+        parts = [f"{({'a > b': 'above', 'a < b': 'below', 'tie': 'tied with'})[paired_difference(lw, per_seed(other, ratio))]} {other}"
+                 for other in ("global", "uniform")]
+        verdicts.append(f"{ratio:.0%}: layer_width is " + ", ".join(parts))
+    lines += ["", "Paired over seeds: " + "; ".join(verdicts) + ".", ""]
+    return lines
 
 
 def findings(result: dict) -> list[str]:
