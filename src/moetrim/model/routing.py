@@ -105,6 +105,11 @@ class RouterPatch:
     def router(self) -> nn.Module:
         return self.layer.router
 
+    def routed_k(self, r: int) -> int:
+        """Routed experts per token beside r condensers: k (budget additive) or k - r (fixed)."""
+        k = int(self.router.top_k)
+        return k if self.spec.budget == "additive" else k - r
+
     def condensers(self) -> torch.Tensor | None:
         c = getattr(self.router, "moetrim_condensers", None)
         if c is None or c.numel() == 0 or int(c[0]) < 0:
@@ -126,11 +131,10 @@ class RouterPatch:
         if cond is None and (bias is None or not bool(bias.any())):
             return None
         scores = p if bias is None or self.spec.bias_apply == "logits" else p + bias
-        k = int(router.top_k)
-        routed_k = k
+        routed_k = int(router.top_k)
         if cond is not None:
             scores = scores.index_fill(-1, cond, float("-inf"))
-            routed_k = k if self.spec.budget == "additive" else k - cond.numel()
+            routed_k = self.routed_k(cond.numel())
         _, top_i = torch.topk(scores, routed_k, dim=-1)
         top_w = p.gather(-1, top_i)
         if cond is not None:
@@ -237,7 +241,7 @@ def choose_condensers(model: nn.Module, *, mean_gate: dict[int, torch.Tensor] | 
         order = order[torch.sort(b[order], stable=True).indices][:r]
         ids = sorted(int(i) for i in order)
         router.moetrim_condensers.copy_(torch.tensor(ids, dtype=torch.long))
-        router.moetrim_routed_k = router.top_k if patch.spec.budget == "additive" else router.top_k - r
+        router.moetrim_routed_k = patch.routed_k(r)
         if patch.spec.gate == "learned" and mean_gate is not None:
             p = mean_gate[patch.layer.index][ids].clamp(1e-4, 1 - 1e-4)
             with torch.no_grad():
@@ -263,9 +267,9 @@ def restore_routing(model: nn.Module, record: dict) -> list[RouterPatch]:
 
 
 def after_load(model: nn.Module) -> None:
-    """Set what follows from the loaded buffers (the routed width read by routing statistics)."""
+    """Set what follows from loaded buffers (a checkpoint, or a resumed run's): the routed width that
+    routing statistics read beside the chosen condensers."""
     for patch in router_patches(model):
         c = patch.condensers()
         if c is not None:
-            r = c.numel()
-            patch.router.moetrim_routed_k = patch.router.top_k if patch.spec.budget == "additive" else patch.router.top_k - r
+            patch.router.moetrim_routed_k = patch.routed_k(c.numel())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from moetrim.model.routing import RouterPatch, choose_condensers, condenser_ids
+from moetrim.model.routing import RouterPatch, after_load, choose_condensers, condenser_ids
 
 SIGNS = ("sparsify", "balance")
 
@@ -97,8 +97,6 @@ class BiasCallback(TrainerCallback):
         self.model = model
         self.switch_step = switch_step
         self.gamma_after = gamma_after
-        self.gamma_before = controller.gamma
-        self.chosen: dict[int, list[int]] = {}
         self.bias_at_switch: dict[int, list[float]] = {}
 
     def _switched(self) -> bool:
@@ -107,10 +105,7 @@ class BiasCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # a resumed run: condensers already chosen in the checkpoint's buffers
         if self.switch_step is not None and self._switched():
-            self.chosen = condenser_ids(self.model)
-            for patch in self.controller.patches:
-                r = patch.spec.condensers
-                patch.router.moetrim_routed_k = patch.router.top_k if patch.spec.budget == "additive" else patch.router.top_k - r
+            after_load(self.model)
             if self.gamma_after is not None:
                 self.controller.gamma = self.gamma_after
 
@@ -118,6 +113,6 @@ class BiasCallback(TrainerCallback):
         self.controller.step()
         if self.switch_step is not None and state.global_step == self.switch_step and not self._switched():
             self.bias_at_switch = {p.layer.index: [round(float(b), 6) for b in p.router.moetrim_bias] for p in self.controller.patches}
-            self.chosen = choose_condensers(self.model, mean_gate=self.controller.last_mean, usage=self.controller.total)
+            choose_condensers(self.model, mean_gate=self.controller.last_mean, usage=self.controller.total)
             if self.gamma_after is not None:
                 self.controller.gamma = self.gamma_after
