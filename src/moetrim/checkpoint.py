@@ -24,6 +24,7 @@ from moetrim.own_formats import (  # noqa: F401  (VARWIDTH_MODEL_TYPE, is_*: par
     _ensure_index,
     _load_moetrim,
     _save_moetrim,
+    format_name,
     is_replaced,
     is_rerouted,
     is_varwidth,
@@ -196,7 +197,7 @@ def save_checkpoint(
     sources = [source] if source and Path(source).is_dir() else []
     check_output(out, kind="checkpoint", inputs=sources, overwrite=overwrite, option="out_dir")
     if recipe is None and plan is not None:
-        recipe = make_recipe(plan, profile, source=None, fmt="varwidth" if is_varwidth(model) else "standard")
+        recipe = make_recipe(plan, profile, source=None, fmt=format_name(model))
     with atomic_dir(out) as tmp:
         if recipe is not None:
             model.config.moetrim = recipe

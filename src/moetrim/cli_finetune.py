@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from moetrim.cli_common import OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, out
-from moetrim.errors import MoetrimError, UsageError
+from moetrim.errors import UsageError
 from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs
 from moetrim.train.config import FinetuneConfig
 
@@ -115,19 +115,16 @@ def finetune_cmd(
     with err.status(f"loading {model_path}"):
         model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    from moetrim.model.view import find_moe_layers
+    from moetrim.train.engine import moe_layers
 
-    try:
-        find_moe_layers(model)
-    except MoetrimError as exc:
-        raise UsageError(str(exc)) from None
+    moe_layers(model)  # before measuring routing: a dense model stops here
     from moetrim.train.data import load_examples
 
-    load_examples(files[0], tokenizer, seq_len=seq_len)  # bad data fails here, before anything runs
+    examples = load_examples(files[0], tokenizer, seq_len=seq_len)  # bad data fails here, before anything runs
     measure = routing_tokens > 0 and _main_process()
     before = _health(model, tokenizer, str(files[0]), max_tokens=routing_tokens) if measure else None
     previous = getattr(model.config, "moetrim", None)
-    result = finetune(model, tokenizer, str(files[0]), cfg)
+    result = finetune(model, tokenizer, examples, cfg)
     report = result.report
     if not _main_process():
         return
@@ -137,12 +134,12 @@ def finetune_cmd(
         after = _health(result.model, tokenizer, str(files[0]), base=base, max_tokens=routing_tokens)
         report["routing"] = {"before": before, "after": after}
     from moetrim import __version__
-    from moetrim.checkpoint import is_rerouted, is_varwidth
+    from moetrim.checkpoint import format_name
 
     recipe = {
         "moetrim_version": __version__,
         "source": str(src),
-        "format": "varwidth" if is_varwidth(result.model) else "routed" if is_rerouted(result.model) else "standard",
+        "format": format_name(result.model),
         "finetune": {"method": method, "data": str(files[0]), "steps": report["steps"], "seed": seed},
     }
     if previous:

@@ -30,6 +30,15 @@ def is_varwidth(model: nn.Module) -> bool:
     return getattr(model.config, VARWIDTH_KEY, None) is not None
 
 
+def format_name(model: nn.Module) -> str:
+    """The format a model saves in (recorded in its recipe): varwidth, replaced, routed or standard."""
+    if is_varwidth(model):
+        return "varwidth"
+    if is_replaced(model):
+        return "replaced"
+    return "routed" if is_rerouted(model) else "standard"
+
+
 def is_rerouted(model: nn.Module) -> bool:
     """Whether the model routes with a fine-tuned bias or condensers (see moetrim.model.routing)."""
     return getattr(model.config, ROUTING_KEY, None) is not None

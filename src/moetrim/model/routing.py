@@ -25,6 +25,7 @@ and comparing, and refuses others in one line.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -99,6 +100,7 @@ class RouterPatch:
         self.spec = spec
         self.normalise = normalise
         self.observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self._cache: dict[str, tuple] = {}
         self.handle = layer.router.register_forward_hook(self)
 
     @property
@@ -110,25 +112,38 @@ class RouterPatch:
         k = int(self.router.top_k)
         return k if self.spec.budget == "additive" else k - r
 
-    def condensers(self) -> torch.Tensor | None:
-        c = getattr(self.router, "moetrim_condensers", None)
-        if c is None or c.numel() == 0 or int(c[0]) < 0:
+    def _read(self, name: str, derive):
+        """derive(buffer), recomputed only when the buffer was replaced or written in place: the hook
+        runs in every forward, and reading a GPU buffer's values there would sync the device each time."""
+        t = getattr(self.router, name, None)
+        if t is None:
             return None
-        return c
+        ref, version, value = self._cache.get(name, (None, -1, None))
+        if ref is None or ref() is not t or version != t._version:
+            value = derive(t)
+            self._cache[name] = (weakref.ref(t), t._version, value)
+        return value
+
+    def condensers(self) -> torch.Tensor | None:
+        return self._read("moetrim_condensers", lambda c: None if c.numel() == 0 or int(c[0]) < 0 else c)
+
+    def bias_active(self) -> bool:
+        return bool(self._read("moetrim_bias", lambda b: bool(b.any())))
 
     def __call__(self, router: nn.Module, args, output):
         logits, weights = output[0], output[1]
         bias = getattr(router, "moetrim_bias", None)
         cond = self.condensers()
+        active = self.bias_active()
         hidden = args[0].reshape(-1, self.layer.hidden_size)
-        if cond is None and (bias is None or not bool(bias.any())) and self.observer is None:
+        if cond is None and not active and self.observer is None:
             return None  # nothing to change: the stock output, bit for bit
         raw = logits.float()
         biased = raw + bias if bias is not None and self.spec.bias_apply == "logits" else raw
         p = biased.softmax(dim=-1)
         if self.observer is not None:
             self.observer(p, hidden)
-        if cond is None and (bias is None or not bool(bias.any())):
+        if cond is None and not active:
             return None
         scores = p if bias is None or self.spec.bias_apply == "logits" else p + bias
         routed_k = int(router.top_k)

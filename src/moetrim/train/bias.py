@@ -54,9 +54,9 @@ class BiasController:
             mask = self.mask
             if mask is not None and mask.numel() == p.shape[0]:
                 p = p * mask.to(p.device, p.dtype).unsqueeze(-1)
-                self.tokens[index] += float(mask.sum())
+                self.tokens[index] = self.tokens[index] + mask.sum()  # a tensor: no device sync per router call
             else:
-                self.tokens[index] += p.shape[0]
+                self.tokens[index] = self.tokens[index] + p.shape[0]
             u = p.sum(dim=0)
             self.usage[index] = u if self.usage[index] is None else self.usage[index] + u
         return observe
@@ -69,7 +69,7 @@ class BiasController:
             if u is None:
                 u = torch.zeros_like(bias)
             u = u.to(bias.device, torch.float32)
-            n = torch.tensor([self.tokens[patch.layer.index]], device=bias.device, dtype=torch.float32)
+            n = torch.as_tensor(self.tokens[patch.layer.index], dtype=torch.float32).to(bias.device).reshape(1)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(u)
                 torch.distributed.all_reduce(n)

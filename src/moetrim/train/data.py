@@ -101,8 +101,8 @@ def _record_example(tokenizer, record: Any, where: str) -> Example:
     raise UsageError(f"{where}: each record needs 'prompt' and 'response', 'messages', or 'text'")
 
 
-def load_examples(data: str | os.PathLike | Sequence[dict], tokenizer, *, seq_len: int = 1024) -> list[Example]:
-    """Tokenised examples of a data file (or a list of records), truncated to `seq_len` tokens."""
+def load_examples(data: str | os.PathLike | Sequence[dict] | Sequence[Example], tokenizer, *, seq_len: int = 1024) -> list[Example]:
+    """Tokenised examples of a data file (or a list of records, or of examples), truncated to `seq_len` tokens."""
     if tokenizer is None:
         raise UsageError("fine-tuning data needs the model's tokenizer: save it beside the model")
     if seq_len < 2:
@@ -125,6 +125,9 @@ def load_examples(data: str | os.PathLike | Sequence[dict], tokenizer, *, seq_le
         else:
             raise UsageError(f"{path}: give a .jsonl (prompt/response, messages or text records) or a .txt file")
         where = str(path)
+    elif data and all(isinstance(x, Example) for x in data):  # already tokenised (e.g. checked by the CLI)
+        examples = list(data)
+        where = "the examples"
     else:
         examples = [_record_example(tokenizer, r, f"record {i}") for i, r in enumerate(data)]
         where = "the records"

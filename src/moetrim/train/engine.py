@@ -140,6 +140,15 @@ def _trainer_class():
     return MoetrimTrainer
 
 
+def moe_layers(model: nn.Module) -> list:
+    """The model's MoE layers; a model without any is a usage error here (exit 2): it cannot be fine-tuned
+    by an MoE method, whatever its weights."""
+    try:
+        return find_moe_layers(model)
+    except MoetrimError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = None, *, teacher: nn.Module | None = None,
              **overrides) -> FinetuneResult:
     """Fine-tune `model` in place on `data` (a .jsonl/.txt path or a list of records) with one method.
@@ -156,10 +165,7 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     cfg.check()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
-    try:
-        layers = find_moe_layers(model)
-    except MoetrimError as exc:
-        raise UsageError(str(exc)) from None
+    layers = moe_layers(model)
     examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
     steps = total_steps(len(examples), cfg)
     warmup = int(round(cfg.warmup * steps)) if cfg.warmup < 1 else int(cfg.warmup)
