@@ -124,6 +124,12 @@ def _swap_widths(d):
     w[0], w[i] = w[i], w[0]
 
 
+def _sft(ws: Path, text: str | None = None) -> None:
+    """A fine-tuning file: two prompt/response records, or the given text."""
+    rows = [json.dumps({"prompt": f"add {i} {i} =", "response": f" {2 * i}\n"}) for i in range(2)]
+    (ws / "sft.jsonl").write_text(text if text is not None else "\n".join(rows) + "\n")
+
+
 def _mkdir_with(path: Path, name: str = "keep.txt") -> None:
     path.mkdir()
     (path / name).write_text("mine")
@@ -305,6 +311,32 @@ CASES = [
     ("eval-unknown-task", None, ["eval", M, "--tasks", "poetry"], 2, "poetry", None),
     ("eval-n-zero", None, ["eval", M, "--n", 0], 2, "--n must be", None),
     ("routing-dense-model", _dense_model, ["routing", "{ws}/dense", *CAL, "--json", "{ws}/r.json", "--png", "{ws}/r.png"], 2, "no MoE layers", None),
+    # -- fine-tuning, replacing, recovery, task files ---------------------------------------------
+    ("finetune-unknown-method", _sft, ["finetune", M, "--data", "{ws}/sft.jsonl", "--method", "magic", "--out", "{ws}/o"], 2,
+     "unknown --method", None),
+    ("finetune-no-response", lambda ws: _sft(ws, json.dumps({"prompt": "a"}) + "\n"),
+     ["finetune", M, "--data", "{ws}/sft.jsonl", "--out", "{ws}/o"], 2, "'response'", None),
+    ("finetune-empty-data", lambda ws: _sft(ws, "\n"), ["finetune", M, "--data", "{ws}/sft.jsonl", "--out", "{ws}/o"], 2, "no examples", None),
+    ("finetune-too-many-condensers", _sft, ["finetune", M, "--data", "{ws}/sft.jsonl", "--method", "condenser", "--condensers", 8,
+                                            "--out", "{ws}/o"], 2, "fewer than the 8 experts", None),
+    ("finetune-dense-model", lambda ws: (_dense_model(ws), _sft(ws)), ["finetune", "{ws}/dense", "--data", "{ws}/sft.jsonl", "--out", "{ws}/o"],
+     2, "no MoE layers", None),
+    ("finetune-out-is-model", _sft, ["finetune", M, "--data", "{ws}/sft.jsonl", "--out", M, "--overwrite"], 2, "input", None),
+    ("finetune-bad-lora-experts", _sft, ["finetune", M, "--data", "{ws}/sft.jsonl", "--lora", 2, "--lora-experts", "magic", "--out", "{ws}/o"],
+     2, "--lora-experts", None),
+    ("finetune-resume-nothing", _sft, ["finetune", M, "--data", "{ws}/sft.jsonl", "--resume", "--out", "{ws}/o"], 2, "no checkpoint", None),
+    ("recover-nothing-to-train", _sft, ["recover", "{ws}/std", "--data", "{ws}/sft.jsonl", "--anneal", "none", "--out", "{ws}/o"], 2,
+     "nothing to recover", None),
+    ("recover-bad-anneal", _sft, ["recover", "{ws}/std", "--data", "{ws}/sft.jsonl", "--anneal", "bogus", "--out", "{ws}/o"], 2, "--anneal", None),
+    ("compress-replace-rank-zero", None, ["compress", M, *CAL, "--granularity", "replace", "--rank", 0, "--out", "{ws}/o"], 2,
+     "--rank must be between", None),
+    ("compress-replace-bad-weighting", None, ["compress", M, *CAL, "--granularity", "merge", "--base-weighting", "magic", "--out", "{ws}/o"],
+     2, "unknown base weighting", None),
+    ("plan-replace-no-profile", None, ["plan", M, "--granularity", "d2", "--out", "{ws}/x.json"], 2, "needs --profile", None),
+    ("plan-layer-width-experts", None, ["plan", M, "--profile", P, "--granularity", "experts", "--allocation", "layer_width",
+                                       "--out", "{ws}/x.json"], 2, "applies to --granularity dims", None),
+    ("tasks-unknown-domain", None, ["tasks", "poetry", "--out", "{ws}/t.jsonl"], 2, "poetry", None),
+    ("tasks-bad-suffix", None, ["tasks", "units", "--out", "{ws}/t.csv"], 2, ".jsonl", None),
     ("demo-eval-items-zero", None, ["demo", "--model", M, "--eval-items", 0, "--out", "{ws}/d"], 2, "--eval-items", None),
     ("demo-bad-ratio", None, ["demo", "--model", M, "--ratio", 1.5, "--out", "{ws}/d"], 2, "--ratio must be", None),
     ("unknown-command", None, ["shrink", M], 2, "No such command", None),
