@@ -310,6 +310,13 @@ CASES = [
     # -- other commands' options --------------------------------------------------------------------
     ("eval-unknown-task", None, ["eval", M, "--tasks", "poetry"], 2, "poetry", None),
     ("eval-n-zero", None, ["eval", M, "--n", 0], 2, "--n must be", None),
+    ("eval-lm-eval-unknown-own-task", None, ["eval", M, "--lm-eval", "moetrim,moetrim_poetry"], 2, "unknown lm-eval task 'moetrim_poetry'", None),
+    ("eval-lm-eval-no-tasks", None, ["eval", M, "--lm-eval", " , "], 2, "no lm-eval tasks given", None),
+    ("eval-lm-eval-with-tasks", None, ["eval", M, "--lm-eval", "moetrim", "--tasks", "math"], 2, "exclusive", None),
+    ("eval-include-path-alone", None, ["eval", M, "--include-path", "{ws}"], 2, "--include-path applies to --lm-eval", None),
+    ("eval-include-path-missing", None, ["eval", M, "--lm-eval", "moetrim", "--include-path", "{ws}/nope"], 2, "not a folder", None),
+    ("eval-include-path-is-file", None, ["eval", M, "--lm-eval", "moetrim", "--include-path", "{ws}/calib.txt"], 2, "not a folder", None),
+    ("eval-lm-eval-json-in-model", None, ["eval", M, "--lm-eval", "moetrim", "--json", "{m}/config.json"], 2, "is inside the input", None),
     ("routing-dense-model", _dense_model, ["routing", "{ws}/dense", *CAL, "--json", "{ws}/r.json", "--png", "{ws}/r.png"], 2, "no MoE layers", None),
     # -- fine-tuning, replacing, recovery, task files ---------------------------------------------
     ("finetune-unknown-method", _sft, ["finetune", M, "--data", "{ws}/sft.jsonl", "--method", "magic", "--out", "{ws}/o"], 2,
@@ -340,7 +347,68 @@ CASES = [
     ("demo-eval-items-zero", None, ["demo", "--model", M, "--eval-items", 0, "--out", "{ws}/d"], 2, "--eval-items", None),
     ("demo-bad-ratio", None, ["demo", "--model", M, "--ratio", 1.5, "--out", "{ws}/d"], 2, "--ratio must be", None),
     ("unknown-command", None, ["shrink", M], 2, "No such command", None),
+    # -- placement over devices, gradient checkpointing, several processes --------------------------------
+    ("place-device-map-unknown", None, ["calibrate", M, *CAL, "--device-map", "everywhere", "--out", "{ws}/R.safetensors"], 2,
+     "neither auto", None),
+    ("place-device-map-not-json", lambda ws: (ws / "dm.json").write_text("{layers: 0"),
+     ["calibrate", M, *CAL, "--device-map", "{ws}/dm.json", "--out", "{ws}/R.safetensors"], 2, "not valid JSON", None),
+    ("place-device-map-list", lambda ws: (ws / "dm.json").write_text("[0, 1]"),
+     ["eval", M, "--n", 1, "--device-map", "{ws}/dm.json"], 2, "JSON object", None),
+    ("place-device-map-bad-device", lambda ws: (ws / "dm.json").write_text('{"model": "tpu:0"}'),
+     ["compress", M, *CAL, "--device-map", "{ws}/dm.json", "--out", "{ws}/o"], 2, "unknown device 'tpu:0'", None),
+    ("place-device-map-disk-no-folder", lambda ws: (ws / "dm.json").write_text('{"model": "cpu", "lm_head": "disk"}'),
+     ["calibrate", M, *CAL, "--device-map", "{ws}/dm.json", "--out", "{ws}/R.safetensors"], 2, "--offload-folder", None),
+    ("place-device-and-device-map", None, ["calibrate", M, *CAL, "--device", "cuda", "--device-map", "auto", "--out", "{ws}/R.safetensors"],
+     2, "not both", None),
+    ("place-max-memory-no-equals", None, ["calibrate", M, *CAL, "--device-map", "auto", "--max-memory", "cpu:20GiB",
+                                         "--out", "{ws}/R.safetensors"], 2, "DEVICE=SIZE", None),
+    ("place-max-memory-bad-size", None, ["compress", M, *CAL, "--device-map", "auto", "--max-memory", "cpu=lots", "--out", "{ws}/o"], 2,
+     "not a size", None),
+    ("place-max-memory-bad-device", None, ["eval", M, "--n", 1, "--device-map", "auto", "--max-memory", "ram=2GiB"], 2,
+     "unknown device 'ram'", None),
+    ("place-max-memory-alone", None, ["calibrate", M, *CAL, "--max-memory", "cpu=2GiB", "--out", "{ws}/R.safetensors"], 2,
+     "go with --device-map", None),
+    ("place-offload-in-model", None, ["calibrate", M, *CAL, "--device-map", "auto", "--offload-folder", "{m}/off",
+                                      "--out", "{ws}/R.safetensors"], 2, "is inside the input", None),
+    ("place-grad-checkpoint-no-fisher", None, ["calibrate", M, *CAL, "--no-fisher", "--grad-checkpoint", "--out", "{ws}/R.safetensors"], 2,
+     "--grad-checkpoint", None),
+    ("place-compress-replace", None, ["compress", M, *CAL, "--granularity", "replace", "--device-map", "auto", "--out", "{ws}/o"], 2,
+     "one device in one process", None),
+    ("place-finetune-disk", lambda ws: (_sft(ws), (ws / "dm.json").write_text('{"model": "cpu", "lm_head": "disk"}')),
+     ["finetune", M, "--data", "{ws}/sft.jsonl", "--device-map", "{ws}/dm.json", "--offload-folder", "{ws}/off", "--out", "{ws}/o"], 2,
+     "cannot train weights offloaded", None),
+    # models larger than memory: layer-by-layer calibration and streaming apply
+    ("seq-with-device-map", None, ["calibrate", M, *CAL, "--sequential", "--device-map", "auto", "--out", "{ws}/R.safetensors"], 2,
+     "loads one layer at a time itself", None),
+    ("seq-with-grad-magnitude", None, ["calibrate", M, *CAL, "--sequential", "--grad-magnitude", "--out", "{ws}/R.safetensors"], 2,
+     "forward statistics only", None),
+    ("seq-compress-fisher", None, ["compress", M, *CAL, "--sequential", "--out", "{ws}/o"], 2, "needs gradients", None),
+    ("seq-on-compressed", lambda ws: _compressed(ws), ["calibrate", "{ws}/small", *CAL, "--sequential", "--no-fisher",
+                                                       "--out", "{ws}/R.safetensors"], 2, "calibrate the original model", None),
+    ("stream-replace-plan", None, ["compress", M, *CAL, "--granularity", "replace", "--streaming", "--out", "{ws}/o"], 2,
+     "drop --sequential/--streaming", None),
+    ("stream-on-cuda", None, ["apply", M, "--plan", PLAN, "--out", "{ws}/o", "--streaming", "--device", "cuda"], 2, "--device", None),
+    ("stream-missing-shard", lambda ws: _sharded_without_one(ws), ["apply", "{ws}/sharded", "--plan", PLAN, "--out", "{ws}/o",
+                                                                   "--streaming"], 1, "is missing", None),
 ]
+
+
+def _compressed(ws: Path) -> None:
+    from moetrim.apply import apply_plan
+    from moetrim.checkpoint import load_model, load_tokenizer, save_checkpoint
+    from moetrim.plan import load_plan
+
+    model = load_model(ws / "m")
+    apply_plan(model, load_plan(ws / "p.json"))
+    save_checkpoint(model, ws / "small", tokenizer=load_tokenizer(ws / "m"))
+
+
+def _sharded_without_one(ws: Path) -> None:
+    from moetrim.checkpoint import load_model
+
+    load_model(ws / "m").save_pretrained(ws / "sharded", max_shard_size="30KB")
+    shards = sorted((ws / "sharded").glob("model-*.safetensors"))
+    shards[len(shards) // 2].unlink()
 
 
 def _fill(arg, ws: Path) -> str:

@@ -49,6 +49,26 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     New tensors are allocated for everything that changes; tensors of `model` are never written
     in place, so a shallow copy sharing them with another model is safe to compress.
     force_varwidth: use the variable-width experts even where a standard checkpoint is possible."""
+    job = prepare_apply(model, plan, check_fingerprint=check_fingerprint, force_varwidth=force_varwidth)
+    for layer in job.layers:
+        apply_layer(job, layer)
+    return finish_apply(model, job)
+
+
+@dataclass
+class ApplyJob:
+    """What applying a plan to a model will do, decided from shapes and routers only (no expert
+    weights read): the streaming path (moetrim.stream) applies it one layer at a time."""
+
+    plan: Plan
+    layers: list[MoELayer]
+    by_index: dict[int, LayerPlan]
+    config: object | None  # the standard config, or None for the variable-width format
+    note: str = ""
+
+
+def prepare_apply(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, force_varwidth: bool = False) -> ApplyJob:
+    """Every check of a plan against a model, and the outcome's format; reads no expert weight."""
     layers = find_moe_layers(model)
     require_uniform_widths(layers, "apply plans to")
     check_plan(plan)  # a Plan built or edited in Python gets the checks a plan file gets
@@ -66,25 +86,39 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
                          f"give on this model ({before}, {after}); was it edited? fix them or re-run `moetrim plan`")
     counts = {len(p.kept_experts) for p in plan.layers}
     widths = {w for p in plan.layers for w in p.widths}
-    note = ""
     if len(counts) == 1 and len(widths) == 1 and not force_varwidth:
-        new_config = _standard_config(model, layers, counts.pop(), widths.pop(), min(p.top_k for p in plan.layers))
-        if new_config is not None:
-            for layer in layers:
-                _slice_stock(layer, by_index[layer.index])
-            model.config = new_config
-            _propagate_config(model, new_config)
-            _verify_against_config(model)
-            return ApplyResult("standard")
-        note = "the config cannot express this width without changing the shared expert; saved in moetrim's variable-width format"
-    for layer in layers:
-        _to_varwidth(layer, by_index[layer.index])
-    record = {
-        str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)} for p in plan.layers
-    }
+        config = _standard_config(model, layers, counts.pop(), widths.pop(), min(p.top_k for p in plan.layers))
+        if config is not None:
+            return ApplyJob(plan, layers, by_index, config)
+        return ApplyJob(plan, layers, by_index, None,
+                        "the config cannot express this width without changing the shared expert; saved in moetrim's variable-width format")
+    return ApplyJob(plan, layers, by_index, None)
+
+
+def apply_layer(job: ApplyJob, layer: MoELayer) -> None:
+    """Apply the plan to one MoE layer (its weights must be in memory)."""
+    if job.config is not None:
+        _slice_stock(layer, job.by_index[layer.index])
+    else:
+        _to_varwidth(layer, job.by_index[layer.index])
+
+
+def finish_apply(model: nn.Module, job: ApplyJob) -> ApplyResult:
+    """The model's new config once every layer is applied (shapes only: the layers may be back on meta)."""
+    if job.config is not None:
+        model.config = job.config
+        _propagate_config(model, job.config)
+        _verify_against_config(model)
+        return ApplyResult("standard")
+    setattr(model.config, VARWIDTH_KEY, varwidth_record(job.plan))
+    return ApplyResult("varwidth", job.note)
+
+
+def varwidth_record(plan: Plan) -> dict:
+    """The config's record of a variable-width model: each layer's expert widths, count and top-k."""
+    layers = {str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)} for p in plan.layers}
     # version 2: blocks stored sorted by width ("by_width"); version 1 files have no layout and are by expert
-    setattr(model.config, VARWIDTH_KEY, {"version": 2, "layout": "by_width", "layers": record})
-    return ApplyResult("varwidth", note)
+    return {"version": 2, "layout": "by_width", "layers": layers}
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from moetrim.errors import MoetrimError, UsageError
 from moetrim.outputs import atomic_dir, check_output
 from moetrim.own_formats import (  # noqa: F401  (VARWIDTH_MODEL_TYPE, is_*: part of this module's API)
     MODEL_TYPES,
+    SHARD_BYTES,
     VARWIDTH_MODEL_TYPE,
     _ensure_index,
     _load_moetrim,
@@ -82,14 +83,26 @@ def load_model(
     device: str | None = "cpu",
     trust_remote_code: bool = False,
     meta: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Load an original or compressed checkpoint; fail loudly on any missing or mismatched weight.
 
     meta=True builds the model on the meta device from its config (shapes and dtypes, no weights
-    read): enough to inspect a checkpoint of any size."""
+    read): enough to inspect a checkpoint of any size.
+    device_map ('auto', 'balanced', 'sequential' or {module name: device}) spreads the model over
+    devices with accelerate, within max_memory ({0: '20GiB', 'cpu': '60GiB'}); parts placed on 'disk'
+    are offloaded to offload_folder. Standard checkpoints are placed while loading; moetrim's own
+    formats are read into CPU memory first, then dispatched."""
     path = resolve_model_path(path)
     raw = _read_config(path)
     dtype = resolve_dtype(dtype)
+    if device_map is not None and not meta:
+        from moetrim.placement import check_placement
+
+        check_placement(device_map, max_memory, offload_folder, device)
+        return _load_placed(path, raw, dtype, trust_remote_code, device_map, max_memory, offload_folder)
     device = resolve_device(device)
     if raw.get("model_type") in MODEL_TYPES:
         model = _load_moetrim(path, raw, dtype, trust_remote_code, meta=meta)
@@ -109,30 +122,59 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).to(dtype)
         return model
     else:
-        from transformers import AutoModelForCausalLM
-
-        if not any(path.glob("*.safetensors")):
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            if pickles:
-                raise UsageError(f"{path} holds pickle weights ({pickles[0]}); moetrim reads safetensors only and unpickles nothing "
-                                 "it is given: convert them with transformers' save_pretrained (safetensors is its default)")
-            raise UsageError(f"{path} has no *.safetensors weights")
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-        except Exception as exc:  # transformers and safetensors raise many kinds for a broken checkpoint
-            first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-            if "ignore_mismatched_sizes" in first:
-                first = "some weights have other shapes than config.json builds (was config.json edited?)"
-            raise MoetrimError(f"cannot load {path}: {first}") from None
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if problems:
-            detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
-            raise MoetrimError(f"{path} does not match its config ({detail}); refusing to use re-initialised weights")
+        model = _from_pretrained(path, dtype, trust_remote_code)
     for p in model.parameters():  # memory-mapped tensors can be unaligned; owning copies are bit-exact
         p.data = p.data.clone()
     model = model.to(device)
+    model.eval()
+    return model
+
+
+def _from_pretrained(path: Path, dtype, trust_remote_code: bool, **placement) -> nn.Module:
+    """A standard checkpoint through from_pretrained (placed when `placement` holds a device_map),
+    refusing any weight transformers would re-initialise."""
+    from transformers import AutoModelForCausalLM
+
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise UsageError(f"{path} holds pickle weights ({pickles[0]}); moetrim reads safetensors only and unpickles nothing "
+                             "it is given: convert them with transformers' save_pretrained (safetensors is its default)")
+        raise UsageError(f"{path} has no *.safetensors weights")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code, use_safetensors=True, **placement
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # transformers and safetensors raise many kinds for a broken checkpoint
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise
+        first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        if "ignore_mismatched_sizes" in first:
+            first = "some weights have other shapes than config.json builds (was config.json edited?)"
+        raise MoetrimError(f"cannot load {path}: {first}") from None
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
+        raise MoetrimError(f"{path} does not match its config ({detail}); refusing to use re-initialised weights")
+    return model
+
+
+def _load_placed(path: Path, raw: dict, dtype, trust_remote_code: bool, device_map, max_memory, offload_folder) -> nn.Module:
+    """load_model with a device map: accelerate places every part (see moetrim.placement)."""
+    from moetrim.placement import dispatch
+
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    if raw.get("model_type") in MODEL_TYPES:
+        model = _load_moetrim(path, raw, dtype, trust_remote_code)
+        for p in model.parameters():  # owning copies, as load_model makes (dispatch may offload them)
+            p.data = p.data.clone()
+        model = dispatch(model, device_map, max_memory, offload_folder)
+    else:
+        extra = {"device_map": device_map, "max_memory": max_memory, "offload_folder": None if offload_folder is None else str(offload_folder)}
+        model = _from_pretrained(path, dtype, trust_remote_code, **{k: v for k, v in extra.items() if v is not None})
     model.eval()
     return model
 
@@ -187,11 +229,13 @@ def save_checkpoint(
     recipe: dict[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    write_weights: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the compressed model into out_dir atomically: a temp folder beside it, then a rename.
     An interrupted save leaves no half-written checkpoint at out_dir. The folder the model was
     loaded from (and anything around it) is never written: `out_dir` may not be it, be inside it or
-    contain it."""
+    contain it. write_weights(folder), when given, writes the weights and config.json instead of the
+    model's own (the streaming apply writes them layer by layer)."""
     out = Path(out_dir)
     source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
     sources = [source] if source and Path(source).is_dir() else []
@@ -201,10 +245,12 @@ def save_checkpoint(
     with atomic_dir(out) as tmp:
         if recipe is not None:
             model.config.moetrim = recipe
-        if is_varwidth(model) or is_rerouted(model) or is_replaced(model):
+        if write_weights is not None:
+            write_weights(tmp)
+        elif is_varwidth(model) or is_rerouted(model) or is_replaced(model):
             _save_moetrim(model, tmp)
-        else:
-            model.save_pretrained(tmp)
+        else:  # sharded as moetrim's own formats are (transformers' default is one file up to 50 GB)
+            model.save_pretrained(tmp, max_shard_size=SHARD_BYTES)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:

@@ -13,13 +13,17 @@ from rich.table import Table
 
 from moetrim.cli_common import (
     BatchOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ExponentsOpt,
     FisherModeOpt,
+    GradCheckpointOpt,
     GranularityOpt,
+    MaxMemoryOpt,
     MaxTokensOpt,
     MinWidthOpt,
+    OffloadFolderOpt,
     OneLineErrors,
     OverwriteOpt,
     ProtectOpt,
@@ -36,7 +40,21 @@ from moetrim.cli_common import (
     model_dir,
     out,
     parse_exponents,
+    placement,
     resolve_method,
+)
+from moetrim.cli_common import SequentialOpt, StreamingOpt, check_sequential
+from moetrim.cli_stages import (  # noqa: F401  (_load, _calibrate, _quiet_transformers: used by the other cli modules)
+    _apply_and_save,
+    _apply_streaming,
+    _calibrate,
+    _calibrate_sequential,
+    _load,
+    _model_for_plan,
+    _plan_and_stream,
+    _quiet_transformers,
+    _read_json,
+    _report_plan,
 )
 from moetrim.cli_replace import MaxGroupOpt, RankOpt, WeightingOpt, WhitenOpt
 from moetrim.errors import UsageError
@@ -49,85 +67,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Make Mixture-of-Experts models smaller and faster: calibrate once, plan, apply, save.",
 )
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool):
-    from moetrim.checkpoint import load_model
-
-    _quiet_transformers()
-    with err.status(f"loading {model_path}"):
-        return load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False,
-               whiten=False):
-    from moetrim.calibrate import calibrate
-    from moetrim.calibrate.run import model_context
-    from moetrim.checkpoint import load_tokenizer
-
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    context = model_context(model)
-    if seq_len is not None and context and seq_len > context:
-        err.print(f"warning: --seq-len {seq_len} is longer than the model's context ({context} tokens); its statistics "
-                  "describe positions the model never saw in training")
-    profile = calibrate(
-        model,
-        data,
-        tokenizer=tokenizer,
-        max_tokens=max_tokens,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        fisher=fisher,
-        fisher_mode=fisher_mode,
-        grad_magnitude=grad_magnitude,
-        whiten=whiten,
-        progress=True,
-    )
-    return profile, tokenizer
-
-
-def _report_plan(plan, fmt: str | None = None, note: str = "") -> None:
-    t = Table(title="plan", show_header=False)
-    t.add_row("method", f"{plan.granularity} / {plan.criterion} / {plan.allocation}")
-    t.add_row("routed-expert params", f"{plan.params_before:,} -> {plan.params_after:,}")
-    tol = f", tolerance ±{plan.ratio_tolerance:.1%}" if plan.ratio_tolerance is not None else ""
-    t.add_row("removed", f"{plan.removed_fraction:.1%} (asked {plan.ratio:.1%}{tol})")
-    experts = [len(l.kept_experts) for l in plan.layers]
-    widths = [w for l in plan.layers for w in l.widths]
-    t.add_row("experts per layer", f"{min(experts)}..{max(experts)} of {plan.layers[0].experts_before}")
-    t.add_row("expert widths", f"{min(widths)}..{max(widths)} of {plan.layers[0].width_before}")
-    if fmt:
-        t.add_row("checkpoint", "standard (loads in plain transformers)" if fmt == "standard" else "variable-width (load with moetrim.load)")
-    out.print(t)
-    if note:
-        err.print(f"note: {note}")
-
-
-def _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir: Path, overwrite: bool):
-    from moetrim.apply import apply_plan
-    from moetrim.checkpoint import make_recipe, save_checkpoint
-
-    result = apply_plan(model, plan)
-    with err.status(f"saving {out_dir}"):
-        save_checkpoint(
-            model,
-            out_dir,
-            tokenizer=tokenizer,
-            plan=plan,
-            profile=profile,
-            recipe=make_recipe(plan, profile, model_path, result.format),
-            overwrite=overwrite,
-        )
-    _report_plan(plan, result.format, result.note)
-    out.print(f"saved [bold]{out_dir}[/]")
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -183,17 +122,41 @@ def calibrate_cmd(
     seed: int = SeedOpt,
     overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_folder: Optional[Path] = OffloadFolderOpt,
+    grad_checkpoint: bool = GradCheckpointOpt,
+    sequential: bool = SequentialOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
 ):
-    """Record every statistic any criterion needs, in one pass, into a profile file."""
+    """Record every statistic any criterion needs, in one pass, into a profile file.
+    Under torchrun / accelerate launch each process calibrates its share and rank 0 writes the profile."""
+    from moetrim.calibrate.distributed import is_main_process
+
     files = data_files(data)
     check_output(out_path, kind="profile", inputs=[model_dir(model_path), *files], overwrite=overwrite)
-    model = _load(model_path, dtype, device, trust_remote_code)
+    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), *files, out_path])
+    if grad_checkpoint and no_fisher:
+        raise UsageError("--grad-checkpoint saves memory in the Fisher backward: it does nothing with --no-fisher")
+    if sequential:
+        check_sequential(place, grad_checkpoint, grad_magnitude, device)
+        if not no_fisher:
+            err.print("note: --sequential records forward statistics only (no Fisher: the loss needs the whole model)")
+        profile = _calibrate_sequential(model_path, data, dtype, trust_remote_code, max_tokens=max_tokens, seq_len=seq_len,
+                                        batch_size=batch_size, seed=seed)
+        profile.save(out_path)
+        out.print(f"profile of {len(profile.layers)} MoE layers, {profile.tokens:,} tokens (layer by layer, forward only) -> [bold]{out_path}[/]")
+        return
+    model = _load(model_path, dtype, device, trust_remote_code, **place)
     profile, _ = _calibrate(model, model_path, data, trust_remote_code, fisher=not no_fisher, max_tokens=max_tokens,
-                            seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, grad_magnitude=grad_magnitude)
+                            seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, grad_magnitude=grad_magnitude,
+                            grad_checkpoint=grad_checkpoint)
+    if not is_main_process():
+        return
     profile.save(out_path)
-    out.print(f"profile of {len(profile.layers)} MoE layers, {profile.tokens:,} tokens -> [bold]{out_path}[/]")
+    ranks = f" from {profile.processes} processes" if profile.processes > 1 else ""
+    out.print(f"profile of {len(profile.layers)} MoE layers, {profile.tokens:,} tokens{ranks} -> [bold]{out_path}[/]")
 
 
 @app.command("plan")
@@ -232,9 +195,9 @@ def plan_cmd(
     exps = parse_exponents(exponents)
     check_output(out_path, kind="plan", inputs=[model_dir(model_path), profile_path], overwrite=overwrite)
     profile = load_profile(profile_path) if profile_path else None
-    model = _load(model_path, "auto", "cpu", trust_remote_code)
+    model, layer_weights = _model_for_plan(model_path, trust_remote_code)
     plan = make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation,
-                     min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps)
+                     min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps, layer_weights=layer_weights)
     plan.save(out_path)
     _report_plan(plan)
     out.print(f"plan -> [bold]{out_path}[/]")
@@ -247,6 +210,7 @@ def apply_cmd(
     plan_path: Path = typer.Option(..., "--plan", help="plan from `moetrim plan`"),
     out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
     profile_path: Optional[Path] = typer.Option(None, "--profile", help="profile to store beside the checkpoint"),
+    streaming: bool = StreamingOpt,
     overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -265,23 +229,21 @@ def apply_cmd(
     if isinstance(raw, dict) and is_replace_granularity(raw.get("granularity")):
         from moetrim.cli_replace import apply_replace
 
+        if streaming:
+            raise UsageError(f"--streaming applies dims and experts plans; a {raw.get('granularity')} plan builds bases from "
+                             "whole layers in memory: drop --streaming")
+
         profile = load_profile(profile_path) if profile_path else None
         model = _load(model_path, dtype, device, trust_remote_code)
         tokenizer = load_tokenizer(model_path, required=False, trust_remote_code=trust_remote_code)
         return apply_replace(model, raw, profile, model_path, out_dir, tokenizer, overwrite)
     plan = load_plan(plan_path)
     profile = load_profile(profile_path) if profile_path else None
-    model = _load(model_path, dtype, device, trust_remote_code)
     tokenizer = load_tokenizer(model_path, required=False, trust_remote_code=trust_remote_code)
+    if streaming:
+        return _apply_streaming(model_path, plan, tokenizer, profile, out_dir, overwrite, dtype, device, trust_remote_code)
+    model = _load(model_path, dtype, device, trust_remote_code)
     _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir, overwrite)
-
-
-def _read_json(path: Path):
-    """The plan file's JSON, or None when it is not JSON (load_plan then says what is wrong)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 @app.command()
@@ -312,14 +274,27 @@ def compress(
     seed: int = SeedOpt,
     overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_folder: Optional[Path] = OffloadFolderOpt,
+    grad_checkpoint: bool = GradCheckpointOpt,
+    sequential: bool = SequentialOpt,
+    streaming: bool = StreamingOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
 ):
     """Calibrate, plan, apply and save in one go (granularity dims, experts, replace, naive, merge or d2)."""
     from moetrim import criteria
+    from moetrim.calibrate.distributed import env_world_size, is_main_process
     from moetrim.plan import make_plan
     from moetrim.plan.replace import is_replace_granularity
 
+    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), out_dir])
+    if is_replace_granularity(granularity) and (sequential or streaming):
+        raise UsageError(f"--granularity {granularity} builds bases from whole layers in memory: drop --sequential/--streaming")
+    if is_replace_granularity(granularity) and (place or grad_checkpoint or env_world_size() > 1):
+        raise UsageError(f"--granularity {granularity} builds on one device in one process: drop --device-map/--grad-checkpoint, "
+                         "or calibrate with them and then `moetrim plan` + `moetrim apply`")
     if is_replace_granularity(granularity):
         from moetrim.cli_replace import compress_replace
 
@@ -345,11 +320,33 @@ def compress(
     files = data_files(data)
     check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), *files], overwrite=overwrite,
                  need_bytes=bytes_of_weights(model_path))
-    model = _load(model_path, dtype, device, trust_remote_code)
     crit = criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
+    if sequential:
+        check_sequential(place, grad_checkpoint, criterion == "grad_magnitude", device)
+        if crit.needs_gradients:
+            raise UsageError(f"--sequential records forward statistics only and criterion '{criterion}' needs gradients: pick a "
+                             "forward criterion (activation, output_aware, router_weighted; reap, frequency ... for experts) or "
+                             "calibrate with --device-map and --grad-checkpoint instead")
+        profile = _calibrate_sequential(model_path, data, dtype, trust_remote_code, max_tokens=max_tokens, seq_len=seq_len,
+                                        batch_size=batch_size, seed=seed)
+        from moetrim.checkpoint import load_tokenizer
+
+        _plan_and_stream(model_path, profile, load_tokenizer(model_path, required=False, trust_remote_code=trust_remote_code), out_dir,
+                         overwrite, dtype, trust_remote_code, granularity=granularity, criterion=criterion, ratio=ratio,
+                         allocation=allocation, min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps)
+        return
+    model = _load(model_path, dtype, device, trust_remote_code, **place)
     profile, tokenizer = _calibrate(model, model_path, data, trust_remote_code, fisher=crit.needs_gradients,
                                     max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode,
-                                    grad_magnitude=criterion == "grad_magnitude")
+                                    grad_magnitude=criterion == "grad_magnitude", grad_checkpoint=grad_checkpoint and crit.needs_gradients)
+    if not is_main_process():
+        return  # data-parallel calibration: rank 0 plans, applies and writes
+    if place or streaming:  # the model did not fit one device: plan and apply from the files, one layer at a time
+        del model
+        _plan_and_stream(model_path, profile, tokenizer, out_dir, overwrite, dtype, trust_remote_code, granularity=granularity,
+                         criterion=criterion, ratio=ratio, allocation=allocation, min_width=min_width, round_to=round_to,
+                         protect=protect, seed=seed, exponents=exps)
+        return
     plan = make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation,
                      min_width=min_width, round_to=round_to, protect=protect, seed=seed, exponents=exps)
     _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir, overwrite)

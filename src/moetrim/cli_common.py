@@ -95,7 +95,8 @@ def handled(fn):
             _fail(describe_os_error(exc), 1)
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
-                _fail("out of device memory; lower --batch-size or --seq-len", 1)
+                _fail("out of device memory; lower --batch-size or --seq-len, or spread the model with --device-map auto "
+                      "(calibrate, compress: and --grad-checkpoint)", 1)
             if os.environ.get("MOETRIM_DEBUG"):
                 raise
             first = (str(exc).splitlines() or [""])[0][:300]
@@ -121,7 +122,36 @@ RatioOpt = typer.Option(0.5, "--ratio", help="fraction of routed-expert paramete
 MinWidthOpt = typer.Option(None, "--min-width", help="dims: smallest width an expert keeps (default 1/32 of the width; 0 lets experts go)")
 RoundToOpt = typer.Option(None, "--round-to", help="dims: widths in multiples of N (default 1; uniform rounds to 8 when within 2 points)")
 ProtectOpt = typer.Option(0, "--protect", help="dims: never remove the K dims per layer with the largest max|h|")
+SequentialOpt = typer.Option(False, "--sequential", help="calibrate one decoder layer at a time, read from the checkpoint's "
+                              "files (forward statistics only: no Fisher); for models larger than memory")
+StreamingOpt = typer.Option(False, "--streaming", help="work from the checkpoint on disk one decoder layer at a time "
+                             "(never holds the whole model: for models larger than memory)")
 ExponentsOpt = typer.Option(None, "--exponents", help="with --criterion unified: a,b,p of S(a,b,p) (b, p in 0, 1, 2)")
+DeviceMapOpt = typer.Option(None, "--device-map", help="spread the model over devices (accelerate): auto, balanced, sequential, "
+                            "or a JSON file {module: device}; 'cpu' and 'disk' entries offload")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="with --device-map auto/balanced: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+OffloadFolderOpt = typer.Option(None, "--offload-folder", help="folder for the weights --device-map offloads to disk")
+GradCheckpointOpt = typer.Option(False, "--grad-checkpoint", help="Fisher: recompute each decoder layer in backward "
+                                 "(the memory of a forward pass, for about one more forward of time; same profile)")
+
+
+def placement(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[Path], device: str,
+              inputs: list = ()) -> dict:
+    """The placement options as load_model's keyword arguments, checked before anything loads."""
+    from moetrim.calibrate.distributed import env_world_size
+    from moetrim.outputs import refuse_inputs
+    from moetrim.placement import check_placement, parse_device_map, parse_max_memory
+
+    dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
+    check_placement(dm, mm, offload_folder, device)
+    if dm is None:
+        return {}
+    if env_world_size() > 1:
+        raise UsageError("--device-map with several processes: each would spread its copy over the same devices; "
+                         "run one process with --device-map, or several with --device")
+    if offload_folder is not None:
+        refuse_inputs(offload_folder, list(inputs), option="--offload-folder")
+    return {"device_map": dm, "max_memory": mm, "offload_folder": offload_folder}
 
 
 def criterion_option() -> Optional[str]:
@@ -169,3 +199,17 @@ def model_dir(model_path: str) -> Path:
     from moetrim.reference import resolve_model_path
 
     return resolve_model_path(model_path)
+
+
+def check_sequential(place: dict, grad_checkpoint: bool, grad_magnitude: bool, device: str | None) -> None:
+    """--sequential runs one layer at a time on the CPU in one process, forward only: say what does not combine."""
+    from moetrim.calibrate.distributed import env_world_size
+
+    if place:
+        raise UsageError("--sequential loads one layer at a time itself: drop --device-map/--max-memory/--offload-folder")
+    if grad_checkpoint or grad_magnitude:
+        raise UsageError("--sequential records forward statistics only: drop --grad-checkpoint/--grad-magnitude")
+    if device not in (None, "cpu"):
+        raise UsageError("--sequential runs on the CPU: drop --device")
+    if env_world_size() > 1:
+        raise UsageError("--sequential runs in one process: drop torchrun/accelerate launch")

@@ -10,16 +10,17 @@ import typer
 from rich.table import Table
 
 from moetrim.cli_common import (
-    DeviceOpt, DtypeOpt, RatioOpt, SeedOpt, TrustOpt, err, handled, model_dir, out, resolve_method,
+    DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadFolderOpt, RatioOpt, SeedOpt, TrustOpt, err, handled, model_dir, out,
+    placement, resolve_method,
 )
 from moetrim.errors import UsageError
 from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs, write_text
 
 
-def _load(*args):
+def _load(*args, **place):
     from moetrim.cli import _load as load
 
-    return load(*args)
+    return load(*args, **place)
 
 
 def _quiet_transformers() -> None:
@@ -31,30 +32,45 @@ def _quiet_transformers() -> None:
 @handled
 def eval_cmd(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
-    tasks: str = typer.Option("all", "--tasks", help="comma-separated domains, or 'all'"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated domains, or 'all' (the default)"),
     n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
     batch_size: int = typer.Option(64, "--batch-size", help="items generated at once"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (replaces a JSON file already there)"),
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_folder: Optional[Path] = OffloadFolderOpt,
     dtype: str = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
+    lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval", metavar="TASKS",
+                                                help="run these lm-eval tasks instead (comma-separated; 'moetrim' is the built-in suite)"),
+    include_paths: list[Path] = typer.Option([], "--include-path", metavar="DIR", help="with --lm-eval: a folder of your own lm-eval task files (repeatable)"),
 ):
-    """Accuracy (greedy exact match) and perplexity per task domain."""
+    """Accuracy (greedy exact match) and perplexity per task domain, or lm-eval tasks (--lm-eval)."""
     from moetrim.checkpoint import load_tokenizer
     from moetrim.data.tasks import parse_domains
     from moetrim.evaluate.tasks_eval import evaluate_tasks
 
-    try:
-        domains = parse_domains(tasks)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     if n is not None and n < 1:
         raise UsageError("--n must be at least 1")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if lm_eval_tasks is None and include_paths:
+        raise UsageError("--include-path applies to --lm-eval")
+    if lm_eval_tasks is not None and tasks is not None:
+        raise UsageError("--tasks and --lm-eval exclusive: the built-in suite is the lm-eval task 'moetrim' (or moetrim_math, ...)")
+    try:
+        domains = parse_domains(tasks or "all")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if json_path is not None:
         check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=True, option="--json")
-    model = _load(model_path, dtype, device, trust_remote_code)
+    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), json_path])
+    if place and lm_eval_tasks is not None:
+        raise UsageError("--device-map goes with the built-in tasks for now, not with --lm-eval")
+    if lm_eval_tasks is not None:
+        return _eval_lm_eval(model_path, lm_eval_tasks, include_paths, n, batch_size, json_path, device, dtype, trust_remote_code)
+    model = _load(model_path, dtype, device, trust_remote_code, **place)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     try:
         res = evaluate_tasks(model, tokenizer, domains, n=n, batch_size=batch_size)
@@ -68,6 +84,30 @@ def eval_cmd(
     out.print(t)
     if json_path is not None:
         write_text(json_path, json.dumps(res, indent=2))
+
+
+def _eval_lm_eval(model_path: str, spec: str, include_paths: list[Path], n: Optional[int], batch_size: int,
+                  json_path: Optional[Path], device: str, dtype: str, trust_remote_code: bool) -> None:
+    """`moetrim eval --lm-eval`: names checked before the model loads, then lm-eval on moetrim's loaded model."""
+    from moetrim.checkpoint import load_tokenizer
+    from moetrim.integrations import lm_eval as bridge
+
+    names = bridge.parse_task_names(spec)
+    paths = bridge.check_include_paths(include_paths)
+    loaded = bridge.load_tasks(names, paths)
+    model = _load(model_path, dtype, device, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    res = bridge.evaluate_lm_eval(model, tokenizer, loaded, limit=n, batch_size=batch_size)
+    t = Table(title=f"{model_path} (lm-eval {res['lm_eval']['version']})")
+    for c in ("task", "metric", "value", "items"):
+        t.add_column(c, justify="left" if c in ("task", "metric") else "right")
+    for task, metrics in res["lm_eval"]["results"].items():
+        for metric, value in metrics.items():
+            if not metric.endswith("_stderr"):
+                t.add_row(task, metric, f"{value:.4f}", str(res["lm_eval"]["n"].get(task, "")))
+    out.print(t)
+    if json_path is not None:
+        write_text(json_path, json.dumps(res, indent=2, default=float))
 
 
 @handled

@@ -12,7 +12,9 @@ from typing import Optional
 
 import typer
 
-from moetrim.cli_common import OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, out
+from moetrim.cli_common import (
+    DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, out, placement,
+)
 from moetrim.errors import UsageError
 from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs
 from moetrim.train.config import FinetuneConfig
@@ -39,6 +41,16 @@ def _health_line(report: dict) -> str:
         if isinstance(hit, (int, float)):
             parts.append(f"{label} {hit:.3g}")
     return ", ".join(parts)
+
+
+def _trainable_placement(device_map: dict) -> None:
+    """A model spread over GPUs trains as a naive pipeline (one process, the Trainer leaves its placement
+    alone); weights offloaded to CPU or disk sit on meta between forwards and cannot be trained."""
+    devices = {str(d) for d in device_map.values()}
+    gpus = {d for d in devices if d not in ("cpu", "disk")}
+    if "disk" in devices or ("cpu" in devices and gpus):
+        raise UsageError(f"finetune cannot train weights offloaded to {'disk' if 'disk' in devices else 'cpu'}: give --max-memory "
+                         "that holds the whole model on GPUs, or drop --device-map")
 
 
 def finetune_cmd(
@@ -75,6 +87,9 @@ def finetune_cmd(
     routing_tokens: int = typer.Option(20000, "--routing-tokens", help="tokens of --data that measure routing before and after (0: skip)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or loss lines"),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu or cuda; under torchrun one GPU per process"),
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_folder: Optional[Path] = OffloadFolderOpt,
     seed: int = SeedOpt,
     overwrite: bool = OverwriteOpt,
     dtype: str = typer.Option("float32", "--dtype", help="weights' dtype while training (float32; bfloat16 halves memory)"),
@@ -111,10 +126,18 @@ def finetune_cmd(
         cfg.checkpoint_dir = str(checkpoints)
     if _main_process():
         check_output(out_dir, kind="checkpoint", inputs=[src, *files], overwrite=overwrite, need_bytes=bytes_of_weights(model_path))
+    place = placement(device_map, max_memory, offload_folder, None if device == "auto" else device, [src, *files, out_dir])
+    if isinstance(place.get("device_map"), dict):
+        _trainable_placement(place["device_map"])  # a map file: refused before anything loads
+    if place and routing_tokens:
+        err.print("note: with --device-map, routing is not measured before and after (--routing-tokens 0)")
+        routing_tokens = 0
     _quiet_transformers()
     with err.status(f"loading {model_path}"):
-        model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+        model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, **place)
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    if place:
+        _trainable_placement(getattr(model, "hf_device_map", None) or {})
     from moetrim.train.engine import moe_layers
 
     moe_layers(model)  # before measuring routing: a dense model stops here

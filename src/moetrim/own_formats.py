@@ -51,6 +51,12 @@ def is_replaced(model: nn.Module) -> bool:
 
 def _save_moetrim(model: nn.Module, out: Path) -> None:
     """config.json with a model_type plain transformers refuses, and the weights with their records."""
+    _write_state(model, out, write_moetrim_config(model, out))
+
+
+def write_moetrim_config(model: nn.Module, out: Path) -> dict[str, str]:
+    """config.json (and generation_config.json) of a moetrim-format model; returns the metadata its
+    weight files must carry."""
     out.mkdir(parents=True, exist_ok=True)
     d = model.config.to_dict()
     d["moetrim_base_model_type"] = d["model_type"]
@@ -71,7 +77,7 @@ def _save_moetrim(model: nn.Module, out: Path) -> None:
     for key in (VARWIDTH_KEY, REPLACED_KEY):
         if key in d:
             meta[key] = json.dumps(d[key], sort_keys=True)
-    _write_state(model, out, meta)
+    return meta
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -269,26 +275,56 @@ def _tied_names(model: nn.Module) -> list[str]:
 def _write_state(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
     """Safetensors shards plus an index, as transformers lays them out; tied duplicates once."""
     tied = set(_tied_names(model))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    if len(shards) == 1:
-        save_safetensors(shards[0], out / "model.safetensors", metadata={"format": "pt", **metadata})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, out / name, metadata={"format": "pt", **metadata})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    writer = ShardWriter(out, SHARD_BYTES, {"format": "pt", **metadata})
+    writer.add({k: v.detach() for k, v in model.state_dict().items() if k not in tied})
+    writer.finish()
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `shard_bytes` as they come (a streaming save
+    holds one shard at a time), then names them as transformers does and writes the index."""
+
+    def __init__(self, out: Path, shard_bytes: int, metadata: dict[str, str]):
+        self.out, self.limit, self.metadata = Path(out), shard_bytes, metadata
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            nbytes = v.numel() * v.element_size()
+            if self.buffer and self.size + nbytes > self.limit:
+                self.flush()
+            self.buffer[k] = v.detach().cpu().contiguous()
+            self.size += nbytes
+            self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        part = self.out / f".part-{len(self.parts):05d}.safetensors"
+        save_safetensors(self.buffer, part, metadata=self.metadata)
+        self.parts.append((part, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Rename the parts (model.safetensors, or model-0000i-of-0000n.safetensors) and write the index."""
+        self.flush()
+        if not self.parts:
+            save_safetensors({}, self.out / "model.safetensors", metadata=self.metadata)
+            self.parts.append((self.out / "model.safetensors", []))
+        n = len(self.parts)
+        weight_map, files = {}, []
+        for i, (part, names) in enumerate(self.parts, 1):
+            final = self.out / ("model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+            if part != final:
+                part.rename(final)
+            files.append(final)
+            weight_map.update({k: final.name for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return files
 
 
 def _ensure_index(folder: Path) -> None:

@@ -8,6 +8,12 @@ router gets a plain forward hook for router probabilities. Everything is undone 
 Fisher: a multiplicative mask m of ones, shape [B, E, I], one copy per sequence in the batch, is
 applied to the intermediate activation h. Only the masks require gradients, so one backward of
 Σ_s L_s gives every per-sequence gradient ∂L_s/∂m at once (sequences do not interact).
+
+Models placed over devices by accelerate: each recorder's sums and masks live on its layer's
+device, and ProfilingExperts runs the original experts module's accelerate hook around its own
+forward, so weights kept offloaded (on meta until the hook brings them in) are there when it reads
+them. Under gradient checkpointing a layer's forward runs again in backward; a recorder then
+records only the first run of each batch (`once_per_batch`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from moetrim.model.view import MoELayer
 
 
 class LayerRecorder:
-    """Running sums of one MoE layer (float64 accumulators on the model's device)."""
+    """Running sums of one MoE layer (float64 accumulators on the layer's device)."""
 
     def __init__(
         self, layer: MoELayer, device: torch.device, gradients: bool, fisher_mode: str = "sequence", grad_magnitude: bool = False,
@@ -57,13 +63,17 @@ class LayerRecorder:
             self.grad_magnitude = torch.zeros(E, I, **f64)
         self.mask: torch.Tensor | None = None
         self.seq_len = 1
+        self.device = torch.device(device)
+        self.once_per_batch = False  # set under gradient checkpointing: the recompute in backward must not record again
+        self.seen_router = self.seen_experts = False
 
     # -- per batch ------------------------------------------------------------------------
-    def start_batch(self, batch_size: int, seq_len: int, device: torch.device) -> None:
+    def start_batch(self, batch_size: int, seq_len: int, device: torch.device | None = None) -> None:
         self.seq_len = seq_len
+        self.seen_router = self.seen_experts = False
         if self.gradients:
             copies = batch_size if self.fisher_mode == "sequence" else 1
-            self.mask = torch.ones(copies, self.E, self.I, dtype=torch.float32, device=device, requires_grad=True)
+            self.mask = torch.ones(copies, self.E, self.I, dtype=torch.float32, device=device or self.device, requires_grad=True)
 
     def finish_batch(self) -> None:
         if self.mask is not None and self.mask.grad is not None:
@@ -75,8 +85,11 @@ class LayerRecorder:
     # -- statistics -----------------------------------------------------------------------
     @torch.no_grad()
     def record_router(self, logits: torch.Tensor) -> None:
+        if self.once_per_batch and self.seen_router:
+            return
+        self.seen_router = True
         probs = self.layer.router_probs(logits.detach().reshape(-1, self.E))
-        self.prob_sum += probs.sum(0).double()
+        self.prob_sum += probs.sum(0).double().to(self.prob_sum.device)
         self.tokens += probs.shape[0]
 
     @torch.no_grad()
@@ -193,7 +206,14 @@ class ProfilingExperts(nn.Module):
         return out + m.down_proj_bias[e] if self.has_bias else out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        from moetrim.placement import run_with_hook
+
+        return run_with_hook(self.inner, self._forward, hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         rec, m = self.rec, self.inner
+        record = not (rec.once_per_batch and rec.seen_experts)  # False in a gradient-checkpointing recompute
+        rec.seen_experts = True
         num_tokens, hidden = hidden_states.shape
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
@@ -230,11 +250,12 @@ class ProfilingExperts(nn.Module):
             n = x.shape[0]
             h_e = h_used[s : s + n]
             y = self._out_proj(e, h_e)
-            if track_grad and rec.want_grad_magnitude:
+            if track_grad and rec.want_grad_magnitude and record:
                 rec.grad_magnitude_hooks(e, x, gu, h_e, y, seq[s : s + n], self.interleaved)
             ys.append(y)
         y_all = torch.cat(ys)
-        rec.record_experts(h_all, y_all, gs, expert_of_slot, xs)
+        if record:
+            rec.record_experts(h_all, y_all, gs, expert_of_slot, xs)
 
         out_sorted = y_all * gs.to(y_all.dtype).unsqueeze(-1)
         out = torch.empty_like(out_sorted)
@@ -264,3 +285,36 @@ def instrumented(layers: list[MoELayer], recorders: list[LayerRecorder]) -> Iter
             h.remove()
         for block, name, experts in swapped:
             setattr(block, name, experts)
+
+
+@contextlib.contextmanager
+def layer_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute each decoder layer in backward (transformers' checkpointing, non-reentrant), so
+    Fisher's backward holds one layer's activations, not all of them. transformers checkpoints a
+    layer only while that layer is in training mode: the flag is set on the decoder layers alone,
+    so dropout, router jitter and every other submodule stay in eval mode. Restored on exit."""
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        from moetrim.errors import UsageError
+
+        raise UsageError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing in transformers")
+    was_on = bool(getattr(model, "is_activation_checkpointing", False))
+    had_input_hook = hasattr(model, "_require_grads_hook")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    modes = [m.training for m in layers]
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not had_input_hook and hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()  # the masks need gradients, the embeddings' output does not
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode
+        if not was_on:
+            model.activation_checkpointing_disable()

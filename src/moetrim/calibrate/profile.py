@@ -71,6 +71,14 @@ class Profile:
         return int(self.meta.get("sequences", "0"))
 
     @property
+    def processes(self) -> int:
+        """How many calibration processes took part (data-parallel calibration; 1 for older profiles)."""
+        try:
+            return max(1, int(self.meta.get("processes", "1")))
+        except ValueError:
+            return 1
+
+    @property
     def fingerprint(self) -> str:
         return self.meta.get("model_fingerprint", "")
 
@@ -131,6 +139,7 @@ class Profile:
         meta = dict(self.meta)
         meta["tokens"] = str(self.tokens + other.tokens)
         meta["sequences"] = str(self.sequences + other.sequences)
+        meta["processes"] = str(self.processes + other.processes)
         digests = sorted(self.meta.get("data_digest", "").split("+") + other.meta.get("data_digest", "").split("+"))
         meta["data_digest"] = "+".join(d for d in digests if d)
         return Profile(merged, meta)

@@ -1,4 +1,9 @@
-"""The calibration loop: stream batches through the instrumented model, forward (and backward)."""
+"""The calibration loop: stream batches through the instrumented model, forward (and backward).
+
+The model may be spread over devices by accelerate (moetrim.placement): each layer's statistics
+live on that layer's device. Under torchrun / accelerate launch each process runs its share of the
+batches and the sums are all-reduced (moetrim.calibrate.distributed).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrim.calibrate.instrument import LayerRecorder, instrumented
+from moetrim.calibrate import distributed
+from moetrim.calibrate.instrument import LayerRecorder, instrumented, layer_checkpointing
 from moetrim.calibrate.profile import PROFILE_VERSION, Profile, data_digest
 from moetrim.data.text import DataSource, batches, token_chunks
 from moetrim.errors import UsageError
 from moetrim.model.identity import model_fingerprint
 from moetrim.model.view import find_moe_layers, require_uniform_widths
+from moetrim.placement import execution_device, input_device, onloaded
 from moetrim.progress import progress_bar
 
 FISHER_MODES = ("sequence", "batch")
@@ -23,7 +30,7 @@ def _sequence_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Σ over sequences of each sequence's mean next-token loss: its gradient w.r.t. sequence s's
     mask copy is exactly ∂L_s/∂m."""
     logits = logits[:, :-1].float()
-    target = ids[:, 1:]
+    target = ids[:, 1:].to(logits.device)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     return nll.view(target.shape).mean(dim=1).sum()
 
@@ -45,6 +52,8 @@ def calibrate(
     fisher_mode: str = "sequence",
     grad_magnitude: bool = False,
     whiten: bool = False,
+    grad_checkpoint: bool = False,
+    distributed_ok: bool = True,
     progress: bool = False,
 ) -> Profile:
     """Run calibration data through `model` once and return its Profile.
@@ -56,6 +65,13 @@ def calibrate(
     gradient), so it is off unless asked for. whiten=True also records each expert's input Gram
     Σ x xᵀ [E, H, H] (for whitened SVD when replacing experts); at H² floats per expert it is off
     unless asked for.
+    grad_checkpoint=True recomputes each decoder layer in the backward pass: the Fisher pass then
+    needs about the memory of a forward, for about one more forward of time; the profile is the same.
+    A model placed over devices (load_model(device_map=...)) is calibrated where it lies: inputs go
+    to the embedding's device, each layer's sums and masks stay on that layer's device.
+    Under torchrun / accelerate launch (WORLD_SIZE > 1, or an initialised process group) each process
+    takes its share of the batches and every process returns the summed profile, equal to one
+    process's; distributed_ok=False calibrates this process's data alone.
     The model is left exactly as it was (modules restored, requires_grad flags restored).
     """
     if fisher_mode not in FISHER_MODES:
@@ -65,6 +81,74 @@ def calibrate(
     layers = find_moe_layers(model)
     require_uniform_widths(layers, "calibrate")
     seq_len = default_seq_len(model) if seq_len is None else seq_len
+    chunks = select_chunks(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens, seed=seed)
+    if grad_magnitude and not fisher:
+        raise UsageError("grad-magnitude needs gradients: drop --no-fisher")
+    if grad_checkpoint and not fisher:
+        raise UsageError("--grad-checkpoint saves memory in the Fisher backward: it does nothing with --no-fisher")
+    device = input_device(model)
+    recorders = [LayerRecorder(layer, execution_device(layer.experts), fisher, fisher_mode, grad_magnitude, whiten) for layer in layers]
+    for rec in recorders:
+        rec.once_per_batch = grad_checkpoint
+    with distributed.process_group(device, enabled=distributed_ok) as (rank, world):
+        batch_list = batches(chunks, batch_size)[rank::world]  # the same batches as one process, dealt out
+        n_tokens = _run(model, recorders, batch_list, device, fisher, progress and rank == 0, several=world > 1)
+        if world > 1:
+            sums = [t for rec in recorders for k, t in rec.tensors().items() if not k.endswith(".act_abs_max")]
+            n_tokens = distributed.all_reduce_stats(sums, [rec.act_abs_max for rec in recorders], n_tokens, device)
+    stats: dict[str, torch.Tensor] = {}
+    for rec in recorders:
+        stats.update({k: v.cpu() for k, v in rec.tensors().items()})
+    with onloaded([layer.router for layer in layers]):  # the fingerprint reads router weights, maybe offloaded
+        meta = profile_meta(model, layers, chunks, n_tokens, seq_len, fisher=fisher, fisher_mode=fisher_mode,
+                            grad_magnitude=grad_magnitude, whiten=whiten, processes=world)
+    return Profile(stats, meta).validate("calibration")
+
+
+def _run(model: nn.Module, recorders: list[LayerRecorder], batch_list: list[torch.Tensor], device: torch.device, fisher: bool,
+         progress: bool, several: bool) -> int:
+    """Forward (and backward) every batch through the instrumented model; returns the token count.
+    With several processes, a failure in one is told to the others before anyone all-reduces."""
+    grad_checkpoint = fisher and any(rec.once_per_batch for rec in recorders)
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_tokens = 0
+    failed = True
+    try:
+        with instrumented([rec.layer for rec in recorders], recorders), layer_checkpointing(model, grad_checkpoint):
+            with progress_bar("calibrating", total=sum(b.numel() for b in batch_list), enabled=progress) as advance:
+                for batch in batch_list:
+                    ids = batch.to(device)
+                    for rec in recorders:
+                        rec.start_batch(ids.shape[0], ids.shape[1])
+                    if fisher:
+                        with torch.enable_grad():
+                            logits = model(input_ids=ids, use_cache=False).logits
+                            _sequence_loss(logits, ids).backward()
+                        del logits
+                    else:
+                        with torch.no_grad():
+                            _base_model(model)(input_ids=ids, use_cache=False)
+                    for rec in recorders:
+                        rec.finish_batch()
+                    n_tokens += ids.numel()
+                    advance(ids.numel())
+        failed = False
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+        if several:
+            distributed.agree_no_failure(failed, device)
+    return n_tokens
+
+
+def select_chunks(data: DataSource, tokenizer, *, seq_len: int, max_tokens: int | None, seed: int) -> list[torch.Tensor]:
+    """The calibration sequences: the data cut into seq_len chunks, and a seeded choice of them when
+    the data holds more than max_tokens (the same on every process and in every calibration mode)."""
     chunks = token_chunks(data, tokenizer, seq_len=seq_len, max_tokens=None)
     if not chunks:
         raise UsageError("calibration data is empty: no sequence of at least 2 tokens")
@@ -82,44 +166,13 @@ def calibrate(
         chunks = [c for _, c in sorted(picked, key=lambda t: t[0])]
         if not chunks:
             raise UsageError(f"--max-tokens {max_tokens} leaves no sequence of at least 2 tokens; raise it")
-    device = next(model.parameters()).device
-    if grad_magnitude and not fisher:
-        raise UsageError("grad-magnitude needs gradients: drop --no-fisher")
-    recorders = [LayerRecorder(layer, device, fisher, fisher_mode, grad_magnitude, whiten) for layer in layers]
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    n_tokens = 0
-    try:
-        with instrumented(layers, recorders):
-            batch_list = batches(chunks, batch_size)
-            with progress_bar("calibrating", total=sum(b.numel() for b in batch_list), enabled=progress) as advance:
-                for batch in batch_list:
-                    ids = batch.to(device)
-                    for rec in recorders:
-                        rec.start_batch(ids.shape[0], ids.shape[1], device)
-                    if fisher:
-                        with torch.enable_grad():
-                            logits = model(input_ids=ids, use_cache=False).logits
-                            _sequence_loss(logits, ids).backward()
-                        del logits
-                    else:
-                        with torch.no_grad():
-                            _base_model(model)(input_ids=ids, use_cache=False)
-                    for rec in recorders:
-                        rec.finish_batch()
-                    n_tokens += ids.numel()
-                    advance(ids.numel())
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
-    stats: dict[str, torch.Tensor] = {}
-    for rec in recorders:
-        stats.update({k: v.cpu() for k, v in rec.tensors().items()})
-    meta = {
+    return chunks
+
+
+def profile_meta(model: nn.Module, layers, chunks, n_tokens: int, seq_len: int, *, fisher: bool, fisher_mode: str,
+                 grad_magnitude: bool, whiten: bool, processes: int = 1) -> dict[str, str]:
+    """The profile's metadata: what it was measured on and how (every calibration mode writes the same keys)."""
+    return {
         "moetrim_profile": PROFILE_VERSION,
         "model_fingerprint": model_fingerprint(model),
         "model_type": str(getattr(model.config, "model_type", "")),
@@ -132,8 +185,8 @@ def calibrate(
         "grad_magnitude": "true" if fisher and grad_magnitude else "false",
         "whiten": "true" if whiten else "false",
         "hidden_size": str(layers[0].hidden_size),
+        "processes": str(processes),
     }
-    return Profile(stats, meta).validate("calibration")
 
 
 def model_context(model: nn.Module) -> int | None:

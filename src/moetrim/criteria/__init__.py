@@ -24,14 +24,16 @@ class Criterion:
     comparable_across_layers: bool  # False: normalise per layer before a global ranking
     needs_gradients: bool = False
     doc: str = ""
+    needs_weights: bool = False  # reads the experts' weights (a streaming plan loads them one layer at a time)
 
 
 REGISTRY: dict[tuple[str, str], Criterion] = {}  # (level, name)
 
 
-def register(name: str, level: str, *, comparable: bool, gradients: bool = False, doc: str = ""):
+def register(name: str, level: str, *, comparable: bool, gradients: bool = False, doc: str = "", weights: bool = False):
     def deco(fn):
-        REGISTRY[(level, name)] = Criterion(name, level, fn, comparable, gradients, doc or (fn.__doc__ or "").strip().splitlines()[0])
+        REGISTRY[(level, name)] = Criterion(name, level, fn, comparable, gradients, doc or (fn.__doc__ or "").strip().splitlines()[0],
+                                            weights)
         return fn
 
     return deco

@@ -58,13 +58,13 @@ def _down_column_norms(layer: MoELayer) -> torch.Tensor:
     return torch.stack([layer.expert(e).down.detach().float().norm(dim=0).double().cpu() for e in range(layer.num_experts)])
 
 
-@register("output_aware", "dim", comparable=False)
+@register("output_aware", "dim", comparable=False, weights=True)
 def output_aware(profile: Profile, layer: MoELayer, **_) -> torch.Tensor:
     """||h||_2 over tokens times ||down[:, j]||_2: the size of what the dimension adds to the output."""
     return _stat(profile, layer, "act_sq_sum").sqrt() * _down_column_norms(layer)
 
 
-@register("magnitude", "dim", comparable=False)
+@register("magnitude", "dim", comparable=False, weights=True)
 def magnitude(profile: Profile | None, layer: MoELayer, **_) -> torch.Tensor:
     """Weights only: ||gate_j|| * ||up_j|| * ||down[:, j]|| (the path norm of the dimension)."""
     rows = []

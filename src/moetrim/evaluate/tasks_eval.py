@@ -16,6 +16,7 @@ import torch
 
 from moetrim.data.tasks import TaskItem, get_items
 from moetrim.model.kv_cache import cache_kwargs, cache_of
+from moetrim.placement import input_device
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -67,7 +68,7 @@ def greedy_generate(
     batch_size: int = 32,
 ) -> list[str]:
     """Greedy continuations (cut at the first newline) for already-tokenized prompts."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad, stops = pad_id(tokenizer), _stop_ids(tokenizer).to(device)
     extra = _model_kwargs(model)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
@@ -115,7 +116,7 @@ def answer_nll(
     model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 32
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of the answer tokens given their prompts, and the token count."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     extra = _model_kwargs(model)
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):

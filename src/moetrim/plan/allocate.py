@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -120,8 +121,12 @@ def make_plan(
     protect: int = 0,
     seed: int = 0,
     exponents: list[float] | None = None,
+    layer_weights: Callable[[MoELayer], ContextManager] | None = None,
 ) -> Plan:
     """Decide what to remove. Same inputs and seed give the same plan, bit for bit.
+
+    layer_weights: for a model whose expert weights are not in memory (`moetrim.stream.DiskModel`),
+    a context that holds one layer's weights while a weight criterion scores it.
 
     The plan meets every constraint asked (the ratio within `plan.ratio_tolerance`, protected dims
     kept, widths at least `min_width` and multiples of `round_to`) or a UsageError says which
@@ -130,7 +135,13 @@ def make_plan(
     layers = find_moe_layers(model)
     level, crit = _validate(model, layers, profile, granularity, criterion, ratio, allocation)
     _validate_options(layers, granularity, criterion, profile, min_width, round_to, protect, exponents)
-    scores = [_layer_scores(criterion, level, profile, l, seed, exponents) for l in layers]
+    def scored(layer: MoELayer) -> torch.Tensor:
+        if layer_weights is None or not crit.needs_weights:
+            return _layer_scores(criterion, level, profile, layer, seed, exponents)
+        with layer_weights(layer):
+            return _layer_scores(criterion, level, profile, layer, seed, exponents)
+
+    scores = [scored(l) for l in layers]
     protected = [_protected(profile.get(l.index, "act_abs_max").double(), protect) for l in layers] if protect else None
 
     def build(ratio: float, min_width: int | None, round_to: int | None, protected) -> Plan:
