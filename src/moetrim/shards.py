@@ -84,6 +84,7 @@ class ModuleLoader:
     """Fill submodules of a meta-device model from its checkpoint, one at a time."""
 
     def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype):
+        map_large_allocations()
         self.model = model
         self.files = WeightFiles(folder)
         self.dtype = dtype
@@ -155,6 +156,21 @@ def return_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps the many few-MB blocks a layer is read in
     (per-expert tensors) in its heap after they are freed, so without this a process that loads
     layer after layer grows with depth although it holds one layer at a time."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more with its own memory map, returned to the OS when freed.
+    glibc otherwise raises that threshold to the largest block freed so far (a per-expert tensor),
+    after which such blocks come from the heap and fragment it layer after layer."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also turns off glibc's dynamic raising)
+
+
+def _glibc():
     global _LIBC
     if _LIBC is None:
         try:
@@ -162,10 +178,10 @@ def return_freed_memory() -> None:
 
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
 
 
 _LIBC = None

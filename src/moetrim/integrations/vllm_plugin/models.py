@@ -1,0 +1,220 @@
+"""vLLM model classes for moetrim variable-width checkpoints (imported by vLLM's registry, lazily).
+
+Each class is the family's stock vLLM model with one change while it is built: the family's MoE block
+class is swapped, for the duration of the constructor, for a subclass that reads the layer index from
+its prefix and builds that layer at the layer's own width, expert count and top-k. Nothing dense is
+allocated first: each layer is born at its size, and every router, shared expert and fused-MoE kernel is
+vLLM's own. Weight loading unpacks moetrim's packed experts (`unpack.py`).
+
+A layer whose experts all share one width is one stock fused-MoE at that width. A layer whose experts
+differ in width is served GROUPED (`grouped.py`): one stock fused-MoE per width group, behind the layer's
+stock runner and router. The labelled fallback, PADDED (every expert zero-padded to the layer's widest:
+exact, saves nothing), is used when MOETRIM_VLLM_PADDED=1 or when the family's fused-MoE call uses a
+feature the grouped path does not carry (see `grouped.unsupported_reason`); both log a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import os
+import re
+import sys
+
+import torch
+from vllm.logger import init_logger
+
+from moetrim.integrations.vllm_plugin.families import FAMILIES, Family, family
+from moetrim.integrations.vllm_plugin.unpack import (
+    _PACKED,
+    LayerLayout,
+    group_plan,
+    per_expert_tensors,
+    read_layouts,
+    served_widths,
+    unpack_down,
+    unpack_gate_up,
+)
+
+logger = init_logger("vllm.moetrim")  # under vllm's logger, so its INFO lines show in vLLM's log
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+PADDED_ENV = "MOETRIM_VLLM_PADDED"  # "1": serve mixed-width layers padded (the fallback) instead of grouped
+
+
+def _layer_index(prefix: str) -> int | None:
+    found = _LAYER.search(prefix or "")
+    return int(found.group(1)) if found else None
+
+
+class _LayerModelConfig:
+    """vllm_config.model_config as one layer's block sees it: the layer's own hf config, all else shared."""
+
+    def __init__(self, model_config, hf_config):
+        self._inner, self.hf_config, self.hf_text_config = model_config, hf_config, hf_config
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _LayerVllmConfig:
+    def __init__(self, vllm_config, hf_config):
+        self._inner, self.model_config = vllm_config, _LayerModelConfig(vllm_config.model_config, hf_config)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _layer_config(config, fam: Family, layout: LayerLayout, width: int):
+    cfg = copy.copy(config)
+    for key, value in ((fam.width_key, width), (fam.count_key, layout.num_experts), (fam.top_k_key, layout.top_k)):
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _sized_kwargs(fam: Family, kwargs: dict, layout: LayerLayout, width: int) -> dict:
+    """The block's constructor arguments with this layer's width, expert count and top-k."""
+    kwargs = dict(kwargs)
+    if fam.style == "explicit":
+        kwargs.update(num_experts=layout.num_experts, top_k=layout.top_k, intermediate_size=width)
+    elif fam.style == "config":
+        kwargs["config"] = _layer_config(kwargs["config"], fam, layout, width)
+    else:  # "vllm_config"
+        vc = kwargs["vllm_config"]
+        kwargs["vllm_config"] = _LayerVllmConfig(vc, _layer_config(vc.model_config.hf_text_config, fam, layout, width))
+    return kwargs
+
+
+@contextlib.contextmanager
+def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict[int, int], plans: dict, fallback: dict):
+    """While the model is built, the family's MoE block class builds each layer at its recorded size, and
+    its fused-MoE factory builds a layer listed in `plans` as width groups (one it cannot group is recorded
+    in `fallback` with the reason, and built padded at the layer's widest width)."""
+    from moetrim.integrations.vllm_plugin.grouped import (
+        build_grouped,
+        unsupported_reason,
+    )
+
+    module = importlib.import_module(f"vllm.model_executor.models.{fam.module}")
+    stock = getattr(module, fam.block)
+    stock_factory = getattr(module, "FusedMoEFactory", None)
+
+    class PerLayerBlock(stock):  # a subclass, so the model's isinstance checks still hold
+        def __init__(self, *args, **kwargs):
+            if args:
+                raise TypeError(f"moetrim plugin: {fam.block} was called with positional arguments; this vLLM differs "
+                                "from the one the plugin was written for")
+            index = _layer_index(kwargs.get("prefix", ""))
+            if index in layouts:
+                kwargs = _sized_kwargs(fam, kwargs, layouts[index], widths[index])
+            super().__init__(**kwargs)
+
+    def factory(*args, **kwargs):
+        index = _layer_index(kwargs.get("prefix", ""))
+        if index not in plans:
+            return stock_factory(*args, **kwargs)
+        reason = "positional arguments" if args else unsupported_reason(kwargs)
+        if reason:
+            fallback[index] = reason
+            return stock_factory(*args, **kwargs)
+        return build_grouped(stock_factory, kwargs, plans[index])
+
+    PerLayerBlock.__name__ = PerLayerBlock.__qualname__ = stock.__name__
+    setattr(module, fam.block, PerLayerBlock)
+    if plans and stock_factory is None:
+        fallback.update({i: f"vllm.model_executor.models.{fam.module} has no FusedMoEFactory" for i in plans})
+    elif plans:
+        setattr(module, "FusedMoEFactory", factory)
+    try:
+        yield
+    finally:
+        setattr(module, fam.block, stock)
+        if stock_factory is not None:
+            setattr(module, "FusedMoEFactory", stock_factory)
+
+
+class _Varwidth:
+    """Mixed in before the family's stock vLLM model class."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        from moetrim.integrations.vllm_plugin.grouped import (
+            GroupedRoutedExperts,
+            group_alignment,
+        )
+
+        config = vllm_config.model_config.hf_config
+        fam = family(config.model_type)
+        layouts = read_layouts(config)
+        widths, mixed = served_widths(layouts)
+        padded_by_request = os.environ.get(PADDED_ENV, "") not in ("", "0")
+        align = group_alignment()
+        plans = {} if padded_by_request else {i: group_plan(layouts[i], align) for i in mixed}
+        fallback: dict[int, str] = {i: f"{PADDED_ENV}=1" for i in mixed} if padded_by_request else {}
+        with _per_layer_blocks(fam, layouts, widths, plans, fallback):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.moetrim_family, self.moetrim_layouts = fam, layouts
+        self.moetrim_grouped = {}  # layer index -> (qualified module name, GroupedRoutedExperts)
+        for name, module in self.named_modules():
+            if isinstance(module, GroupedRoutedExperts):
+                self.moetrim_grouped[_layer_index(name)] = (name, module)
+        missing = sorted(set(plans) - set(self.moetrim_grouped) - set(fallback))
+        if missing:
+            raise RuntimeError(f"moetrim: layers {missing} were to be served grouped but their fused-MoE was not built "
+                               f"through {fam.module}.FusedMoEFactory; this vLLM differs from the one the plugin was "
+                               f"written for (serve padded with {PADDED_ENV}=1)")
+        padded = sorted(fallback)
+        if self.moetrim_grouped:
+            logger.info("moetrim: %d layers with experts of different widths served GROUPED (one fused MoE per width, "
+                        "widths rounded up to multiples of %d; groups per layer: %s)", len(self.moetrim_grouped), align,
+                        {i: len(m.groups) for i, (_, m) in sorted(self.moetrim_grouped.items())})
+        if padded:
+            logger.warning("moetrim: layers %s have experts of different widths and are served PADDED to each layer's "
+                           "widest expert (exact, but no memory or time saved there), because: %s", padded,
+                           "; ".join(sorted(set(fallback.values()))))
+        self.moetrim_pad_to = {i: widths[i] for i in padded}
+
+    def load_weights(self, weights):
+        fam = self.moetrim_family
+        loaded: set[str] = set()
+        stock = super().load_weights(per_expert_tensors(
+            self._moetrim_grouped_weights(weights, loaded), self.moetrim_layouts, fam.names, self.config.hidden_size,
+            self.moetrim_pad_to, dict(fam.rename)))
+        return (set(stock) if stock is not None else set()) | loaded
+
+    def _moetrim_grouped_weights(self, weights, loaded: set[str]):
+        """Pass every tensor on except a grouped layer's packed experts, which are loaded into its groups
+        here (each expert once both of its layer's packed tensors have been seen)."""
+        pending: dict[int, dict[str, torch.Tensor]] = {}
+        hidden = self.config.hidden_size
+        for name, t in weights:
+            m = _PACKED.match(name)
+            index = int(m["index"]) if m else None
+            if index not in self.moetrim_grouped:
+                yield name, t
+                continue
+            got = pending.setdefault(index, {})
+            got[m["what"]] = t
+            if len(got) < 2:
+                continue
+            layout, (qual, module) = self.moetrim_layouts[index], self.moetrim_grouped[index]
+            gate_up, down = unpack_gate_up(got["gate_up"], layout), unpack_down(got["down_blocks"], layout, hidden)
+            for e, ((gate, up), dn) in enumerate(zip(gate_up, down)):
+                loaded.update(f"{qual}.{p}" for p in module.load_expert(e, gate, up, dn))
+            del pending[index]
+        if pending:
+            raise RuntimeError(f"moetrim: layers {sorted(pending)} are missing gate_up or down_blocks in the checkpoint")
+
+
+def _model_class(fam: Family) -> type:
+    stock = getattr(importlib.import_module(f"vllm.model_executor.models.{fam.module}"), fam.architecture)
+    return type(fam.plugin_architecture, (_Varwidth, stock), {
+        "__module__": __name__, "__doc__": f"{fam.architecture} with per-layer expert widths (moetrim)."})
+
+
+def __getattr__(name: str):  # PEP 562: vLLM's registry imports "module:Class"; build the class then
+    for fam in FAMILIES.values():
+        if fam.plugin_architecture == name:
+            cls = _model_class(fam)
+            setattr(sys.modules[__name__], name, cls)
+            return cls
+    raise AttributeError(name)
