@@ -84,7 +84,9 @@ def apply_streaming(
     progress: bool = False,
 ) -> ApplyResult:
     """Apply `plan` to the checkpoint `disk` was opened on and save the result to out_dir, one decoder
-    layer in memory at a time. Same checks, same tensors and same config as apply_plan + save."""
+    layer in memory at a time. Same checks, same tensors and same config as apply_plan + save.
+    The DiskModel's model is compressed on the way (as apply_plan compresses a model): open a new
+    DiskModel to apply another plan."""
     from moetrim.checkpoint import make_recipe, save_checkpoint
     from moetrim.own_formats import SHARD_BYTES, ShardWriter, write_moetrim_config
 
@@ -95,7 +97,7 @@ def apply_streaming(
     list_name, decoder = decoder_layers(model)
     by_index = {l.index: l for l in job.layers}
     tied = _tied(model)
-    pieces = [n for n in outside_layers(model, list_name)]
+    pieces = outside_layers(model, list_name)
 
     def to_disk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if fmt != "standard":
