@@ -67,7 +67,7 @@ def build_checkpoint(family: str, shape: dict, depth: int, out: Path, seed: int 
     from transformers.core_model_loading import revert_weight_conversion
 
     from moetrim.own_formats import ShardWriter
-    from moetrim.shards import decoder_layers, outside_layers
+    from moetrim.shards import named_decoder_layers, outside_layers
     from moetrim.tiny import tiny_tokenizer
 
     cfg = AutoConfig.for_model(family, **shape, num_hidden_layers=depth, max_position_embeddings=4096, tie_word_embeddings=False,
@@ -78,7 +78,7 @@ def build_checkpoint(family: str, shape: dict, depth: int, out: Path, seed: int 
     out.mkdir(parents=True)
     writer = ShardWriter(out, 2 * 1024**3, {"format": "pt"})
     gen = torch.Generator().manual_seed(seed)
-    name, layers = decoder_layers(model)
+    name, layers = named_decoder_layers(model)
     pieces = outside_layers(model, name) + [f"{name}.{i}" for i in range(depth)]
     for piece in pieces:
         module = model.get_submodule(piece)

@@ -20,7 +20,7 @@ from moetrim.errors import MoetrimError
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
 from moetrim.reference import resolve_model_path
-from moetrim.shards import ModuleLoader, decoder_layers, outside_layers
+from moetrim.shards import ModuleLoader, named_decoder_layers, outside_layers
 from moetrim.stream import DiskModel, apply_streaming
 from moetrim.tiny import FAMILIES
 
@@ -45,7 +45,7 @@ def test_module_loader_equals_from_pretrained(tiny_dirs, family):
     full = load_model(path)
     meta = load_model(path, meta=True)
     loader = ModuleLoader(meta, path, torch.float32)
-    name, layers = decoder_layers(meta)
+    name, layers = named_decoder_layers(meta)
     for i in range(len(layers)):
         loader.load(f"{name}.{i}")
     for piece in outside_layers(meta, name):

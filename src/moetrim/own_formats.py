@@ -19,11 +19,11 @@ from moetrim.errors import MoetrimError
 from moetrim.model.replaced import REPLACED_KEY, REPLACED_MODEL_TYPE
 from moetrim.model.routing import ROUTED_MODEL_TYPE, ROUTING_KEY
 from moetrim.outputs import save_safetensors
+from moetrim.shards import INDEX_FILE, WeightFiles
 
 VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
 MODEL_TYPES = (VARWIDTH_MODEL_TYPE, ROUTED_MODEL_TYPE, REPLACED_MODEL_TYPE)
 SHARD_BYTES = 5 * 1024**3
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def is_varwidth(model: nn.Module) -> bool:
@@ -81,14 +81,9 @@ def write_moetrim_config(model: nn.Module, out: Path) -> dict[str, str]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise MoetrimError(f"{path} has no model.safetensors")
+    """The checkpoint's weight files, from its index (or the single file); a listed file that is
+    missing is named (moetrim.shards.WeightFiles)."""
+    return sorted(set(WeightFiles(path).where.values()))
 
 
 def _check_record(path: Path, record, moe_layers: dict) -> None:

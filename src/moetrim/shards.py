@@ -187,14 +187,17 @@ def _glibc():
 _LIBC = None
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and the list of a causal LM's decoder layers (model.layers for every supported family)."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and name.endswith("layers") and len(m) == getattr(
-            getattr(model.config, "get_text_config", lambda: model.config)(), "num_hidden_layers", -1
-        ):
-            return name, m
-    raise MoetrimError(f"cannot find the decoder layers of {type(model).__name__}")
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name `module` has inside `model` (what the loader takes as a prefix)."""
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def named_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers as moetrim.model.view finds them, and their module name."""
+    from moetrim.model.view import decoder_layers
+
+    layers = decoder_layers(model)
+    return module_name(model, layers), layers
 
 
 def outside_layers(model: nn.Module, layers_name: str) -> list[str]:

@@ -24,13 +24,9 @@ from moetrim.errors import UsageError
 from moetrim.model.view import MoELayer, find_moe_layers
 from moetrim.plan import Plan
 from moetrim.progress import progress_bar
-from moetrim.shards import ModuleLoader, decoder_layers, outside_layers
+from moetrim.shards import ModuleLoader, module_name, named_decoder_layers, outside_layers
 
 STREAM_SHARD_BYTES = 1024**3  # the output shard held in memory while it fills
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
 
 
 class DiskModel:
@@ -49,12 +45,12 @@ class DiskModel:
         self.loader = ModuleLoader(self.model, self.path, self.dtype)
         # no MoELayer views are kept: they would hold on to experts modules that applying replaces
         for layer in find_moe_layers(self.model):
-            self.loader.load(_module_name(self.model, layer.router))
+            self.loader.load(module_name(self.model, layer.router))
 
     @contextlib.contextmanager
     def layer_weights(self, layer: MoELayer) -> Iterator[MoELayer]:
         """The layer's expert weights in memory for the duration (weight criteria read them)."""
-        name = _module_name(self.model, layer.experts)
+        name = module_name(self.model, layer.experts)
         self.loader.load(name)
         try:
             yield layer
@@ -68,7 +64,7 @@ def _tied(model: nn.Module) -> set[str]:
     if not getattr(cfg, "tie_word_embeddings", False):
         return set()
     head = model.get_output_embeddings()
-    return {f"{_module_name(model, head)}.weight"} if head is not None else set()
+    return {f"{module_name(model, head)}.weight"} if head is not None else set()
 
 
 def apply_streaming(
@@ -94,7 +90,7 @@ def apply_streaming(
     job = prepare_apply(model, plan)
     fmt = "standard" if job.config is not None else "varwidth"
     result: list[ApplyResult] = []
-    list_name, decoder = decoder_layers(model)
+    list_name, decoder = named_decoder_layers(model)
     by_index = {l.index: l for l in job.layers}
     tied = _tied(model)
     pieces = outside_layers(model, list_name)

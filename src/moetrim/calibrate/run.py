@@ -190,10 +190,14 @@ def profile_meta(model: nn.Module, layers, chunks, n_tokens: int, seq_len: int, 
 
 
 def model_context(model: nn.Module) -> int | None:
-    """The longest sequence the model was built for (max_position_embeddings), if its config says."""
+    """The longest sequence the model was built for, if its config says (max_position_embeddings, or
+    the older names n_positions, max_sequence_length, seq_length)."""
     cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    n = getattr(cfg, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return int(n)
+    return None
 
 
 def default_seq_len(model: nn.Module) -> int:

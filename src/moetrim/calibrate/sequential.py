@@ -27,7 +27,7 @@ from moetrim.data.text import DataSource, batches
 from moetrim.errors import MoetrimError, UsageError
 from moetrim.model.view import find_moe_layers, require_uniform_widths
 from moetrim.progress import progress_bar
-from moetrim.shards import ModuleLoader, decoder_layers, outside_layers
+from moetrim.shards import ModuleLoader, module_name, named_decoder_layers, outside_layers
 
 
 class _Stop(Exception):
@@ -89,7 +89,7 @@ def calibrate_sequential(
     seq_len = default_seq_len(model) if seq_len is None else seq_len
     chunks = select_chunks(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens, seed=seed)
     batch_list = batches(chunks, batch_size)
-    list_name, decoder = decoder_layers(model)
+    list_name, decoder = named_decoder_layers(model)
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     for name in outside_layers(model, list_name):
@@ -119,7 +119,6 @@ def calibrate_sequential(
 
     by_index = {l.index: l for l in layers}
     recorders: dict[int, LayerRecorder] = {}
-    routers: list[str] = []
     cpu = torch.device("cpu")
     total = len(originals) * len(batch_list)
     with progress_bar("calibrating layer by layer", total=total, enabled=progress) as advance:
@@ -142,9 +141,7 @@ def calibrate_sequential(
                     advance(1)
             loader.release(prefix)
             if moe is not None:  # the router stays: the profile's fingerprint hashes every router
-                name = next(n for n, m in model.named_modules() if m is moe.router)
-                loader.load(name)
-                routers.append(name)
+                loader.load(module_name(model, moe.router))
     stats: dict[str, torch.Tensor] = {}
     for i in sorted(recorders):
         stats.update({k: v.cpu() for k, v in recorders[i].tensors().items()})

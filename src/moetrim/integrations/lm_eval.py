@@ -130,12 +130,13 @@ def _capped_hflm(model: Any, tokenizer: Any, batch_size: int, max_length: int) -
 
 
 def context_length(model: Any, tokenizer: Any) -> int:
-    """The model's context: the config's position limit, else the tokenizer's, else 2048."""
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """The model's context: the config's position limit (moetrim.calibrate.run.model_context), else
+    the tokenizer's, else 2048."""
+    from moetrim.calibrate.run import model_context
+
+    value = model_context(model)
+    if value is not None:
+        return value
     value = getattr(tokenizer, "model_max_length", None)
     return value if isinstance(value, int) and 0 < value < 10**7 else 2048
 

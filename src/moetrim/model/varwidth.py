@@ -53,6 +53,14 @@ Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 LAYOUTS = ("by_width", "by_expert")
 
 
+def block_order(widths: Sequence[int], layout: str) -> list[int]:
+    """Which expert each stored block holds: widest first for "by_width" (sorted() is stable, so equal
+    widths keep expert order), expert order for "by_expert". Readers of the packed storage (the vLLM
+    plugin) use the same rule."""
+    experts = range(len(widths))
+    return sorted(experts, key=lambda e: -widths[e]) if layout == "by_width" else list(experts)
+
+
 class VariableWidthExperts(nn.Module):
     """Routed experts whose intermediate widths differ (zero-width experts are not stored)."""
 
@@ -79,8 +87,7 @@ class VariableWidthExperts(nn.Module):
         self.layout = layout
         self.num_experts = len(self.widths)
         experts = range(self.num_experts)
-        # block -> expert and expert -> block; sorted() is stable, so equal widths keep expert order
-        self.expert_of_block = sorted(experts, key=lambda e: -self.widths[e]) if layout == "by_width" else list(experts)
+        self.expert_of_block = block_order(self.widths, layout)  # block -> expert, and below expert -> block
         self.block_of_expert = [0] * self.num_experts
         for b, e in enumerate(self.expert_of_block):
             self.block_of_expert[e] = b

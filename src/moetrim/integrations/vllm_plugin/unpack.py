@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from moetrim.apply import VARWIDTH_KEY
-
-LAYOUTS = ("by_width", "by_expert")
+from moetrim.model.varwidth import LAYOUTS, block_order
 _PACKED = re.compile(r"^(?P<layer>.*\.layers\.(?P<index>\d+)\.)mlp\.experts\.(?P<what>gate_up|down_blocks)$")
 
 
@@ -56,9 +55,8 @@ class LayerLayout:
         return self.widths[0] if len(set(self.widths)) == 1 else None
 
     def expert_of_block(self) -> list[int]:
-        """Which expert each stored block holds (the same stable order moetrim writes)."""
-        experts = range(self.num_experts)
-        return sorted(experts, key=lambda e: -self.widths[e]) if self.layout == "by_width" else list(experts)
+        """Which expert each stored block holds (the order moetrim writes)."""
+        return block_order(self.widths, self.layout)
 
     def offsets(self) -> list[int]:
         """First packed dimension of each expert (by expert id)."""
