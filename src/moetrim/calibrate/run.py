@@ -138,8 +138,8 @@ def _run(model: nn.Module, recorders: list[LayerRecorder], batch_list: list[torc
                     advance(ids.numel())
         failed = False
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
+        for n, p in model.named_parameters():  # disk offload can untie a weight: a name not seen before stays frozen
+            p.requires_grad_(flags.get(n, False))
         model.train(was_training)
         if several:
             distributed.agree_no_failure(failed, device)
