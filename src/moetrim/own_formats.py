@@ -19,7 +19,7 @@ from moetrim.errors import MoetrimError
 from moetrim.model.replaced import REPLACED_KEY, REPLACED_MODEL_TYPE
 from moetrim.model.routing import ROUTED_MODEL_TYPE, ROUTING_KEY
 from moetrim.outputs import save_safetensors
-from moetrim.shards import INDEX_FILE, WeightFiles
+from moetrim.shards import INDEX_FILE, WeightFiles, open_weights
 
 VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
 MODEL_TYPES = (VARWIDTH_MODEL_TYPE, ROUTED_MODEL_TYPE, REPLACED_MODEL_TYPE)
@@ -106,7 +106,7 @@ def _weights_record(files: list[Path], key: str = VARWIDTH_KEY) -> dict | None:
     """The layer record `key` the weight files were written with (None for files from before it was stored)."""
     records = set()
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+        with open_weights(f) as sf:
             records.add((sf.metadata() or {}).get(key))
     if len(records) != 1:
         raise MoetrimError(f"{files[0].parent}: its weight files were written for different layer layouts")
@@ -213,7 +213,7 @@ def _fill_weights(path: Path, model: nn.Module, files: list[Path], dtype, config
     """Load every tensor of the files into a model built on meta; strict about names and shapes."""
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+        with open_weights(f) as sf:
             for k in sf.keys():
                 state[k] = sf.get_tensor(k)
     expected = model.state_dict()

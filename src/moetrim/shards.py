@@ -9,9 +9,11 @@ the tensors of that module are read: safetensors maps the files and reads the sl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -20,6 +22,20 @@ from torch import nn
 from moetrim.errors import MoetrimError
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def open_weights(path: str | Path) -> Iterator:
+    """`safe_open` of a weight file; a damaged one (truncated, or not safetensors at all) is one
+    MoetrimError that names it, instead of safetensors' own error type."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise MoetrimError(f"cannot load {path}: it is truncated or not a safetensors file ({reason}); "
+                           "copy or save it again") from None
+    with handle as sf:
+        yield sf
 
 
 class WeightFiles:
@@ -35,7 +51,7 @@ class WeightFiles:
                 raise MoetrimError(f"{index} is not a safetensors index (no weight_map)") from None
             self.where = {k: self.folder / v for k, v in weight_map.items()}
         elif (self.folder / "model.safetensors").is_file():
-            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as sf:
+            with open_weights(self.folder / "model.safetensors") as sf:
                 self.where = {k: self.folder / "model.safetensors" for k in sf.keys()}
         else:
             raise MoetrimError(f"{self.folder} has no model.safetensors nor {INDEX_FILE}")
