@@ -239,7 +239,7 @@ def save_checkpoint(
     out = Path(out_dir)
     source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
     sources = [source] if source and Path(source).is_dir() else []
-    check_output(out, kind="checkpoint", inputs=sources, overwrite=overwrite, option="out_dir")
+    check_output(out, kind="checkpoint", inputs=sources, overwrite=overwrite, option="out_dir", declare=False)
     if recipe is None and plan is not None:
         recipe = make_recipe(plan, profile, source=None, fmt=format_name(model))
     with atomic_dir(out) as tmp:

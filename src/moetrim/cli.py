@@ -136,7 +136,7 @@ def calibrate_cmd(
 
     files = data_files(data)
     check_output(out_path, kind="profile", inputs=[model_dir(model_path), *files], overwrite=overwrite)
-    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), *files, out_path])
+    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), *files], {"--out": out_path})
     if grad_checkpoint and no_fisher:
         raise UsageError("--grad-checkpoint saves memory in the Fisher backward: it does nothing with --no-fisher")
     if sequential:
@@ -289,7 +289,7 @@ def compress(
     from moetrim.plan import make_plan
     from moetrim.plan.replace import is_replace_granularity
 
-    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), out_dir])
+    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), *data_files(data)], {"--out": out_dir})
     if is_replace_granularity(granularity) and (sequential or streaming):
         raise UsageError(f"--granularity {granularity} builds bases from whole layers in memory: drop --sequential/--streaming")
     if is_replace_granularity(granularity) and (place or grad_checkpoint or env_world_size() > 1):
@@ -300,8 +300,6 @@ def compress(
 
         if criterion is not None:
             criteria.get_criterion(criterion, "expert")
-        if recover_steps < 0:
-            raise UsageError("--recover-steps must be >= 0")
         files = data_files(data)
         extra = [Path(recover_data)] if recover_data else []
         for f in extra:
@@ -309,6 +307,10 @@ def compress(
                 raise UsageError(f"recovery data file not found: {f}")
         check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), *files, *extra], overwrite=overwrite,
                      need_bytes=bytes_of_weights(model_path))
+        if recover_steps:  # read now, not after calibrating and building
+            from moetrim.data.text import read_documents
+
+            read_documents(extra[0] if extra else files[0])
         model = _load(model_path, dtype, device, trust_remote_code)
         return compress_replace(model, model_path, data, out_dir, granularity=granularity, criterion=criterion, ratio=ratio,
                                 rank=rank, max_group=max_group, base_weighting=base_weighting, whiten=whiten, max_tokens=max_tokens,

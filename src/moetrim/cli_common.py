@@ -1,8 +1,9 @@
 """What every `moetrim` command shares: consoles, one-line errors and exit codes, option declarations.
 
 Exit codes: 0 done; 2 a usage mistake (bad option, bad input file, an --out that would touch an
-input); 1 a failure (bad checkpoint, disk full, a bug); 130 interrupted; 143 terminated. Every error
-is one line on stderr; `MOETRIM_DEBUG=1` shows the traceback of unexpected ones.
+input); 1 a failure (bad checkpoint, disk full, a bug); 130 interrupted; 143 terminated, with nothing
+written (a signal that lands once every output is in place exits 0 and says the output is complete).
+Every error is one line on stderr; `MOETRIM_DEBUG=1` shows the traceback of unexpected ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup, TyperOption
 
+from moetrim.cli_ranges import check_numbers, option_names
 from moetrim.errors import MoetrimError, UsageError
+from moetrim import outputs
 from moetrim.outputs import Terminated, describe_os_error
 
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -49,9 +52,8 @@ class OneLineErrors(TyperGroup):
             rv = exc.exit_code
         except typer.Abort:
             rv = 130
-        except Terminated as exc:  # a signal outside any command's own handling (parsing, imports)
-            err.print(f"terminated ({exc}); nothing was written to the output")
-            rv = 143
+        except Terminated as exc:  # a signal outside any command's own handling (parsing, imports, after it returned)
+            rv = stopped(f"terminated ({exc})", 143)
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
@@ -67,28 +69,45 @@ if hasattr(TyperOption, "display_type_rich"):
     TyperOption.display_type_rich = _flag_has_no_type
 
 
+def stopped(what: str, code: int) -> int:
+    """Say what a signal left on disk; the exit code: `code`, or 0 when every output was already in place."""
+    done, pending = outputs.finished_outputs()
+    names = ", ".join(escape(str(p)) for p in done)
+    if done and not pending:
+        err.print(f"{what} after the output was complete: {names} is written in full", highlight=False, soft_wrap=True)
+        return 0
+    if done:
+        err.print(f"{what}: {names} is complete; nothing was written to {', '.join(escape(str(p)) for p in pending)}",
+                  highlight=False, soft_wrap=True)
+    else:
+        err.print(f"{what}; nothing was written to the output")
+    return code
+
+
 def _fail(message: str, code: int) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def handled(fn):
-    """Turn every failure into a one-line message and the right exit code; never a traceback."""
+    """Turn every failure into a one-line message and the right exit code; never a traceback. Every
+    numeric option is checked against its range (cli_ranges) before the command runs."""
+    names = option_names(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        outputs.begin_command()
         try:
+            check_numbers(kwargs, names)
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except MoetrimError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written to the output")
-            raise typer.Exit(130)
+            raise typer.Exit(stopped("interrupted", 130))
         except Terminated as exc:
-            err.print(f"terminated ({exc}); nothing was written to the output")
-            raise typer.Exit(143)
+            raise typer.Exit(stopped(f"terminated ({exc})", 143))
         except MemoryError:
             _fail("out of memory; lower --batch-size or --seq-len, or use --dtype bfloat16", 1)
         except OSError as exc:
@@ -102,6 +121,8 @@ def handled(fn):
             first = (str(exc).splitlines() or [""])[0][:300]
             _fail(f"internal error ({type(exc).__name__}: {first}); this is a bug in moetrim: "
                   "please report it with the command (MOETRIM_DEBUG=1 shows the traceback)", 1)
+        finally:
+            outputs.end_command()  # scratch folders (offloaded weights) go with the command
 
     return wrapper
 
@@ -136,10 +157,12 @@ GradCheckpointOpt = typer.Option(False, "--grad-checkpoint", help="Fisher: recom
 
 
 def placement(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[Path], device: str,
-              inputs: list = ()) -> dict:
-    """The placement options as load_model's keyword arguments, checked before anything loads."""
+              inputs: list = (), outputs: dict[str, Optional[Path]] | None = None) -> dict:
+    """The placement options as load_model's keyword arguments, checked before anything loads.
+    `outputs` ({option: path}) are the command's outputs, which the offload folder must stay clear of;
+    the weights themselves go to a hidden folder inside it that lives as long as the command
+    (offload_scratch)."""
     from moetrim.calibrate.distributed import env_world_size
-    from moetrim.outputs import refuse_inputs
     from moetrim.placement import check_placement, parse_device_map, parse_max_memory
 
     dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
@@ -150,8 +173,34 @@ def placement(device_map: Optional[str], max_memory: Optional[str], offload_fold
         raise UsageError("--device-map with several processes: each would spread its copy over the same devices; "
                          "run one process with --device-map, or several with --device")
     if offload_folder is not None:
-        refuse_inputs(offload_folder, list(inputs), option="--offload-folder")
+        check_offload_folder(offload_folder, inputs, outputs or {})
     return {"device_map": dm, "max_memory": mm, "offload_folder": offload_folder}
+
+
+def check_offload_folder(folder: Path, inputs: list, outputs: dict[str, Optional[Path]]) -> None:
+    """--offload-folder: not an input nor around one, apart from every output, a folder we can write in."""
+    from moetrim.outputs import SCRATCH, check_output, overlap
+
+    for given in inputs:
+        if given is not None and overlap(folder, given):
+            raise UsageError(f"--offload-folder {folder} {overlap(folder, given)} the input {given}; moetrim writes nothing "
+                             "beside its inputs: give the offloaded weights a folder of their own")
+    for option, path in outputs.items():
+        if path is not None and overlap(folder, path):
+            raise UsageError(f"--offload-folder {folder} {overlap(folder, path)} {option} {path}, an output of this command; "
+                             "give the offloaded weights a folder of their own")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--offload-folder {folder} is a file; give a folder")
+    check_output(folder / SCRATCH, kind="folder", inputs=list(inputs), option="--offload-folder", declare=False)
+
+
+def offload_scratch(place: dict) -> dict:
+    """`place` with the offload folder swapped for a hidden one inside it, removed when the command ends."""
+    from moetrim.outputs import scratch_dir
+
+    if place.get("offload_folder") is None:
+        return place
+    return {**place, "offload_folder": scratch_dir(place["offload_folder"])}
 
 
 def criterion_option() -> Optional[str]:
@@ -180,8 +229,12 @@ def parse_exponents(text: Optional[str]) -> Optional[list[float]]:
 
 def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> str:
     """Fail before any expensive work on a bad method choice; returns the criterion (its default filled in)."""
+    from moetrim.plan import GRANULARITIES
     from moetrim.plan.allocate import check_method
+    from moetrim.plan.replace import METHODS
 
+    if granularity not in (*GRANULARITIES, *METHODS):  # check_method knows only the granularities make_plan plans
+        raise UsageError(f"unknown granularity '{granularity}' (--granularity); choose from {', '.join([*GRANULARITIES, *METHODS])}")
     return check_method(granularity, criterion, ratio, allocation).name
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,11 +9,12 @@ import typer
 from rich.table import Table
 
 from moetrim.cli_common import (
-    DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadFolderOpt, RatioOpt, SeedOpt, TrustOpt, err, handled, model_dir, out,
-    placement, resolve_method,
+    DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, RatioOpt, SeedOpt, TrustOpt, err, handled, model_dir,
+    out, placement, resolve_method,
 )
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs, write_text
+from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs
+from moetrim.reports import write_report
 
 
 def _load(*args, **place):
@@ -35,7 +35,8 @@ def eval_cmd(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated domains, or 'all' (the default)"),
     n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
     batch_size: int = typer.Option(64, "--batch-size", help="items generated at once"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (replaces a JSON file already there)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (JSON; --overwrite replaces only a report moetrim wrote)"),
+    overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
@@ -51,10 +52,6 @@ def eval_cmd(
     from moetrim.data.tasks import parse_domains
     from moetrim.evaluate.tasks_eval import evaluate_tasks
 
-    if n is not None and n < 1:
-        raise UsageError("--n must be at least 1")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
     if lm_eval_tasks is None and include_paths:
         raise UsageError("--include-path applies to --lm-eval")
     if lm_eval_tasks is not None and tasks is not None:
@@ -64,8 +61,8 @@ def eval_cmd(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if json_path is not None:
-        check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=True, option="--json")
-    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), json_path])
+        check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=overwrite, option="--json")
+    place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path)], {"--json": json_path})
     if place and lm_eval_tasks is not None:
         raise UsageError("--device-map goes with the built-in tasks for now, not with --lm-eval")
     if lm_eval_tasks is not None:
@@ -83,7 +80,7 @@ def eval_cmd(
         t.add_row(d, f"{res['accuracy'][d]:.3f}", f"{res['perplexity'][d]:.3f}", str(res["n"][d]))
     out.print(t)
     if json_path is not None:
-        write_text(json_path, json.dumps(res, indent=2))
+        write_report(json_path, "eval", res)
 
 
 def _eval_lm_eval(model_path: str, spec: str, include_paths: list[Path], n: Optional[int], batch_size: int,
@@ -107,7 +104,7 @@ def _eval_lm_eval(model_path: str, spec: str, include_paths: list[Path], n: Opti
                 t.add_row(task, metric, f"{value:.4f}", str(res["lm_eval"]["n"].get(task, "")))
     out.print(t)
     if json_path is not None:
-        write_text(json_path, json.dumps(res, indent=2, default=float))
+        write_report(json_path, "eval", res)
 
 
 @handled
@@ -124,8 +121,6 @@ def demo(
     from moetrim.demo import fresh_out_dir, run_demo
 
     resolve_method("dims", criterion, ratio, "global")
-    if eval_items < 1:
-        raise UsageError("--eval-items must be at least 1")
     target = out_dir or fresh_out_dir()
     refuse_inputs(target, [model_dir(model_path)])
     empty = target.is_dir() and not any(target.iterdir())

@@ -13,10 +13,12 @@ from typing import Optional
 import typer
 
 from moetrim.cli_common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, out, placement,
+    DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, offload_scratch,
+    out, placement,
 )
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs
+from moetrim.outputs import bytes_of_weights, check_output
+from moetrim.train.checkpoints import check_resume, checkpoints_folder, latest, remove_checkpoints
 from moetrim.train.config import FinetuneConfig
 
 _D = FinetuneConfig()
@@ -82,8 +84,9 @@ def finetune_cmd(
     phase1: float = typer.Option(_D.phase1, "--phase1", help="condenser: fraction of the steps before condensers start"),
     esft_score: str = typer.Option(_D.esft_score, "--esft-score", help="esft: token (routed-slot share) or gate (mean gate weight)"),
     esft_threshold: float = typer.Option(_D.esft_threshold, "--esft-threshold", help="esft: cumulative relevance each layer keeps"),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save a resumable checkpoint every N steps into OUT.checkpoints"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT.checkpoints"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="save a resumable checkpoint every N steps into OUT.checkpoints "
+                                         "(a folder moetrim makes, and empties when the output is saved)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT.checkpoints (--max-steps: the run's total)"),
     routing_tokens: int = typer.Option(20000, "--routing-tokens", help="tokens of --data that measure routing before and after (0: skip)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or loss lines"),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu or cuda; under torchrun one GPU per process"),
@@ -109,24 +112,25 @@ def finetune_cmd(
         progress=not quiet, device=device,
     )
     cfg.check()
-    if routing_tokens < 0:
-        raise typer.BadParameter("must be >= 0", param_hint="--routing-tokens")
     files = data_files(data)
     if len(files) != 1:
         raise UsageError("--data takes one file for fine-tuning")
     src = model_dir(model_path)
-    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
-    if checkpoint_every or resume:
-        refuse_inputs(checkpoints, [src, *files], option="--out (its .checkpoints folder)")
-        held = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    checkpoints = checkpoints_folder(out_dir)
+    if checkpoint_every or resume:  # without them nothing is written to (or removed from) OUT.checkpoints
+        check_output(checkpoints, kind="checkpoints", inputs=[src, *files], option=f"--out (its checkpoints folder {checkpoints})")
+        held = latest(checkpoints) is not None
         if resume and not held:
             raise UsageError(f"--resume: {checkpoints} holds no checkpoint to continue; run without --resume")
         if held and not resume:
             raise UsageError(f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it, or remove it")
+        if resume and max_steps:
+            check_resume(checkpoints, max_steps, what=f"--max-steps {max_steps}")  # the step count of --epochs needs the data
         cfg.checkpoint_dir = str(checkpoints)
     if _main_process():
         check_output(out_dir, kind="checkpoint", inputs=[src, *files], overwrite=overwrite, need_bytes=bytes_of_weights(model_path))
-    place = placement(device_map, max_memory, offload_folder, None if device == "auto" else device, [src, *files, out_dir])
+    place = placement(device_map, max_memory, offload_folder, None if device == "auto" else device, [src, *files],
+                      {"--out": out_dir, "--out's checkpoints folder": checkpoints})
     if isinstance(place.get("device_map"), dict):
         _trainable_placement(place["device_map"])  # a map file: refused before anything loads
     if place and routing_tokens:
@@ -134,7 +138,7 @@ def finetune_cmd(
         routing_tokens = 0
     _quiet_transformers()
     with err.status(f"loading {model_path}"):
-        model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, **place)
+        model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, **offload_scratch(place))
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     if place:
         _trainable_placement(getattr(model, "hf_device_map", None) or {})
@@ -169,11 +173,13 @@ def finetune_cmd(
         recipe["previous"] = previous
     save_checkpoint(result.model, out_dir, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite,
                     extra_files={"finetune.json": json.dumps(report, indent=2) + "\n"})
-    if checkpoints.is_dir():
-        import shutil
-
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the run finished: its resumable state is spent
-    line = f"fine-tuned with {method} in {report['steps']} steps ({report['seconds']:.1f} s, {report['seconds_per_step']:.3f} s/step), final loss {report['final_loss']:.4f}"
+    if cfg.checkpoint_dir:
+        remove_checkpoints(checkpoints)  # the output is saved: the resumable state is spent
+    done = f"in {report['steps']} steps"
+    if "resumed_from_step" in report:
+        done = f"from step {report['resumed_from_step']} to {report['steps']} ({report['steps_this_run']} steps in this run)"
+    line = (f"fine-tuned with {method} {done} ({report['seconds']:.1f} s, {report['seconds_per_step']:.3f} s/step), "
+            f"final loss {report['final_loss']:.4f}")
     out.print(line)
     if report.get("condensers"):
         out.print("condensers per layer: " + "; ".join(f"{k}: {v}" for k, v in report["condensers"].items()))

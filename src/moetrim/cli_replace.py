@@ -132,8 +132,6 @@ def recover_cmd(
     cfg = FinetuneConfig(method="recover", lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
                          lora=lora, seed=seed, anneal=anneal, blend_fraction=blend_fraction, kd_weight=kd_weight, progress=not quiet)
     cfg.check()
-    if steps < 1:
-        raise UsageError("--steps must be at least 1")
     wants_teacher = bool(parse_anneal(anneal))
     files = data_files(data)
     if len(files) != 1:

@@ -14,6 +14,7 @@ from moetrim.cli_common import DeviceOpt, DtypeOpt, OverwriteOpt, SeedOpt, Trust
 from moetrim.data.tasks import DOMAINS, SPLITS, TASK_DOMAINS, TaskItem, get_items, to_sft_records
 from moetrim.errors import UsageError
 from moetrim.outputs import check_output, write_text
+from moetrim.reports import write_report
 
 TASK_FILE_SUFFIXES = (".jsonl", ".txt")
 
@@ -39,8 +40,6 @@ def tasks_cmd(
     """Write task-suite items as a data file for `moetrim finetune`, `calibrate` or `routing`."""
     if out_path.suffix not in TASK_FILE_SUFFIXES:
         raise UsageError(f"--out {out_path} must end in .jsonl (prompt/response records) or .txt (one item per paragraph)")
-    if n < 1:
-        raise UsageError("--n must be at least 1")
     try:
         get_items(domain, split, 0)  # checks the names before anything else
     except ValueError as exc:
@@ -82,8 +81,8 @@ def routing_cmd(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
     data: str = typer.Option(..., "--data", help=".txt or .jsonl text to route (comma-separated for several)"),
     base_path: Optional[str] = typer.Option(None, "--base", help="compare with this model (same MoE layers and experts), e.g. the one it was fine-tuned from"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the full report here (JSON)"),
-    png_path: Optional[Path] = typer.Option(None, "--png", help="write a heatmap of token shares, layers x experts (PNG)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the full report here (JSON; --overwrite replaces only a report moetrim wrote)"),
+    png_path: Optional[Path] = typer.Option(None, "--png", help="write a heatmap of token shares, layers x experts (PNG; --overwrite replaces only one moetrim drew)"),
     seq_len: int = typer.Option(256, "--seq-len", help="tokens per sequence (at most the model's context)"),
     max_tokens: int = typer.Option(20_000, "--max-tokens", help="route at most this many tokens of the data"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
@@ -98,9 +97,6 @@ def routing_cmd(
     from moetrim.evaluate.routing import routing_health
 
     files = data_files(data)
-    for flag, value, least in (("--seq-len", seq_len, 2), ("--max-tokens", max_tokens, 2), ("--batch-size", batch_size, 1)):
-        if value < least:
-            raise UsageError(f"{flag} must be at least {least}")
     if json_path is not None and png_path is not None and json_path.resolve() == png_path.resolve():
         raise UsageError(f"--json and --png both name {json_path}; give two files")
     inputs = [model_dir(model_path), model_dir(base_path) if base_path else None, *files]
@@ -116,7 +112,7 @@ def routing_cmd(
     out.print(_routing_table(report, f"{model_path}: routing of {report['tokens']:,} tokens"
                                      + (f" against {base_path}" if base_path else "")))
     if json_path is not None:
-        write_text(json_path, json.dumps(report, indent=2))
+        write_report(json_path, "routing", report)
         out.print(f"report -> [bold]{json_path}[/]")
     if png_path is not None:
         from moetrim.evaluate.routing_plot import plot_routing

@@ -23,10 +23,12 @@ def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool, **p
     """The model, on --device (under torchrun: this process's GPU), or spread by `place` (cli_common.placement)."""
     from moetrim.calibrate.distributed import rank_device
     from moetrim.checkpoint import load_model
+    from moetrim.cli_common import offload_scratch
 
     _quiet_transformers()
     with err.status(f"loading {model_path}"):
-        return load_model(model_path, dtype=dtype, device=rank_device(device), trust_remote_code=trust_remote_code, **place)
+        return load_model(model_path, dtype=dtype, device=rank_device(device), trust_remote_code=trust_remote_code,
+                          **offload_scratch(place))
 
 
 def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False,

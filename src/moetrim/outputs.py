@@ -5,8 +5,10 @@ inputs and the file system, before any expensive work:
 - it must not be an input, lie inside an input folder, or contain an input (replacing a folder
   deletes what is in it), nor be the current folder or one above it;
 - an existing output is replaced only with `overwrite`, and only when it is what moetrim would write
-  there (a moetrim checkpoint or an empty folder, a moetrim profile, a JSON file, a PNG image, a
-  task file as `moetrim tasks` writes it): `--overwrite` never deletes someone else's files;
+  there (a moetrim checkpoint or an empty folder, a moetrim profile, a JSON or PNG report moetrim
+  wrote (moetrim.reports), a task file as `moetrim tasks` writes it): `--overwrite` never deletes
+  someone else's files; a folder of fine-tuning checkpoints is continued, never replaced, and only
+  when moetrim made it (moetrim.train.checkpoints);
 - the folder it goes into must be writable, and hold roughly the bytes it will take.
 
 Writing goes to a hidden temporary beside the output, `.NAME.tmp-PID-XXXX`, renamed into place at
@@ -14,6 +16,9 @@ the end. SIGINT and SIGTERM unwind through `finally` blocks that remove it; a te
 killed process (SIGKILL, power loss) is found by the next run that writes the same output, from
 its PID, and removed. A replaced output moves to `.NAME.old-PID-XXXX` for the instant of the swap
 (signals blocked); if that process died in between, the next run puts the old output back.
+
+The outputs a command checked, and which of them are in place, are recorded (`finished_outputs`):
+a signal that lands after the last rename finds the output complete, and the CLI says so.
 """
 
 from __future__ import annotations
@@ -31,8 +36,7 @@ from typing import Iterator, Sequence
 
 from moetrim.errors import MoetrimError, UsageError
 
-KINDS = ("checkpoint", "folder", "profile", "plan", "json", "image", "task file")
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KINDS = ("checkpoint", "folder", "profile", "plan", "json", "image", "task file", "checkpoints")
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -70,12 +74,12 @@ def _is_moetrim_checkpoint(folder: Path) -> bool:
 
 def _is_kind(path: Path, kind: str) -> bool:
     """Whether an existing file is what an output of `kind` holds (so replacing it loses nothing else)."""
+    from moetrim import reports
+
     if kind == "image":
-        try:
-            with path.open("rb") as f:
-                return f.read(len(_PNG_MAGIC)) == _PNG_MAGIC
-        except OSError:
-            return False
+        return reports.is_report_png(path)
+    if kind == "json":
+        return reports.is_report_json(path)
     if kind == "task file":
         return _is_task_file(path)
     if kind == "profile":
@@ -88,9 +92,9 @@ def _is_kind(path: Path, kind: str) -> bool:
             return False
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
-    return kind == "json" or (isinstance(data, dict) and "schema_version" in data and "layers" in data)
+    return isinstance(data, dict) and "schema_version" in data and "layers" in data
 
 
 def _is_task_file(path: Path) -> bool:
@@ -102,7 +106,7 @@ def _is_task_file(path: Path) -> bool:
     if path.suffix == ".jsonl":
         try:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return all(isinstance(r, dict) and set(r) == {"prompt", "response"} for r in records)
     return all(p.strip().startswith("Q: ") and "\nA:" in p for p in text.split("\n\n") if p.strip())
@@ -123,17 +127,26 @@ def check_output(
     overwrite: bool = False,
     need_bytes: int = 0,
     option: str = "--out",
+    declare: bool = True,
 ) -> Path:
     """Refuse (UsageError, before any work) an output that would touch an input or someone else's
-    files; remove what killed earlier runs left beside it. Returns the path as given."""
+    files; remove what killed earlier runs left beside it. Returns the path as given. `declare`
+    records it as one of the command's outputs (finished_outputs); a re-check inside a library call
+    (save_checkpoint) does not."""
     assert kind in KINDS, kind
     target = _abs(path)
     shown = f"{option} {path}"
     refuse_inputs(path, inputs, option)
     if _inside(Path.cwd().resolve(), target):
         raise UsageError(f"{shown} is the current folder or one above it; choose a new folder")
-    folder = kind in ("checkpoint", "folder")
-    if target.exists() or target.is_symlink():
+    folder = kind in ("checkpoint", "folder", "checkpoints")
+    if kind == "checkpoints":
+        from moetrim.train.checkpoints import MARKER, is_checkpoints_folder
+
+        if (target.exists() or target.is_symlink()) and not (target.is_dir() and is_checkpoints_folder(target)):
+            raise UsageError(f"{shown} exists and is not a checkpoints folder moetrim made (no {MARKER}); moetrim writes "
+                             "checkpoints only into its own: move it away or choose another --out")
+    elif target.exists() or target.is_symlink():
         if not overwrite:
             raise UsageError(f"{path} already exists; choose another {option} or pass --overwrite")
         if folder and not target.is_dir():
@@ -144,7 +157,8 @@ def check_output(
             raise UsageError(f"{path} is not a moetrim output; --overwrite replaces only what moetrim wrote: "
                              f"choose another {option} or remove it yourself")
         if not folder and not _is_kind(target, kind):
-            raise UsageError(f"{path} is not a moetrim {kind}; --overwrite replaces only what moetrim wrote: "
+            label = {"json": "JSON report", "image": "PNG report"}.get(kind, kind)
+            raise UsageError(f"{path} is not a moetrim {label}; --overwrite replaces only what moetrim wrote: "
                              f"choose another {option} or remove it yourself")
     base = _existing_ancestor(target.parent)
     if not base.is_dir():
@@ -157,21 +171,75 @@ def check_output(
                                f"{free / 2**20:,.0f} MiB free in {base}")
     if target.parent.is_dir():
         sweep_stale(target)
+    if declare and kind != "checkpoints":
+        _declared.add(target)
     return Path(path)
+
+
+_declared: set[Path] = set()  # outputs the running command checked
+_installed: list[Path] = []  # outputs renamed into place since
+_scratch: list[tuple[Path, list[Path]]] = []  # (scratch folder, the folders made for it) to remove at the end
+SCRATCH = "moetrim-offload"
+
+
+def begin_command() -> None:
+    """Forget the outputs of an earlier command (the CLI calls this as each command starts)."""
+    _declared.clear()
+    _installed.clear()
+
+
+def scratch_dir(folder: str | os.PathLike) -> Path:
+    """A hidden folder inside `folder` for files that live only as long as the command (weights that
+    accelerate offloads to disk), removed by end_command with the folders made for it; one left by a
+    killed process is removed by the next run given the same folder."""
+    folder = Path(folder)
+    made = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_stale(folder / SCRATCH)
+    work = _temp_name(folder / SCRATCH, "tmp")
+    work.mkdir()
+    _scratch.append((work, made))
+    return work
+
+
+def end_command() -> None:
+    """Remove the running command's scratch folders, and the folders made for them once empty."""
+    while _scratch:
+        work, made = _scratch.pop()
+        _remove(work)
+        for d in made:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def finished_outputs() -> tuple[list[Path], list[Path]]:
+    """(complete, not written) among the outputs the running command checked."""
+    done = [p for p in dict.fromkeys(_installed) if p in _declared and p.exists()]
+    return done, sorted(p for p in _declared if p not in done)
+
+
+def overlap(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How `path` meets `other` on disk: "is", "is inside", "contains", or None (apart)."""
+    a, b = _abs(path), _abs(other)
+    if a == b:
+        return "is"
+    return "is inside" if _inside(a, b) else "contains" if _inside(b, a) else None
 
 
 def refuse_inputs(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], option: str = "--out") -> None:
     """UsageError when `path` is an input, lies inside an input folder, or contains an input."""
-    target = _abs(path)
     for given in inputs:
-        if given is None:
-            continue
-        src = _abs(given)
-        if _inside(target, src):
-            what = "is" if target == src else "is inside"
-            raise UsageError(f"{option} {path} {what} the input {given}; moetrim never writes to its inputs: choose a path outside it")
-        if _inside(src, target):
+        how = None if given is None else overlap(path, given)
+        if how == "contains":
             raise UsageError(f"{option} {path} contains the input {given}; writing there would replace it: choose a new path")
+        if how:
+            raise UsageError(f"{option} {path} {how} the input {given}; moetrim never writes to its inputs: choose a path outside it")
 
 
 def _probe_writable(folder: Path, shown: str) -> None:
@@ -261,9 +329,11 @@ def _install(tmp: Path, target: Path) -> None:
             except BaseException:
                 os.replace(old, target)
                 raise
+            _installed.append(_abs(target))  # before the signals come back: a SIGTERM now finds it complete
             _remove(old)
         else:
             os.replace(tmp, target)
+            _installed.append(_abs(target))
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ def parse_max_memory(text: str | None) -> dict | None:
         _check_device(dev, "--max-memory")
         try:
             ok = convert_file_size_to_int(size) > 0
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # 1e999GiB is an infinite float
             ok = False
         if not ok:
             raise UsageError(f"--max-memory: '{size}' is not a size (write e.g. 20GiB, 500MB or a number of bytes)")

@@ -428,11 +428,14 @@ def get_items(domain: str, split: str, n: int | None = None, seed: int = 0) -> l
         item = gen(rng, split)
         if item.prompt in seen or _split_of(item.key) != split:
             misses += 1
-            if misses > 50 * want + 10_000:  # guard against asking for more than the space holds
-                raise ValueError(f"could not draw {want} distinct {domain}/{split} items")
+            # the space is spent when new items stop coming (units/train holds about 14,000): say so at once,
+            # not after 50 misses for every item asked
+            if misses > 10_000 + 5 * len(items):
+                raise ValueError(f"could not draw {want} distinct {domain}/{split} items (found {len(items):,})")
             continue
         seen.add(item.prompt)
         items.append(item)
+        misses = 0
     return items
 
 

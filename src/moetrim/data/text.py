@@ -35,23 +35,60 @@ def record_text(record: object) -> str | None:
     return None
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, record) of each non-blank line of a .jsonl file; bad JSON is a UsageError naming the line."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def read_text_file(path: str | os.PathLike) -> str:
+    """A data file's text, the one reader of .txt and .jsonl: UTF-8 (a leading byte-order mark dropped),
+    newlines as Python's text mode gives them; bytes that are not UTF-8 are a UsageError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"data file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _lone_surrogate(record: object) -> str | None:
+    """The first string in a parsed record that cannot be UTF-8 (a lone surrogate such as "\\ud800"), as an escape."""
+    stack = [record]
+    while stack:  # iterative: records may nest as deep as the JSON parser allowed
+        item = stack.pop()
+        if isinstance(item, str):
             try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return item[exc.start].encode("unicode_escape").decode("ascii")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, record) of each non-blank line of a .jsonl file. Bad JSON, nesting deeper than the
+    parser goes, and strings that are not text are each a UsageError naming the line."""
+    for n, line in enumerate(read_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{n}: JSON nested too deeply to read; give one flat record per line") from None
+        bad = _lone_surrogate(record)
+        if bad is not None:
+            raise UsageError(f"{path}:{n}: a string holds {bad}, half of a surrogate pair, which is not text; fix the escape")
+        yield n, record
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:
     """Documents of a .txt file (paragraphs split on blank lines) or a .jsonl file (see `record_text`)."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
         docs = []
         for n, record in iter_jsonl(path):
@@ -60,11 +97,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
                 raise UsageError(f"{path}:{n}: each .jsonl line needs a string field 'text', 'prompt' and 'response', or 'messages'")
             docs.append(text)
         return [d for d in docs if d.strip()]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text; give a .txt or .jsonl file") from None
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    return [p.strip() for p in read_text_file(path).split("\n\n") if p.strip()]
 
 
 def _tokenize(docs: Iterable[str], tokenizer, max_tokens: int | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrim.outputs import atomic_file
+from moetrim.reports import png_metadata
 
 
 def _matrix(report: dict, key: str):
@@ -49,5 +50,5 @@ def plot_routing(report: dict, path: str | os.PathLike, title: str = "") -> Path
     fig.suptitle(f"{title + ': ' if title else ''}routing over {report['tokens']:,} tokens "
                  f"(entropy {summary['entropy']:.2f}, Gini {summary['gini']:.2f}, {summary['dead']} dead)")
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, metadata=png_metadata("routing"))  # marked: --overwrite replaces only ours
     return Path(path)

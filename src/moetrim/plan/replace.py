@@ -119,8 +119,8 @@ def check_replace_options(method: str, ratio: float, rank: int, max_group: int, 
     if method in ("replace", "naive") and (not isinstance(rank, int) or not 0 < rank <= most):
         raise UsageError(f"--rank must be between 1 and {most} (the experts' width {layers[0].widths[0]}, hidden "
                          f"{layers[0].hidden_size}), got {rank}")
-    if not isinstance(max_group, int) or max_group < 1:
-        raise UsageError(f"--max-group must be at least 1, got {max_group}")
+    if not isinstance(max_group, int) or max_group < 2:
+        raise UsageError(f"--max-group must be at least 2 (a group of one stores a base and corrections for one expert), got {max_group}")
     if weighting not in BASE_WEIGHTINGS:
         raise UsageError(f"unknown base weighting '{weighting}'; choose {', '.join(BASE_WEIGHTINGS)}")
 
@@ -219,8 +219,9 @@ def make_replace_plan(
         full_stored = build(hi)[1]
         if before - full_stored < target:
             most = 1 - full_stored / before
+            gain = f"removes at most {most:.1%}" if most > 0 else "stores more than it removes (bases and corrections outweigh the experts)"
             raise UsageError(f"--ratio {ratio} is unreachable at rank {rank}: replacing every expert but each layer's top-k "
-                             f"removes at most {most:.1%}; lower --rank or --ratio, or raise --max-group")
+                             f"{gain}; lower --rank or --ratio, or raise --max-group")
     while lo < hi:  # the fewest replaced experts that remove at least the target
         mid = (lo + hi) // 2
         if before - build(mid)[1] >= target:

@@ -127,6 +127,11 @@ def _check_plan_dict(d) -> None:
         raise UsageError(f"a plan is a JSON object, not a {type(d).__name__}; re-run `moetrim plan`")
     if d.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"plan schema version {d.get('schema_version')} is not {SCHEMA_VERSION}; re-run `moetrim plan`")
+    if "granularity" in d and d["granularity"] not in GRANULARITIES:
+        from moetrim.plan.replace import METHODS
+
+        raise UsageError(f"the plan's granularity {d['granularity']!r} is not one moetrim knows "
+                         f"({', '.join([*GRANULARITIES, *METHODS])}); re-run `moetrim plan`")
     known = {f.name for f in fields(Plan)} | {"removed_fraction"}
     required = {f.name for f in fields(Plan) if f.name not in ("schema_version", "notes", "ratio_tolerance")}
     if missing := sorted(required - set(d)):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from moetrim.errors import UsageError
 
@@ -57,6 +58,12 @@ class FinetuneConfig:
     def check(self) -> None:
         if self.method not in METHODS and self.method != RECOVER:
             raise UsageError(f"unknown --method '{self.method}'; choose {', '.join(METHODS)}")
+        for f in fields(self):  # the CLI checks its options' ranges (cli_ranges); Python callers get this
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum, "seq-len": self.seq_len}
         for name, v in positive.items():
             if not v > 0:

@@ -9,6 +9,7 @@ DenseMixer), gradient masks (ESFT) or a callback (bias updates once per optimize
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -129,15 +130,48 @@ def _trainer_class():
             if self.moetrim_controller is not None:
                 self.moetrim_controller.mask = inputs["attention_mask"].reshape(-1)
             rec = self.moetrim_recovery
-            if rec is None or "kd" not in rec.anneal:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            kd = rec.kd_loss(inputs, outputs.logits)
-            if kd is not None:
-                loss = loss + kd
+            if rec is not None and "kd" in rec.anneal:
+                kd = rec.kd_loss(inputs, outputs.logits)
+                if kd is not None:
+                    loss = loss + kd
+            if not torch.isfinite(loss.detach()).all():  # before its backward: the weights are still the last good ones
+                raise MoetrimError(_diverged(f"the loss is {loss.item()} at step {self.state.global_step + 1}", self.args.learning_rate))
             return (loss, outputs) if return_outputs else loss
 
+        # The Trainer's own resume files are torch zip archives it loads with weights_only; one that is
+        # damaged past what checkpoints.resume_step can see (the zip directory is whole) is one line too.
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            with _resume_file(checkpoint):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+
+        def _load_rng_state(self, checkpoint):
+            with _resume_file(checkpoint):
+                return super()._load_rng_state(checkpoint)
+
+        def _load_scaler(self, checkpoint):
+            with _resume_file(checkpoint):
+                return super()._load_scaler(checkpoint)
+
     return MoetrimTrainer
+
+
+def _diverged(what: str, lr: float) -> str:
+    return f"training diverged: {what}; nothing was saved to the output: lower the learning rate (it is {lr:g}) and run again"
+
+
+@contextlib.contextmanager
+def _resume_file(checkpoint):
+    try:
+        yield
+    except (MoetrimError, MemoryError):
+        raise
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, pickle errors... for a damaged file
+        if checkpoint is None or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        raise MoetrimError(f"--resume: a file of {checkpoint} cannot be read ({type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:200]}); remove {checkpoint} to resume from the checkpoint "
+                           "before it, or run without --resume") from None
 
 
 def moe_layers(model: nn.Module) -> list:
@@ -246,14 +280,21 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     if trainable == 0:
         raise UsageError("nothing to train: every parameter is frozen")
 
-    own_dir = cfg.checkpoint_dir is None
-    out_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="moetrim-train-"))
-    resume = None
+    from moetrim.train import checkpoints
+
+    own_dir = not (cfg.checkpoint_dir and (cfg.checkpoint_every or cfg.resume))
+    resume, resumed_at = None, 0
     if cfg.resume:
-        found = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-        if not found:
-            raise UsageError(f"--resume: no checkpoint-* folder in {out_dir} to resume from")
-        resume = str(found[-1])
+        if own_dir:
+            raise UsageError("resume=True needs checkpoint_dir: the folder of the checkpoints to continue")
+        found, resumed_at = checkpoints.check_resume(Path(cfg.checkpoint_dir), steps)
+        resume = str(found)
+    if own_dir:
+        out_dir = Path(tempfile.mkdtemp(prefix="moetrim-train-"))
+    else:
+        out_dir = Path(cfg.checkpoint_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            checkpoints.claim(out_dir)  # only into a folder moetrim made (the main process writes the checkpoints)
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -307,6 +348,9 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
             shutil.rmtree(out_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     trained = trainer.model
+    broken = next((n for n, p in trained.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise MoetrimError(_diverged(f"{broken} holds non-finite values after {trainer.state.global_step} steps", cfg.lr))
     if cfg.lora:
         trained = trained.merge_and_unload()
     trained = getattr(trained, "module", trained)
@@ -317,9 +361,12 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     trained.config.output_router_logits = False
     trained.config.use_cache = True
     trained.eval()
-    ran = max(1, trainer.state.global_step - (int(Path(resume).name.split("-")[-1]) if resume else 0))
+    ran = trainer.state.global_step - resumed_at
+    if resume:
+        report["resumed_from_step"] = resumed_at
+    report["steps_this_run"] = ran
     report["seconds"] = round(seconds, 2)
-    report["seconds_per_step"] = round(seconds / ran, 4)
+    report["seconds_per_step"] = round(seconds / max(1, ran), 4)
     report["final_loss"] = round(float(output.training_loss), 6)
     report["loss_curve"] = [{"step": h["step"], "loss": round(h["loss"], 6)} for h in trainer.state.log_history if "loss" in h]
     if callback is not None:
