@@ -164,3 +164,12 @@ def test_sharded_checkpoints_load_and_save(tiny_dirs, tmp_path, monkeypatch):
     again = moetrim.load(out)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_eval_json_is_a_marked_report_replaced_only_with_overwrite(tiny_dirs, tmp_path):
+    d, j = tiny_dirs["qwen3_moe"], tmp_path / "r.json"
+    assert run("eval", d, "--tasks", "math", "--n", 1, "--json", j)[0] == 0
+    assert json.loads(j.read_text())["moetrim_report"] == "eval"
+    code, text = run("eval", d, "--tasks", "math", "--n", 1, "--json", j)
+    assert code == 2 and "pass --overwrite" in text
+    assert run("eval", d, "--tasks", "math", "--n", 1, "--json", j, "--overwrite")[0] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -73,6 +74,61 @@ def test_sigterm_during_save_removes_the_temporary(tmp_path):
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().startswith("terminated") and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+_AFTER_RENAME = """
+    import os, signal, sys
+    import typer
+    from moetrim import outputs
+    from moetrim.cli_common import handled
+    from moetrim.outputs import atomic_dir, check_output, raise_on_termination, write_text
+    raise_on_termination()
+    real = os.replace
+    def replace_then_term(src, dst):  # SIGTERM lands right after a rename: blocked until the swap is done, then raised
+        real(src, dst)
+        if not os.path.basename(str(dst)).startswith("."):
+            os.kill(os.getpid(), signal.SIGTERM)
+    outputs.os.replace = replace_then_term
+    @handled
+    def work():
+        for name in NAMES:
+            check_output(ROOT + "/" + name, kind="json")
+        write_text(ROOT + "/" + NAMES[0], '{"moetrim_report": "eval"}')
+        write_text(ROOT + "/" + NAMES[-1], '{"moetrim_report": "eval"}')
+    try:
+        work()
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+"""
+
+
+@pytest.mark.parametrize("names, code, says", [
+    (["r.json"], 0, "terminated (SIGTERM) after the output was complete: {root}/r.json is written in full"),
+    (["a.json", "b.json"], 143, "terminated (SIGTERM): {root}/a.json is complete; nothing was written to {root}/b.json"),
+])
+def test_sigterm_after_the_final_rename_says_the_output_is_complete(tmp_path, names, code, says):
+    """A signal that lands once the last output is in place: exit 0, saying so (143 still means nothing
+    was written); with several outputs, the message names the complete ones."""
+    script = f"ROOT, NAMES = {str(tmp_path)!r}, {names!r}\n" + textwrap.dedent(_AFTER_RENAME)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip() == says.format(root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[:1]
+
+
+def test_ctrl_c_once_the_report_is_written_exits_0(tiny_dirs, tmp_path, monkeypatch):
+    import moetrim.cli_eval as cli_eval
+
+    real = cli_eval.write_report
+
+    def then_interrupt(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_eval, "write_report", then_interrupt)
+    code, _, stderr = cli("eval", tiny_dirs["qwen3_moe"], "--tasks", "math", "--n", 1, "--json", tmp_path / "r.json")
+    assert code == 0 and stderr.strip() == f"interrupted after the output was complete: {tmp_path / 'r.json'} is written in full"
+    assert json.loads((tmp_path / "r.json").read_text())["moetrim_report"] == "eval"
 
 
 def test_sigkill_leftovers_are_swept_by_the_next_run(tiny_dirs, plan_file, tmp_path):

@@ -49,7 +49,8 @@ def snapshot(root: Path) -> dict[str, str]:
 def base(tmp_path_factory, calib_text):
     """The workspace every case copies: m (tiny qwen3-moe), P.safetensors (its Fisher profile),
     F.safetensors (forward only), p.json (global dims plan), vw (variable-width checkpoint),
-    std (standard checkpoint), calib.txt, other (a tiny mixtral) and its profile Q.safetensors."""
+    std (standard checkpoint), rep (replaced experts), rt (rerouted: condensers), calib.txt,
+    sft.jsonl (fine-tuning records), other (a tiny mixtral) and its profile Q.safetensors."""
     ws = tmp_path_factory.mktemp("fuzz-base")
     save_tiny("qwen3_moe", ws / "m")
     save_tiny("mixtral", ws / "other")
@@ -60,6 +61,11 @@ def base(tmp_path_factory, calib_text):
     assert cli("plan", ws / "m", "--profile", ws / "P.safetensors", "--out", ws / "p.json")[0] == 0
     assert cli("apply", ws / "m", "--plan", ws / "p.json", "--out", ws / "vw")[0] == 0
     assert cli("compress", ws / "m", "--data", ws / "calib.txt", "--seq-len", 32, "--allocation", "uniform", "--out", ws / "std")[0] == 0
+    assert cli("compress", ws / "m", "--data", ws / "calib.txt", "--seq-len", 32, "--granularity", "replace", "--ratio", 0.05,
+               "--rank", 2, "--out", ws / "rep")[0] == 0
+    _sft(ws)
+    assert cli("finetune", ws / "m", "--data", ws / "sft.jsonl", "--method", "condenser", "--condensers", 1, "--max-steps", 1,
+               "--routing-tokens", 0, "--quiet", "--out", ws / "rt")[0] == 0
     return ws
 
 
@@ -135,8 +141,62 @@ def _mkdir_with(path: Path, name: str = "keep.txt") -> None:
     (path / name).write_text("mine")
 
 
+def _copy(src: str, dst: str):
+    return lambda ws: shutil.copytree(ws / src, ws / dst)
+
+
+GOOD_RECORD = json.dumps({"prompt": "add 1 1 =", "response": " 2"}) + "\n"
+NOT_UTF8 = GOOD_RECORD.encode() + b'{"prompt": "caf\xe9 =", "response": " 1"}\n'
+SURROGATE = GOOD_RECORD + '{"prompt": "a \\ud800 b =", "response": " 1"}\n'  # a JSON escape of half a surrogate pair
+DEEP = GOOD_RECORD + "[" * 100_000 + "]" * 100_000 + "\n"
+WRONG_TYPE = GOOD_RECORD + json.dumps({"prompt": 3, "response": " 1"}) + "\n"
+
+
+def _data(name: str, content: bytes | str):
+    """A data file at ws/name (its folder made if needed)."""
+    def make(ws: Path) -> None:
+        path = ws / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return make
+
+
+def _resume_state(step: int = 5, damage=None):
+    """o.checkpoints as `finetune --checkpoint-every` leaves it (its marker, a checkpoint-STEP folder with
+    trainer_state.json, the model state and a Trainer optimizer file), then `damage(checkpoint folder)`."""
+    def make(ws: Path) -> None:
+        from moetrim.train.checkpoints import claim
+
+        claim(ws / "o.checkpoints")
+        ck = ws / "o.checkpoints" / f"checkpoint-{step}"
+        ck.mkdir()
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"x": torch.zeros(4)}, str(ck / "moetrim_state.safetensors"))
+        torch.save({"state": {}, "param_groups": []}, ck / "optimizer.pt")
+        if damage is not None:
+            damage(ck)
+    return make
+
+
+def _foreign_png(ws: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (2, 2)).save(ws / "r.png")
+
+
+def _unknown_granularity_plan(ws: Path) -> None:
+    d = json.loads((ws / "rep" / "plan.json").read_text())
+    d["granularity"] = "foo"
+    (ws / "rp.json").write_text(json.dumps(d))
+
+
 M, P, PLAN = "{m}", "{P}", "{p}"
 CAL = ["--data", "{ws}/calib.txt", "--seq-len", "32"]
+FT = ["finetune", M, "--max-steps", 1, "--routing-tokens", 0, "--quiet"]  # tiny settings: a run that is not refused ends fast
+SFT = ["--data", "{ws}/sft.jsonl"]
+BAD = ["--data", "{ws}/bad.jsonl"]
+RESUME = [*FT[:2], *SFT, "--resume", "--max-steps", 9, "--routing-tokens", 0, "--out", "{ws}/o"]
+REPLACE = ["--granularity", "replace", "--ratio", 0.05, "--rank", 2]
 
 # (id, setup(ws) or None, args (with {ws}, {m}, {P}, {p} filled in), exit code, text the one line must hold, cwd)
 CASES = [
@@ -336,6 +396,8 @@ CASES = [
      "nothing to recover", None),
     ("recover-bad-anneal", _sft, ["recover", "{ws}/std", "--data", "{ws}/sft.jsonl", "--anneal", "bogus", "--out", "{ws}/o"], 2, "--anneal", None),
     ("compress-replace-rank-zero", None, ["compress", M, *CAL, "--granularity", "replace", "--rank", 0, "--out", "{ws}/o"], 2,
+     "--rank must be at least 1", None),
+    ("compress-replace-rank-over-width", None, ["compress", M, *CAL, "--granularity", "replace", "--rank", 1000, "--out", "{ws}/o"], 2,
      "--rank must be between", None),
     ("compress-replace-bad-weighting", None, ["compress", M, *CAL, "--granularity", "merge", "--base-weighting", "magic", "--out", "{ws}/o"],
      2, "unknown base weighting", None),
@@ -390,6 +452,149 @@ CASES = [
     ("stream-on-cuda", None, ["apply", M, "--plan", PLAN, "--out", "{ws}/o", "--streaming", "--device", "cuda"], 2, "--device", None),
     ("stream-missing-shard", lambda ws: _sharded_without_one(ws), ["apply", "{ws}/sharded", "--plan", PLAN, "--out", "{ws}/o",
                                                                    "--streaming"], 1, "is missing", None),
+    # -- round 2: fine-tuning checkpoints live only in a folder moetrim made, never at an input -------------
+    ("ckpt-model-is-out-checkpoints", _copy("m", "s.checkpoints"),
+     ["finetune", "{ws}/s.checkpoints", *SFT, "--checkpoint-every", 1, *FT[2:], "--out", "{ws}/s"], 2, "is the input", None),
+    ("ckpt-data-inside-out-checkpoints", _data("t.checkpoints/units.jsonl", GOOD_RECORD),
+     [*FT, "--data", "{ws}/t.checkpoints/units.jsonl", "--checkpoint-every", 1, "--out", "{ws}/t"], 2, "contains the input", None),
+    ("ckpt-foreign-folder", lambda ws: _mkdir_with(ws / "o.checkpoints"), [*FT, *SFT, "--checkpoint-every", 1, "--out", "{ws}/o"], 2,
+     "not a checkpoints folder moetrim made", None),
+    ("ckpt-foreign-folder-condenser", lambda ws: _mkdir_with(ws / "o.checkpoints"),
+     [*FT, *SFT, "--method", "condenser", "--condensers", 1, "--checkpoint-every", 1, "--out", "{ws}/o"], 2,
+     "not a checkpoints folder moetrim made", None),
+    ("ckpt-foreign-folder-resume", lambda ws: (_mkdir_with(ws / "o.checkpoints"), (ws / "o.checkpoints" / "checkpoint-3").mkdir()),
+     [*FT, *SFT, "--resume", "--out", "{ws}/o"], 2, "not a checkpoints folder moetrim made", None),
+    ("ckpt-folder-is-a-file", lambda ws: (ws / "o.checkpoints").write_text("mine"), [*FT, *SFT, "--checkpoint-every", 1, "--out", "{ws}/o"],
+     2, "not a checkpoints folder moetrim made", None),
+    ("ckpt-every-negative", None, [*FT, *SFT, "--checkpoint-every", -1, "--out", "{ws}/o"], 2, "--checkpoint-every must be at least 0", None),
+    ("ckpt-earlier-run-without-resume", _resume_state(), [*FT, *SFT, "--checkpoint-every", 1, "--out", "{ws}/o"], 2,
+     "holds checkpoints of an earlier run", None),
+    ("resume-max-steps-below-checkpoint", _resume_state(5), [*FT[:2], *SFT, "--resume", "--max-steps", 2, "--out", "{ws}/o"], 2,
+     "is at step 5, past --max-steps 2", None),
+    ("resume-truncated-state", _resume_state(2, lambda ck: _truncate(ck / "moetrim_state.safetensors")), RESUME, 1,
+     "moetrim_state.safetensors is truncated or damaged", None),
+    ("resume-truncated-optimizer", _resume_state(2, lambda ck: _truncate(ck / "optimizer.pt")), RESUME, 1,
+     "optimizer.pt is truncated or damaged", None),
+    ("resume-garbage-trainer-state", _resume_state(2, lambda ck: (ck / "trainer_state.json").write_text("{garbage")), RESUME, 1,
+     "trainer_state.json is truncated or damaged", None),
+    ("resume-trainer-state-step-text", _resume_state(2, lambda ck: (ck / "trainer_state.json").write_text('{"global_step": "two"}')),
+     RESUME, 1, "not a step count", None),
+    ("resume-no-model-state", _resume_state(2, lambda ck: (ck / "moetrim_state.safetensors").unlink()), RESUME, 2,
+     "not a whole moetrim checkpoint", None),
+    # -- every numeric option finite and in range, before any work (test_every_numeric_option_is_checked: all of them)
+    ("finetune-lr-nan", None, [*FT, *SFT, "--lr", "nan", "--out", "{ws}/o"], 2, "--lr must be a finite number", None),
+    ("finetune-lr-overflow", None, [*FT, *SFT, "--lr", "1e999", "--out", "{ws}/o"], 2, "--lr must be a finite number", None),
+    ("finetune-weight-decay-inf", None, [*FT, *SFT, "--weight-decay", "inf", "--out", "{ws}/o"], 2, "--weight-decay must be a finite", None),
+    ("finetune-gamma-nan", None, [*FT, *SFT, "--method", "auxfree", "--bias", "balance", "--gamma", "nan", "--out", "{ws}/o"], 2,
+     "--gamma must be a finite", None),
+    ("finetune-gamma-phase2-inf", None, [*FT, *SFT, "--method", "condenser", "--condensers", 1, "--gamma-phase2", "inf", "--out", "{ws}/o"],
+     2, "--gamma-phase2 must be a finite", None),
+    ("finetune-epochs-inf", None, [*FT[:2], *SFT, "--epochs", "inf", "--routing-tokens", 0, "--out", "{ws}/o"], 2,
+     "--epochs must be a finite", None),
+    ("finetune-warmup-nan", None, [*FT, *SFT, "--warmup", "nan", "--out", "{ws}/o"], 2, "--warmup must be a finite", None),
+    ("finetune-routing-tokens-negative", None, [*FT[:4], "--routing-tokens", -1, *SFT, "--out", "{ws}/o"], 2,
+     "--routing-tokens must be at least 0", None),
+    ("finetune-seed-negative", None, [*FT, *SFT, "--seed", -1, "--out", "{ws}/o"], 2, "--seed must be between 0 and", None),
+    ("finetune-seed-too-big", None, [*FT, *SFT, "--seed", 2**40, "--out", "{ws}/o"], 2, "--seed must be between 0 and", None),
+    ("recover-kd-weight-nan", None, ["recover", "{ws}/rep", *SFT, "--teacher", M, "--steps", 1, "--kd-weight", "nan", "--out", "{ws}/o"],
+     2, "--kd-weight must be a finite", None),
+    ("recover-lr-inf", None, ["recover", "{ws}/rep", *SFT, "--teacher", M, "--steps", 1, "--lr", "inf", "--out", "{ws}/o"], 2,
+     "--lr must be a finite", None),
+    ("recover-steps-negative", None, ["recover", "{ws}/rep", *SFT, "--steps", -1, "--out", "{ws}/o"], 2, "--steps must be at least 1", None),
+    ("compress-recover-lr-nan", None, ["compress", M, *CAL, *REPLACE, "--recover-steps", 1, "--recover-lr", "nan", "--out", "{ws}/o"],
+     2, "--recover-lr must be a finite", None),
+    ("compress-recover-steps-negative", None, ["compress", M, *CAL, *REPLACE, "--recover-steps", -1, "--out", "{ws}/o"], 2,
+     "--recover-steps must be at least 0", None),
+    ("place-max-memory-overflow", None, ["calibrate", M, *CAL, "--device-map", "auto", "--max-memory", "cpu=1e999GiB",
+                                         "--out", "{ws}/R.safetensors"], 2, "'1e999GiB' is not a size", None),
+    ("tasks-n-huge", None, ["tasks", "units", "--n", 1_000_000_000, "--out", "{ws}/t.jsonl"], 2, "--n must be between 1 and 100,000", None),
+    ("eval-n-huge", None, ["eval", M, "--n", 1_000_000_000], 2, "--n must be between 1 and 100,000", None),
+    ("demo-eval-items-huge", None, ["demo", "--model", M, "--eval-items", 10**9, "--out", "{ws}/d"], 2, "--eval-items must be between", None),
+    ("routing-max-tokens-one", None, ["routing", M, *CAL, "--max-tokens", 1], 2, "--max-tokens must be at least 2", None),
+    # -- messages that name what to change -------------------------------------------------------------
+    ("compress-unknown-granularity", None, ["compress", M, *CAL, "--granularity", "foo", "--out", "{ws}/o"], 2,
+     "choose from dims, experts, replace, naive, merge, d2", None),
+    ("plan-unknown-granularity", None, ["plan", M, "--profile", P, "--granularity", "foo", "--out", "{ws}/q.json"], 2,
+     "choose from dims, experts, replace", None),
+    ("compress-max-group-one", None, ["compress", M, *CAL, "--granularity", "replace", "--max-group", 1, "--out", "{ws}/o"], 2,
+     "--max-group must be at least 2", None),
+    ("plan-rank-outweighs-experts", None, ["plan", M, "--profile", P, "--granularity", "replace", "--rank", 32, "--ratio", 0.1,
+                                            "--out", "{ws}/q.json"], 2, "stores more than it removes", None),
+    ("apply-plan-unknown-granularity", _unknown_granularity_plan, ["apply", M, "--plan", "{ws}/rp.json", "--out", "{ws}/o"], 2,
+     "granularity 'foo' is not one moetrim knows", None),
+    ("eval-json-exists-says-overwrite", None, ["eval", M, "--n", 1, "--json", "{ws}/other/config.json"], 2,
+     "choose another --json or pass --overwrite", None),
+    # -- reports replace only moetrim's own reports; offload folders apart from inputs and outputs -------------
+    ("eval-json-overwrite-other-model-config", None, ["eval", M, "--n", 1, "--json", "{ws}/other/config.json", "--overwrite"], 2,
+     "not a moetrim JSON report", None),
+    ("eval-json-overwrite-foreign-json", lambda ws: (ws / "notes.json").write_text('{"a": 1}'),
+     ["eval", M, "--n", 1, "--json", "{ws}/notes.json", "--overwrite"], 2, "not a moetrim JSON report", None),
+    ("eval-lm-eval-json-other-model-config", None, ["eval", M, "--lm-eval", "moetrim", "--json", "{ws}/other/config.json", "--overwrite"],
+     2, "not a moetrim JSON report", None),
+    ("eval-json-under-a-file", None, ["eval", M, "--n", 1, "--json", "{ws}/calib.txt/r.json"], 2, "is a file, not a folder", None),
+    ("routing-json-overwrite-other-model-config", None, ["routing", M, *CAL, "--json", "{ws}/other/config.json", "--overwrite"], 2,
+     "not a moetrim JSON report", None),
+    ("routing-json-is-data", None, ["routing", M, *CAL, "--json", "{ws}/calib.txt", "--overwrite"], 2, "is the input", None),
+    ("routing-png-not-png", lambda ws: (ws / "r.png").write_text("not an image"), ["routing", M, *CAL, "--png", "{ws}/r.png", "--overwrite"],
+     2, "not a moetrim PNG report", None),
+    ("routing-png-foreign-png", _foreign_png, ["routing", M, *CAL, "--png", "{ws}/r.png", "--overwrite"], 2, "not a moetrim PNG report", None),
+    ("routing-png-is-plan", None, ["routing", M, *CAL, "--png", "{ws}/p.json", "--overwrite"], 2, "not a moetrim PNG report", None),
+    ("compress-offload-holds-data", _data("dd/calib.txt", " ".join(["the cat sat on a mat"] * 40)),
+     ["compress", M, "--data", "{ws}/dd/calib.txt", "--seq-len", 32, "--device-map", "auto", "--max-memory", "cpu=100KB",
+      "--offload-folder", "{ws}/dd", "--out", "{ws}/o"], 2, "contains the input", None),
+    ("compress-offload-is-out", None, ["compress", M, *CAL, "--device-map", "auto", "--offload-folder", "{ws}/o", "--out", "{ws}/o"], 2,
+     "is --out", None),
+    ("compress-offload-inside-out", None, ["compress", M, *CAL, "--device-map", "auto", "--offload-folder", "{ws}/o/off",
+                                           "--out", "{ws}/o"], 2, "is inside --out", None),
+    ("eval-offload-is-json", None, ["eval", M, "--n", 1, "--json", "{ws}/r.json", "--device-map", "auto", "--offload-folder", "{ws}/r.json"],
+     2, "is --json", None),
+    ("finetune-offload-is-checkpoints", None, [*FT, *SFT, "--checkpoint-every", 1, "--device-map", "auto", "--offload-folder",
+                                               "{ws}/o.checkpoints", "--out", "{ws}/o"], 2, "checkpoints folder", None),
+    ("calibrate-offload-is-a-file", None, ["calibrate", M, *CAL, "--device-map", "auto", "--offload-folder", "{ws}/p.json",
+                                           "--out", "{ws}/R.safetensors"], 2, "is a file", None),
+    # -- data: one validated reader for .jsonl and .txt, one line naming the file and line ----------------
+    ("finetune-jsonl-not-utf8", _data("bad.jsonl", NOT_UTF8), [*FT, *BAD, "--out", "{ws}/o"], 2, "bad.jsonl:2: not UTF-8", None),
+    ("finetune-jsonl-lone-surrogate", _data("bad.jsonl", SURROGATE), [*FT, *BAD, "--out", "{ws}/o"], 2, "bad.jsonl:2: a string holds \\ud800", None),
+    ("finetune-jsonl-deep", _data("bad.jsonl", DEEP), [*FT, *BAD, "--out", "{ws}/o"], 2, "bad.jsonl:2: JSON nested too deeply", None),
+    ("finetune-jsonl-wrong-type", _data("bad.jsonl", WRONG_TYPE), [*FT, *BAD, "--out", "{ws}/o"], 2, "bad.jsonl:2: a record with 'prompt'", None),
+    ("finetune-condenser-jsonl-deep", _data("bad.jsonl", DEEP), [*FT, *BAD, "--method", "condenser", "--condensers", 1, "--out", "{ws}/o"],
+     2, "bad.jsonl:2: JSON nested too deeply", None),
+    ("recover-jsonl-lone-surrogate", _data("bad.jsonl", SURROGATE), ["recover", "{ws}/rep", *BAD, "--teacher", M, "--steps", 1,
+                                                                     "--out", "{ws}/o"], 2, "bad.jsonl:2: a string holds", None),
+    ("recover-jsonl-not-utf8", _data("bad.jsonl", NOT_UTF8), ["recover", "{ws}/rep", *BAD, "--teacher", M, "--steps", 1, "--out", "{ws}/o"],
+     2, "bad.jsonl:2: not UTF-8", None),
+    ("routing-jsonl-deep", _data("bad.jsonl", DEEP), ["routing", M, *BAD], 2, "bad.jsonl:2: JSON nested too deeply", None),
+    ("routing-jsonl-not-utf8", _data("bad.jsonl", NOT_UTF8), ["routing", M, *BAD], 2, "bad.jsonl:2: not UTF-8", None),
+    ("calibrate-jsonl-lone-surrogate", _data("bad.jsonl", SURROGATE), ["calibrate", M, *BAD, "--out", "{ws}/R.safetensors"], 2,
+     "bad.jsonl:2: a string holds", None),
+    ("calibrate-txt-not-utf8-line", _data("bad.txt", b"fine words\n\nw\xffrld\n"), ["calibrate", M, "--data", "{ws}/bad.txt",
+                                                                                  "--out", "{ws}/R.safetensors"], 2, "bad.txt:3: not UTF-8", None),
+    ("compress-data-deep", _data("bad.jsonl", DEEP), ["compress", M, *BAD, "--out", "{ws}/o"], 2, "bad.jsonl:2: JSON nested too deeply", None),
+    ("compress-recover-data-not-utf8", _data("bad.jsonl", NOT_UTF8), ["compress", M, *CAL, *REPLACE, "--recover-steps", 1,
+                                                                      "--recover-data", "{ws}/bad.jsonl", "--out", "{ws}/o"], 2,
+     "bad.jsonl:2: not UTF-8", None),
+    ("compress-recover-data-lone-surrogate", _data("bad.jsonl", SURROGATE), ["compress", M, *CAL, *REPLACE, "--recover-steps", 1,
+                                                                             "--recover-data", "{ws}/bad.jsonl", "--out", "{ws}/o"], 2,
+     "bad.jsonl:2: a string holds", None),
+    # -- truncated weights of every moetrim format, in every command that loads them ---------------------------
+    ("replaced-truncated-eval", lambda ws: _truncate(ws / "rep" / "model.safetensors"), ["eval", "{ws}/rep", "--n", 1], 1,
+     "rep/model.safetensors: it is truncated", None),
+    ("replaced-truncated-routing", lambda ws: _truncate(ws / "rep" / "model.safetensors"), ["routing", "{ws}/rep", *CAL], 1,
+     "it is truncated", None),
+    ("replaced-truncated-recover", lambda ws: _truncate(ws / "rep" / "model.safetensors"),
+     ["recover", "{ws}/rep", *SFT, "--teacher", M, "--steps", 1, "--out", "{ws}/o"], 1, "it is truncated", None),
+    ("replaced-truncated-finetune", lambda ws: _truncate(ws / "rep" / "model.safetensors"), ["finetune", "{ws}/rep", *SFT, *FT[2:],
+                                                                                               "--out", "{ws}/o"], 1, "it is truncated", None),
+    ("replaced-truncated-as-base", lambda ws: _truncate(ws / "rep" / "model.safetensors"), ["routing", M, *CAL, "--base", "{ws}/rep"], 1,
+     "it is truncated", None),
+    ("replaced-random-bytes", lambda ws: _random_bytes(ws / "rep" / "model.safetensors"), ["eval", "{ws}/rep", "--n", 1], 1,
+     "not a safetensors file", None),
+    ("routed-truncated-eval", lambda ws: _truncate(ws / "rt" / "model.safetensors"), ["eval", "{ws}/rt", "--n", 1], 1, "it is truncated", None),
+    ("routed-truncated-finetune", lambda ws: _truncate(ws / "rt" / "model.safetensors"), ["finetune", "{ws}/rt", *SFT, *FT[2:],
+                                                                                             "--out", "{ws}/o"], 1, "it is truncated", None),
+    ("varwidth-truncated-eval", lambda ws: _truncate(ws / "vw" / "model.safetensors"), ["eval", "{ws}/vw", "--n", 1], 1, "it is truncated", None),
+    ("varwidth-truncated-routing", lambda ws: _truncate(ws / "vw" / "model.safetensors"), ["routing", "{ws}/vw", *CAL], 1,
+     "it is truncated", None),
 ]
 
 
@@ -431,3 +636,65 @@ def test_bad_input(case, base, tmp_path):
     assert text in lines[0].replace(str(tmp_path), "WS"), lines[0]
     assert "Traceback" not in stderr + stdout and "internal error" not in stderr
     assert snapshot(tmp_path) == before  # nothing written, moved or deleted; every input byte as it was
+
+
+def _numeric_options():
+    """(command, option, int or float, the command's function) for every numeric option of the app."""
+    import inspect
+    import typing
+
+    from moetrim.cli_ranges import option_names
+
+    for info in app.registered_commands:
+        fn = inspect.unwrap(info.callback)
+        hints = typing.get_type_hints(fn)
+        for param, flag in option_names(fn).items():
+            kind = hints[param]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+            if kind in (int, float):
+                yield info.name or fn.__name__, flag, kind, fn
+
+
+def _required(fn, skip: str) -> list[str]:
+    """Placeholder values for the command's required arguments and options: the range check comes first."""
+    import inspect
+
+    import typer.models
+
+    args = []
+    for name, p in inspect.signature(fn).parameters.items():
+        info = p.default
+        if isinstance(info, typer.models.ArgumentInfo) and info.default is ...:
+            args.append("x")
+        elif isinstance(info, typer.models.OptionInfo) and info.default is ... and info.param_decls[0] != skip:
+            args += [info.param_decls[0], "x"]
+    return args
+
+
+NUMERIC = list(_numeric_options())
+
+
+def test_every_numeric_option_has_a_range():
+    from moetrim.cli_ranges import RANGES
+
+    assert len(NUMERIC) > 50
+    assert [(c, f) for c, f, _, _ in NUMERIC if f not in RANGES] == []
+
+
+@pytest.mark.parametrize("command, flag, kind, fn", NUMERIC, ids=[f"{c}{f}" for c, f, _, _ in NUMERIC])
+def test_every_numeric_option_is_checked(command, flag, kind, fn, tmp_path):
+    """nan and ±inf for every float option, and one past each end of every option's range: exit 2, one
+    line naming the option, before any work (nothing written)."""
+    from moetrim.cli_ranges import RANGES
+
+    bounds = RANGES[flag]
+    bad = ["nan", "inf", "-inf"] if kind is float else []
+    if bounds.low is not None:
+        bad.append(str(bounds.low if bounds.low_open else bounds.low - (1 if kind is int else 1e-9)))
+    if bounds.high is not None:
+        bad.append(str(bounds.high if bounds.high_open else bounds.high + (1 if kind is int else 1e-9)))
+    for value in [b.removesuffix(".0") if kind is int else b for b in bad]:
+        code, stdout, stderr = cli(command, *_required(fn, flag), flag, value, cwd=tmp_path)
+        lines = [l for l in stderr.splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} must be"), (value, stderr)
+        assert list(tmp_path.iterdir()) == []

@@ -141,6 +141,11 @@ def test_cli_writes_table_json_and_png(tiny_dirs, calib_text, tmp_path) -> None:
     report = json.loads(j.read_text())
     assert report["tokens"] > 0 and len(report["layers"]) == 3 and report["summary"]["topk_overlap"] == 1.0
     assert p.read_bytes()[:8] == PNG
+    from PIL import Image
+
+    with Image.open(p) as image:  # marked as moetrim's, so that --overwrite may replace it
+        assert image.text["moetrim_report"] == "routing"
+    assert report["moetrim_report"] == "routing"
     assert run("routing", d, "--data", calib_text, "--json", j)[0] == 2  # exists: refused without --overwrite
     assert run("routing", d, "--data", calib_text, "--json", j, "--png", p, "--overwrite")[0] == 0
     assert "kl_to_base" not in json.loads(j.read_text())["summary"]
@@ -165,7 +170,7 @@ def _dense(path):
     ("same_outputs", "both name"),
     ("png_in_model", "is inside the input"),
     ("json_is_data", "is the input"),
-    ("foreign_png", "not a moetrim image"),
+    ("foreign_png", "not a moetrim PNG report"),
     ("seq_len", "--seq-len must be at least 2"),
 ])
 def test_cli_bad_inputs_exit_2_and_write_nothing(case, match, tiny_dirs, calib_text, tmp_path) -> None:

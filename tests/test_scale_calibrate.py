@@ -140,3 +140,19 @@ def test_bad_placement_values_are_one_line(tiny):
     for bad in ("cpu", "cpu=", "=5GB", "cpu=lots", "tpu=5GB"):
         with pytest.raises(UsageError):
             parse_max_memory(bad)
+
+
+def test_compress_offloading_a_tied_model_to_disk_gives_the_one_device_plan(calib_text, tmp_path):
+    """The reference model ties its output head to the embedding; offloading them to disk unties the
+    two, which calibration's bookkeeping did not expect (KeyError 'lm_head.weight', issue 26). The
+    offloaded weights go to a hidden folder inside --offload-folder that goes with the command."""
+    (tmp_path / "off").mkdir()
+    (tmp_path / "off" / "keep.txt").write_text("mine")
+    common = ["compress", "reference", "--data", calib_text, "--seq-len", 32, "--max-tokens", 64]
+    assert cli(*common, "--out", tmp_path / "one")[0] == 0
+    code, _, stderr = cli(*common, "--device-map", "auto", "--max-memory", "cpu=1MB", "--offload-folder", tmp_path / "off",
+                          "--out", tmp_path / "spread")
+    assert code == 0, stderr
+    one, spread = (json.loads((tmp_path / d / "plan.json").read_text()) for d in ("one", "spread"))
+    assert spread["layers"] == one["layers"]
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["keep.txt"]

@@ -283,3 +283,14 @@ def test_tasks_command_writes_a_file_that_reads_back(suffix: str, tmp_path) -> N
         code, text = run(*args)
         assert code == 2 and match in text and len(text.strip().splitlines()) == 1, text
     assert mine.read_text().startswith(("{", "my")) and not (tmp_path / "p.jsonl").exists()
+
+
+def test_more_items_than_a_split_holds_fails_within_seconds():
+    """units/eval holds about 1,350 distinct items: asking for the --n ceiling (100,000) fails as soon as new
+    items stop coming, not after 50 misses for every item asked (minutes)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"could not draw 100000 distinct units/eval items \(found 1,3"):
+        get_items("units", "eval", 100_000)
+    assert time.perf_counter() - start < 30

@@ -177,7 +177,8 @@ def finetune_cmd(
         remove_checkpoints(checkpoints)  # the output is saved: the resumable state is spent
     done = f"in {report['steps']} steps"
     if "resumed_from_step" in report:
-        done = f"from step {report['resumed_from_step']} to {report['steps']} ({report['steps_this_run']} steps in this run)"
+        ran = report["steps_this_run"]
+        done = f"from step {report['resumed_from_step']} to {report['steps']} ({ran} step{'' if ran == 1 else 's'} in this run)"
     line = (f"fine-tuned with {method} {done} ({report['seconds']:.1f} s, {report['seconds_per_step']:.3f} s/step), "
             f"final loss {report['final_loss']:.4f}")
     out.print(line)

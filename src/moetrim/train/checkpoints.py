@@ -130,7 +130,7 @@ def resume_step(checkpoint: Path) -> int:
     return step
 
 
-def check_resume(folder: Path, steps: int, what: str = "this run") -> tuple[Path, int]:
+def check_resume(folder: Path, steps: int, what: str = "") -> tuple[Path, int]:
     """The latest checkpoint in `folder` and its step; a run of fewer steps than it already did is refused
     (it would save the checkpoint's later state and call it fewer steps)."""
     found = latest(folder)
@@ -138,6 +138,6 @@ def check_resume(folder: Path, steps: int, what: str = "this run") -> tuple[Path
         raise UsageError(f"--resume: {folder} holds no checkpoint to continue; run without --resume")
     step = resume_step(found)
     if steps and steps < step:
-        raise UsageError(f"--resume: {found.name} is at step {step}, past the {steps} steps of {what}; give --max-steps {step} "
-                         "or more, or run without --resume")
+        raise UsageError(f"--resume: {found.name} is at step {step}, past {what or f'the {steps} steps of this run'}; give "
+                         f"--max-steps {step} or more (the run's total), or run without --resume")
     return found, step
