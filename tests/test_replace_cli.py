@@ -79,7 +79,7 @@ def test_recover_trains_and_reloads(ws, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["compress", "{m}", "--data", "{ws}/calib.txt", "--granularity", "replace", "--rank", "0", "--out", "{ws}/x"], "--rank must be between"),
+    (["compress", "{m}", "--data", "{ws}/calib.txt", "--granularity", "replace", "--rank", "0", "--out", "{ws}/x"], "--rank must be at least 1"),
     (["compress", "{m}", "--data", "{ws}/calib.txt", "--granularity", "replace", "--base-weighting", "magic", "--out", "{ws}/x"],
      "unknown base weighting"),
     (["compress", "{m}", "--data", "{ws}/calib.txt", "--granularity", "merge", "--ratio", "1.5", "--out", "{ws}/x"], "--ratio"),

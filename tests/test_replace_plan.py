@@ -221,7 +221,7 @@ def test_unreachable_ratio_names_the_rank(base, prof):
     (dict(base_weighting="bogus"), "unknown base weighting 'bogus'"),
     (dict(ratio=1.0), r"--ratio must be in \[0, 1\)"),
     (dict(ratio=-0.1), r"--ratio must be in \[0, 1\)"),
-    (dict(max_group=0), "--max-group must be at least 1"),
+    (dict(max_group=1), "--max-group must be at least 2"),
     (dict(plain=True, base_weighting="fisher_usage"), "fisher_usage needs a profile with Fisher"),
     (dict(plain=True, whiten=True), "input Grams"),
 ])

@@ -118,7 +118,7 @@ def finetune_cmd(
     src = model_dir(model_path)
     checkpoints = checkpoints_folder(out_dir)
     if checkpoint_every or resume:  # without them nothing is written to (or removed from) OUT.checkpoints
-        check_output(checkpoints, kind="checkpoints", inputs=[src, *files], option=f"--out (its checkpoints folder {checkpoints})")
+        check_output(checkpoints, kind="checkpoints", inputs=[src, *files], option="--out's checkpoints folder")
         held = latest(checkpoints) is not None
         if resume and not held:
             raise UsageError(f"--resume: {checkpoints} holds no checkpoint to continue; run without --resume")

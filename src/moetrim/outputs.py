@@ -44,13 +44,25 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM/SIGHUP so that `finally` blocks clean up as on Ctrl-C."""
 
 
+_swapping = False  # inside _signals_held: a signal waits in _held until the swap is done
+_held: list[int] = []
+
+
+def _interrupt(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signal.Signals(signum).name)
+
+
 def raise_on_termination() -> None:
-    """Make SIGTERM and SIGHUP unwind like Ctrl-C (the CLI calls this once at start-up)."""
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C (the CLI calls this once at start-up); any of them, and
+    Ctrl-C, that lands while an output is being renamed into place is raised once that is done."""
 
     def handler(signum, frame):
-        raise Terminated(signal.Signals(signum).name)
+        if _swapping:
+            _held.append(signum)
+            return
+        raise _interrupt(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         with contextlib.suppress(ValueError, OSError):  # not the main thread, or not on this OS
             signal.signal(sig, handler)
 
@@ -305,22 +317,31 @@ def _temp_name(target: Path, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
+def _signals_held() -> Iterator[None]:
+    """No signal lands inside the block: blocked for this thread, and one another thread takes (its Python
+    handler still runs here) is held by the handler and raised at the end."""
+    global _swapping
     sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     try:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     except (AttributeError, OSError, ValueError):
         old = None
+    _swapping = True
     try:
         yield
     finally:
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _swapping = False  # a signal unblocked just now was held by the handler, or is raised by it from here on
+        if _held:
+            signum = _held[0]
+            _held.clear()
+            raise _interrupt(signum)
 
 
 def _install(tmp: Path, target: Path) -> None:
     """Move tmp to target, replacing what is there; no signal lands between the two renames."""
-    with _signals_blocked():
+    with _signals_held():
         if target.is_dir() and not target.is_symlink():
             old = _temp_name(target, "old")
             os.replace(target, old)
