@@ -15,7 +15,8 @@ Writing goes to a hidden temporary beside the output, `.NAME.tmp-PID-XXXX`, rena
 the end. SIGINT and SIGTERM unwind through `finally` blocks that remove it; a temporary left by a
 killed process (SIGKILL, power loss) is found by the next run that writes the same output, from
 its PID, and removed. A replaced output moves to `.NAME.old-PID-XXXX` for the instant of the swap
-(signals blocked); if that process died in between, the next run puts the old output back.
+(signals held until it is done); if that process died in between, the next run puts the old output
+back.
 
 The outputs a command checked, and which of them are in place, are recorded (`finished_outputs`):
 a signal that lands after the last rename finds the output complete, and the CLI says so.
