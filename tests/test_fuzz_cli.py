@@ -531,6 +531,8 @@ CASES = [
      ["eval", M, "--n", 1, "--json", "{ws}/notes.json", "--overwrite"], 2, "not a moetrim JSON report", None),
     ("eval-lm-eval-json-other-model-config", None, ["eval", M, "--lm-eval", "moetrim", "--json", "{ws}/other/config.json", "--overwrite"],
      2, "not a moetrim JSON report", None),
+    ("eval-json-in-include-path", lambda ws: (ws / "tasks").mkdir(), ["eval", M, "--lm-eval", "moetrim", "--include-path", "{ws}/tasks",
+                                                                      "--json", "{ws}/tasks/r.json"], 2, "is inside the input", None),
     ("eval-json-under-a-file", None, ["eval", M, "--n", 1, "--json", "{ws}/calib.txt/r.json"], 2, "is a file, not a folder", None),
     ("routing-json-overwrite-other-model-config", None, ["routing", M, *CAL, "--json", "{ws}/other/config.json", "--overwrite"], 2,
      "not a moetrim JSON report", None),

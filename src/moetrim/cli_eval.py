@@ -61,7 +61,7 @@ def eval_cmd(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if json_path is not None:
-        check_output(json_path, kind="json", inputs=[model_dir(model_path)], overwrite=overwrite, option="--json")
+        check_output(json_path, kind="json", inputs=[model_dir(model_path), *include_paths], overwrite=overwrite, option="--json")
     place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path)], {"--json": json_path})
     if place and lm_eval_tasks is not None:
         raise UsageError("--device-map goes with the built-in tasks for now, not with --lm-eval")
