@@ -130,14 +130,19 @@ def _trainer_class():
             if self.moetrim_controller is not None:
                 self.moetrim_controller.mask = inputs["attention_mask"].reshape(-1)
             rec = self.moetrim_recovery
+            if rec is None or "kd" not in rec.anneal:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            if rec is not None and "kd" in rec.anneal:
-                kd = rec.kd_loss(inputs, outputs.logits)
-                if kd is not None:
-                    loss = loss + kd
-            if not torch.isfinite(loss.detach()).all():  # before its backward: the weights are still the last good ones
-                raise MoetrimError(_diverged(f"the loss is {loss.item()} at step {self.state.global_step + 1}", self.args.learning_rate))
+            kd = rec.kd_loss(inputs, outputs.logits)
+            if kd is not None:
+                loss = loss + kd
             return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():  # after its backward, before the optimizer step: the weights are the last good ones
+                raise MoetrimError(_diverged(f"the loss is {loss.item()} at step {self.state.global_step + 1}", self.args.learning_rate))
+            return loss
 
         # The Trainer's own resume files are torch zip archives it loads with weights_only; one that is
         # damaged past what checkpoints.resume_step can see (the zip directory is whole) is one line too.
