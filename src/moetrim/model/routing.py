@@ -92,14 +92,16 @@ def _normalises(router: nn.Module) -> bool | None:
 class RouterPatch:
     """The forward hook of one router: rerouting with the bias and condensers of its buffers.
 
-    `observer(p, hidden)` (set by the trainer) sees the biased router probabilities [T, E] of every
-    call; it decides itself whether the call counts (training forward, not a checkpoint recompute)."""
+    `observer(p, selected, hidden)` (set by the trainer) sees, on every call, the router probabilities
+    p [T, E] (biased when the bias applies to the logits) and the routed experts each token selected
+    [T, k'] (condensers excluded); it decides itself whether the call counts (training forward, not a
+    checkpoint recompute) and which of the two is the usage it balances or sparsifies."""
 
     def __init__(self, layer: MoELayer, spec: RoutingSpec, normalise: bool):
         self.layer = layer
         self.spec = spec
         self.normalise = normalise
-        self.observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
         self._cache: dict[str, tuple] = {}
         self.handle = layer.router.register_forward_hook(self)
 
@@ -141,16 +143,16 @@ class RouterPatch:
         raw = logits.float()
         biased = raw + bias if bias is not None and self.spec.bias_apply == "logits" else raw
         p = biased.softmax(dim=-1)
-        if self.observer is not None:
-            self.observer(p, hidden)
-        if cond is None and not active:
-            return None
         scores = p if bias is None or self.spec.bias_apply == "logits" else p + bias
         routed_k = int(router.top_k)
         if cond is not None:
             scores = scores.index_fill(-1, cond, float("-inf"))
             routed_k = self.routed_k(cond.numel())
         _, top_i = torch.topk(scores, routed_k, dim=-1)
+        if self.observer is not None:
+            self.observer(p, top_i, hidden)
+        if cond is None and not active:
+            return None
         top_w = p.gather(-1, top_i)
         if cond is not None:
             top_i = torch.cat([top_i, cond.to(top_i.dtype).expand(top_i.shape[0], -1)], dim=-1)

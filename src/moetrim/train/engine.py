@@ -34,6 +34,7 @@ class FinetuneResult:
 
 
 STATE_FILE = "moetrim_state.safetensors"
+BIAS_STATE_FILE = "moetrim_bias_state.safetensors"  # the bias controller's sums (train/bias.py)
 
 
 def _world_size() -> int:
@@ -109,6 +110,8 @@ def _trainer_class():
                 seen.add(key)
                 tensors[name] = t.detach().cpu().contiguous()
             save_safetensors(tensors, Path(output_dir) / STATE_FILE)
+            if self.moetrim_controller is not None:
+                save_safetensors(self.moetrim_controller.state_dict(), Path(output_dir) / BIAS_STATE_FILE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
@@ -124,6 +127,12 @@ def _trainer_class():
             if untied or unexpected:
                 raise MoetrimError(f"{path} does not match this model (missing {untied[:3]}, unexpected {list(unexpected)[:3]}); "
                                    "resume with the same model and method")
+            if self.moetrim_controller is not None:
+                bias_state = Path(resume_from_checkpoint) / BIAS_STATE_FILE
+                if not bias_state.is_file():
+                    raise UsageError(f"--resume: {resume_from_checkpoint} has no {BIAS_STATE_FILE} (the router bias's usage sums); "
+                                     "it was written by an older moetrim or another method")
+                self.moetrim_controller.load_state_dict(load_file(str(bias_state)))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.moetrim_controller is not None:
@@ -329,5 +338,5 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
         report["bias"] = {str(p.layer.index): [round(float(b), 6) for b in p.router.moetrim_bias] for p in patches}
         if cfg.method == "condenser":
             report["condensers"] = {str(k): v for k, v in condenser_ids(trained).items()}
-            report["bias_at_switch"] = {str(k): v for k, v in callback.bias_at_switch.items()}
+            report["bias_at_switch"] = {str(k): v for k, v in controller.bias_at_switch.items()}
     return FinetuneResult(trained, report)
