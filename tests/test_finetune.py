@@ -250,34 +250,53 @@ def test_esft_selection_reaches_the_threshold_per_layer():
 
 
 # -- DenseMixer ----------------------------------------------------------------------------------
-def test_densemixer_forward_is_sparse_and_router_gets_the_dense_gradient():
+@pytest.mark.parametrize("family, overrides", [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": True}), ("mixtral", {})])
+def test_densemixer_forward_is_sparse_and_router_gets_the_dense_gradient(family, overrides):
+    """The router's gradient is that of sum_e w_e E_e(x) over ALL experts (experts held fixed), w the
+    weights the sparse pass would give: p, or on a renormalising family p / n with n the top-k sum
+    (stop-gradient on n outside the top-k), as in yaof20/DenseMixer."""
     from moetrim.train.densemixer import DenseMixer
 
     torch.manual_seed(0)
-    model = tiny_model("qwen3_moe")
+    model = tiny_model(family, **overrides)
     layer = find_moe_layers(model)[0]
     model.train()
     x = torch.randn(1, 10, layer.hidden_size)
     v = torch.randn(1, 10, layer.hidden_size)
     sparse = layer.block(x)
+    sparse = sparse[0] if isinstance(sparse, tuple) else sparse
     mixer = DenseMixer([layer])
+    assert mixer.normalise[layer.index] == (family == "mixtral" or bool(overrides))
     try:
         y = layer.block(x)
+        y = y[0] if isinstance(y, tuple) else y
         torch.testing.assert_close(y, sparse, rtol=0, atol=1e-6)
         layer.router_weight.grad = None
         (y * v).sum().backward()
         got = layer.router_weight.grad.clone()
     finally:
         mixer.remove()
-    # by hand: the router's gradient through sum_e p_e E_e(x) over ALL experts, experts held fixed
+    # by hand
     layer.router_weight.grad = None
     h = x.reshape(-1, layer.hidden_size)
     p = torch.nn.functional.linear(h, layer.router_weight).float().softmax(-1)
+    w = p
+    if mixer.normalise[layer.index]:
+        top = torch.zeros_like(p, dtype=torch.bool).scatter(-1, p.topk(layer.top_k, dim=-1).indices, True)
+        n = p.masked_fill(~top, 0).sum(-1, keepdim=True)
+        w = torch.where(top, p / n, p / n.detach())
     with torch.no_grad():
         outs = torch.stack([layer.experts(h, torch.full((10, 1), e), torch.ones(10, 1)) for e in range(layer.num_experts)], 1)
-    dense = torch.einsum("te,teh->th", p, outs)
+    dense = torch.einsum("te,teh->th", w, outs)
     (dense * v.reshape(-1, layer.hidden_size)).sum().backward()
     torch.testing.assert_close(got, layer.router_weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_densemixer_refuses_routers_that_are_not_softmax_topk():
+    from moetrim.train.densemixer import DenseMixer
+
+    with pytest.raises(moetrim.UsageError, match="densemixer.*softmax then top-k"):
+        DenseMixer(find_moe_layers(tiny_model("deepseek_v3")))
 
 
 # -- the engine ----------------------------------------------------------------------------------

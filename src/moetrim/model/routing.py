@@ -173,9 +173,10 @@ class RouterPatch:
         self.handle.remove()
 
 
-def _probe_semantics(layer: MoELayer) -> bool:
-    """Whether the router is softmax -> top-k (-> renormalise); returns whether it renormalises.
-    Runs the router on random input and compares with both readings."""
+def softmax_topk_renormalises(layer: MoELayer) -> bool | None:
+    """Whether the router routes by softmax -> top-k and renormalises the top-k weights (True), does
+    not renormalise (False), or routes some other way (None: sigmoid scores, group-limited or scaled
+    weights). Runs the router on random input and compares with both readings."""
     router = layer.router
     w = layer.router_weight
     gen = torch.Generator().manual_seed(0)
@@ -183,8 +184,7 @@ def _probe_semantics(layer: MoELayer) -> bool:
     with torch.no_grad():
         out = router(h)
     if not isinstance(out, tuple) or len(out) != 3:
-        raise UsageError(f"layer {layer.index}: {type(router).__name__} does not return (logits, weights, indices); "
-                         "router bias and condensers support softmax top-k routers (Qwen-MoE, OLMoE, Mixtral)")
+        return None
     logits, weights, index = out
     p = logits.float().softmax(dim=-1)
     top_w, top_i = torch.topk(p, int(router.top_k), dim=-1)
@@ -193,8 +193,16 @@ def _probe_semantics(layer: MoELayer) -> bool:
         w_ = top_w / top_w.sum(-1, keepdim=True) if normalise else top_w
         if torch.equal(top_i, index) and torch.allclose(w_.to(weights.dtype).float(), weights.float(), atol=1e-5, rtol=1e-4):
             return normalise
-    raise UsageError(f"layer {layer.index}: {type(router).__name__} does not route by softmax then top-k; router bias "
-                     "and condensers support Qwen-MoE, OLMoE and Mixtral-style routers (use --method full, esft or densemixer)")
+    return None
+
+
+def _probe_semantics(layer: MoELayer) -> bool:
+    """softmax_topk_renormalises, or a UsageError in one line for a router that routes otherwise."""
+    found = softmax_topk_renormalises(layer)
+    if found is None:
+        raise UsageError(f"layer {layer.index}: {type(layer.router).__name__} does not route by softmax then top-k; router bias "
+                         "and condensers support Qwen-MoE, OLMoE and Mixtral-style routers (use --method full or esft)")
+    return found
 
 
 def install_routing(model: nn.Module, spec: RoutingSpec) -> list[RouterPatch]:
