@@ -239,6 +239,9 @@ def test_esft_frozen_experts_stay_bit_identical_under_adamw_decay():
                 assert same, f"{name}[{e}] is a frozen expert but changed"
     assert moved_any
     assert all(len(v) < layers[i].num_experts for i, v in chosen.items())
+    # the report counts the selected experts' parameters, not the whole fused tensors they sit in
+    per_expert = {i: l.experts.gate_up_proj[0].numel() + l.experts.down_proj[0].numel() for i, l in layers.items()}
+    assert res.report["trainable_parameters"] == sum(len(v) * per_expert[i] for i, v in chosen.items())
 
 
 def test_esft_selection_reaches_the_threshold_per_layer():
