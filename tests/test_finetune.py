@@ -15,16 +15,9 @@ from moetrim.train import FinetuneConfig, finetune
 from moetrim.train.bias import BiasController
 from moetrim.train.data import IGNORE, load_examples
 
+from finetune_cases import records as _records
+
 GAMMA = 0.01
-
-
-def _records(n=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        a, b = torch.randint(0, 50, (2,), generator=g).tolist()
-        out.append({"prompt": f"add {a} {b} =", "response": f" {a + b}\n"})
-    return out
 
 
 def _run(model, method, tok=None, **kw):
