@@ -207,6 +207,7 @@ def test_d2_base_is_the_fisher_or_usage_weighted_average_by_hand(base, prof, pla
         torch.testing.assert_close(built.experts.base_down[0].double(), want_down, rtol=1e-5, atol=1e-6)
 
 
+@torch.no_grad()
 def test_d2_whitens_the_down_corrections_by_down_projs_own_inputs(base, prof):
     """SVD-LLM whitening of every matrix, down_proj included: the down correction's error on the
     intermediate activations the profile saw is the least any rank-r matrix can have (Eckart-Young on
