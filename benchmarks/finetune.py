@@ -36,7 +36,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import interval, paired_difference, save_figure, update_section, write_json  # noqa: E402
+from report import interval, paired_difference, save_figure, update_section, versions, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.data.tasks import DOMAINS, calibration_texts, get_items, to_sft_records  # noqa: E402
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     summary = summarise(runs, methods)
     result = {"meta": {"quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "train_items": args.train_items,
                        "items_per_domain": n_items, "seeds": seeds, "seconds": round(time.perf_counter() - t0, 1),
-                       "torch_threads": torch.get_num_threads(), "defaults": FinetuneConfig().__dict__},
+                       "torch_threads": torch.get_num_threads(), "defaults": FinetuneConfig().__dict__, "versions": versions()},
               "reference": base, "runs": runs, "summary": summary}
     write_json(args.out, result)
     report(result, args.out)

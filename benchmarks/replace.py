@@ -6,8 +6,10 @@ low-rank factors counted against the budget):
 - replace: REAP-selected experts, clustered by mean output into groups (at most 8) with a
   usage-weighted base each and whitened-SVD rank-16 corrections;
 - naive: the same selection, one base per layer, corrections starting at zero, no annealing;
-- merge: HC-SMoE (mean-output clustering, usage-weighted merge, members' routing weights summed);
-- d2: D²-MoE (Fisher·usage base per layer, whitened deltas at the largest rank the budget allows);
+- merge: HC-SMoE (every expert's mean output over the same tokens, average-linkage Euclidean
+  clustering, usage-weighted merge, members' routing weights summed);
+- d2: D²-MoE (Fisher-weighted base per layer, deltas whitened on gate, up and down at the largest
+  rank the budget allows; no base pruning);
 - reap: REAP expert pruning; dims: Fisher dimension trimming (global allocation).
 
 Each is evaluated as built and after the same recovery budget: the same training items (the train
@@ -36,7 +38,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import save_figure, update_section, write_json  # noqa: E402
+from report import save_figure, update_section, versions, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply import apply_plan, shared_copy  # noqa: E402
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     base, tok = moetrim.reference_model()
     profile = moetrim.calibrate(base, calibration_texts(list(DOMAINS), n_per_domain=64, seed=args.seed), tokenizer=tok,
-                                seq_len=256, batch_size=8, seed=args.seed, whiten=True)
+                                seq_len=256, batch_size=8, seed=args.seed, whiten=True, dense_outputs=True)
     records = [r for d in DOMAINS for r in to_sft_records(get_items(d, "train", n=1000, seed=args.seed + 1))]
     dense_acc = evaluate_tasks(base, tok, list(DOMAINS), n=n_items)["accuracy"]
     dense = {"accuracy": dense_acc, "mean": mean(dense_acc), **stored(base)}
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["decode_tokens_per_s"] = speeds[f"{r['method']}@{r['ratio']}"]["decode_tokens_per_s"]
     result = {"meta": {"quick": args.quick, "recover_steps": steps, "lr": args.lr, "rank": args.rank, "items_per_domain": n_items,
-                       "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1)},
+                       "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
+                       "versions": versions()},
               "dense": dense, "rows": rows}
     write_json(args.out, result)
     png = plot(result, args.out.with_suffix(".png"))
@@ -167,7 +170,7 @@ def curve(args) -> int:
     t0 = time.perf_counter()
     base, tok = moetrim.reference_model()
     profile = moetrim.calibrate(base, calibration_texts(list(DOMAINS), n_per_domain=64, seed=args.seed), tokenizer=tok,
-                                seq_len=256, batch_size=8, seed=args.seed, whiten=True)
+                                seq_len=256, batch_size=8, seed=args.seed, whiten=True, dense_outputs=True)
     dense = mean(evaluate_tasks(base, tok, list(DOMAINS), n=n_items)["accuracy"])
     points = []
     for method in [m for m in args.methods.split(",") if m]:
@@ -182,7 +185,8 @@ def curve(args) -> int:
             points.append({"method": method, "ratio": ratio, "removed_fraction": round(removed, 4), "accuracy": acc, "mean": mean(acc)})
             log(f"{method:8s} {ratio:.3f}: removed {removed:.3f} mean {mean(acc):.3f} ({time.perf_counter() - t0:.0f}s)")
             del model
-    result = {"meta": {"items_per_domain": n_items, "rank": args.rank, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)},
+    result = {"meta": {"items_per_domain": n_items, "rank": args.rank, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
+                       "versions": versions()},
               "dense_mean": dense, "points": points}
     write_json(CURVE_OUT, result)
     import matplotlib

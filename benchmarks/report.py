@@ -30,6 +30,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def versions() -> dict[str, str]:
+    """What produced a result: python, torch, transformers and moetrim versions (recorded in every JSON)."""
+    import platform
+
+    import torch
+    import transformers
+
+    import moetrim
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "moetrim": getattr(moetrim, "__version__", "unknown")}
+
+
 def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
 

@@ -15,16 +15,9 @@ from moetrim.train import FinetuneConfig, finetune
 from moetrim.train.bias import BiasController
 from moetrim.train.data import IGNORE, load_examples
 
+from finetune_cases import records as _records
+
 GAMMA = 0.01
-
-
-def _records(n=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        a, b = torch.randint(0, 50, (2,), generator=g).tolist()
-        out.append({"prompt": f"add {a} {b} =", "response": f" {a + b}\n"})
-    return out
 
 
 def _run(model, method, tok=None, **kw):
@@ -81,12 +74,38 @@ def test_bias_moves_once_per_step_by_the_sign_of_summed_usage():
     ctl.step()
     want = GAMMA * torch.sign(usage - usage.mean())
     torch.testing.assert_close(router.moetrim_bias, want)
-    ctl.sign = "balance"
+    ctl.sign = "balance"  # DeepSeek-V3: usage is the number of tokens that selected each expert
     h = micro[0]
-    p = (router(h)[0].float() + router.moetrim_bias).softmax(-1).sum(0).detach()
+    _, _, top_i = router(h)
+    load = torch.bincount(top_i.reshape(-1), minlength=E).float()
     before = router.moetrim_bias.clone()
     ctl.step()
-    torch.testing.assert_close(router.moetrim_bias - before, GAMMA * torch.sign(p.mean() - p))
+    torch.testing.assert_close(router.moetrim_bias - before, GAMMA * torch.sign(load.mean() - load))
+
+
+@pytest.mark.parametrize("apply", ["logits", "selection"])
+def test_balance_keeps_every_expert_in_use_on_a_renormalising_family(apply):
+    """DeepSeek-V3's balancing counts the tokens each expert was selected for. Counted from the unbiased
+    probabilities instead, `--bias-apply selection` pushed the same experts the same way every step
+    and left several experts of a layer with no token at all after 300 steps."""
+    model = tiny_model("qwen3_moe", norm_topk_prob=True)
+    patches = install_routing(model, RoutingSpec(bias=True, bias_apply=apply))
+    assert patches[0].normalise
+    ctl = BiasController(patches, gamma=GAMMA, sign="balance")
+    g = torch.Generator().manual_seed(3)
+    H = patches[0].layer.hidden_size
+    hidden = {p.layer.index: torch.randn(128, H, generator=g) + torch.randn(H, generator=g) for p in patches}
+    model.train()
+    for _ in range(300):
+        for p in patches:
+            p.router(hidden[p.layer.index])
+        ctl.step()
+    model.eval()
+    with torch.no_grad():
+        for p in patches:
+            load = torch.bincount(p.router(hidden[p.layer.index])[2].reshape(-1), minlength=p.layer.num_experts)
+            assert (load > 0).all(), (apply, p.layer.index, load.tolist())
+            assert load.max() <= 2 * load.float().mean(), (apply, p.layer.index, load.tolist())
 
 
 def test_bias_ignores_gradient_checkpoint_recompute():
@@ -136,6 +155,27 @@ def test_condenser_never_runs_twice(budget, gate):
     assert all(len(set(row)) == len(row) for row in idx.tolist())
     if gate == "prob":
         assert torch.all(w > 0)
+
+
+def test_phase2_keeps_moving_the_condensers_own_bias_as_the_authors_code_does():
+    """ExpertCondenser's patches keep updating the whole bias vector in phase 2 (forced experts
+    included, their probability in the usage): a condenser's bias, and so its `prob` gate weight,
+    moves by gamma * sign(u - mean u) like any other expert's."""
+    model = tiny_model("qwen3_moe")
+    patches = install_routing(model, RoutingSpec(bias=True, condensers=2))
+    for p in patches:
+        p.router.moetrim_bias.copy_(torch.linspace(-0.05, 0.05, p.layer.num_experts))
+    chosen = choose_condensers(model)
+    ctl = BiasController(patches, gamma=GAMMA, sign="sparsify")
+    router = patches[0].router
+    model.train()
+    h = torch.randn(40, patches[0].layer.hidden_size, generator=torch.Generator().manual_seed(2))
+    before = router.moetrim_bias.clone()
+    u = (router(h)[0].float() + before).softmax(-1).sum(0).detach()
+    ctl.step()
+    moved = router.moetrim_bias - before
+    torch.testing.assert_close(moved, GAMMA * torch.sign(u - u.mean()))
+    assert chosen[patches[0].layer.index] == [0, 1] and (moved[[0, 1]] != 0).all()
 
 
 def test_condenser_run_switches_phase_and_reloads_identically(tmp_path):
@@ -192,6 +232,9 @@ def test_esft_frozen_experts_stay_bit_identical_under_adamw_decay():
                 assert same, f"{name}[{e}] is a frozen expert but changed"
     assert moved_any
     assert all(len(v) < layers[i].num_experts for i, v in chosen.items())
+    # the report counts the selected experts' parameters, not the whole fused tensors they sit in
+    per_expert = {i: l.experts.gate_up_proj[0].numel() + l.experts.down_proj[0].numel() for i, l in layers.items()}
+    assert res.report["trainable_parameters"] == sum(len(v) * per_expert[i] for i, v in chosen.items())
 
 
 def test_esft_selection_reaches_the_threshold_per_layer():
@@ -203,34 +246,53 @@ def test_esft_selection_reaches_the_threshold_per_layer():
 
 
 # -- DenseMixer ----------------------------------------------------------------------------------
-def test_densemixer_forward_is_sparse_and_router_gets_the_dense_gradient():
+@pytest.mark.parametrize("family, overrides", [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": True}), ("mixtral", {})])
+def test_densemixer_forward_is_sparse_and_router_gets_the_dense_gradient(family, overrides):
+    """The router's gradient is that of sum_e w_e E_e(x) over ALL experts (experts held fixed), w the
+    weights the sparse pass would give: p, or on a renormalising family p / n with n the top-k sum
+    (stop-gradient on n outside the top-k), as in yaof20/DenseMixer."""
     from moetrim.train.densemixer import DenseMixer
 
     torch.manual_seed(0)
-    model = tiny_model("qwen3_moe")
+    model = tiny_model(family, **overrides)
     layer = find_moe_layers(model)[0]
     model.train()
     x = torch.randn(1, 10, layer.hidden_size)
     v = torch.randn(1, 10, layer.hidden_size)
     sparse = layer.block(x)
+    sparse = sparse[0] if isinstance(sparse, tuple) else sparse
     mixer = DenseMixer([layer])
+    assert mixer.normalise[layer.index] == (family == "mixtral" or bool(overrides))
     try:
         y = layer.block(x)
+        y = y[0] if isinstance(y, tuple) else y
         torch.testing.assert_close(y, sparse, rtol=0, atol=1e-6)
         layer.router_weight.grad = None
         (y * v).sum().backward()
         got = layer.router_weight.grad.clone()
     finally:
         mixer.remove()
-    # by hand: the router's gradient through sum_e p_e E_e(x) over ALL experts, experts held fixed
+    # by hand
     layer.router_weight.grad = None
     h = x.reshape(-1, layer.hidden_size)
     p = torch.nn.functional.linear(h, layer.router_weight).float().softmax(-1)
+    w = p
+    if mixer.normalise[layer.index]:
+        top = torch.zeros_like(p, dtype=torch.bool).scatter(-1, p.topk(layer.top_k, dim=-1).indices, True)
+        n = p.masked_fill(~top, 0).sum(-1, keepdim=True)
+        w = torch.where(top, p / n, p / n.detach())
     with torch.no_grad():
         outs = torch.stack([layer.experts(h, torch.full((10, 1), e), torch.ones(10, 1)) for e in range(layer.num_experts)], 1)
-    dense = torch.einsum("te,teh->th", p, outs)
+    dense = torch.einsum("te,teh->th", w, outs)
     (dense * v.reshape(-1, layer.hidden_size)).sum().backward()
     torch.testing.assert_close(got, layer.router_weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_densemixer_refuses_routers_that_are_not_softmax_topk():
+    from moetrim.train.densemixer import DenseMixer
+
+    with pytest.raises(moetrim.UsageError, match="densemixer.*softmax then top-k"):
+        DenseMixer(find_moe_layers(tiny_model("deepseek_v3")))
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -248,15 +310,21 @@ def test_lora_trains_adapters_and_merges_into_a_standard_model(tmp_path, impl):
     assert type(res.model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"  # the stock module is back
 
 
-def test_resume_from_a_trainer_checkpoint_gives_the_same_model(tmp_path):
-    tok = tiny_tokenizer()
-    full = _run(tiny_model("qwen3_moe"), "condenser", tok=tok, max_steps=4, condensers=1, gamma=GAMMA,
-                checkpoint_every=2, checkpoint_dir=str(tmp_path / "a"))
+@pytest.mark.parametrize("resume_from", [1, 2])
+def test_resume_before_or_after_the_condenser_switch_gives_the_same_model(tmp_path, resume_from):
+    """The switch (after step 2 here) breaks bias ties by the usage summed since step 1: a run resumed
+    from checkpoint-1 must have that sum from the checkpoint, or it picks other condensers."""
     import shutil
 
-    shutil.rmtree(tmp_path / "a" / "checkpoint-4")
-    again = _run(tiny_model("qwen3_moe", seed=5), "condenser", tok=tok, max_steps=4, condensers=1, gamma=GAMMA,
-                 checkpoint_every=2, checkpoint_dir=str(tmp_path / "a"), resume=True)
+    tok = tiny_tokenizer()
+    kw = dict(tok=tok, max_steps=3, phase1=0.67, condensers=2, gamma=GAMMA, checkpoint_every=1)
+    full = _run(tiny_model("qwen3_moe", seed=1), "condenser", checkpoint_dir=str(tmp_path / "a"), **kw)
+    assert full.report["phase1_steps"] == 2
+    for step in range(resume_from + 1, 4):
+        shutil.rmtree(tmp_path / "a" / f"checkpoint-{step}")
+    again = _run(tiny_model("qwen3_moe", seed=5), "condenser", checkpoint_dir=str(tmp_path / "a"), resume=True, **kw)
+    for key in ("condensers", "bias", "bias_at_switch", "bias_updates"):
+        assert again.report[key] == full.report[key], key
     a, b = full.model.state_dict(), again.model.state_dict()
     assert set(a) == set(b)
     for n in a:

@@ -64,6 +64,24 @@ def test_plan_then_apply_equals_compress(ws, tmp_path):
     assert torch.equal(_logits(moetrim.load(tmp_path / "a")), _logits(moetrim.load(tmp_path / "c")))
 
 
+def test_merge_from_the_stages_needs_dense_outputs_and_equals_compress(ws, tmp_path):
+    """HC-SMoE clusters on every expert's outputs over the same tokens: `calibrate --dense-outputs`
+    records them (compress does it by itself for merge); a profile without them is refused in one line."""
+    m, calib = ws / "m", ws / "calib.txt"
+    assert cli("calibrate", m, "--data", calib, "--seq-len", "32", "--no-fisher", "--out", tmp_path / "P.safetensors")[0] == 0
+    code, _, err = cli("plan", m, "--profile", tmp_path / "P.safetensors", "--granularity", "merge", "--ratio", "0.3",
+                       "--out", tmp_path / "x.json")
+    assert code == 2 and "--dense-outputs" in err and len(err.strip().splitlines()) == 1, err
+    assert cli("calibrate", m, "--data", calib, "--seq-len", "32", "--no-fisher", "--dense-outputs", "--whiten",
+               "--out", tmp_path / "D.safetensors")[0] == 0
+    assert cli("plan", m, "--profile", tmp_path / "D.safetensors", "--granularity", "merge", "--ratio", "0.3",
+               "--out", tmp_path / "p.json")[0] == 0
+    code, _, err = cli("apply", m, "--plan", tmp_path / "p.json", "--profile", tmp_path / "D.safetensors", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert cli("compress", m, "--data", calib, "--granularity", "merge", "--ratio", "0.3", "--seq-len", "32", "--out", tmp_path / "c")[0] == 0
+    assert torch.equal(_logits(moetrim.load(tmp_path / "a")), _logits(moetrim.load(tmp_path / "c")))
+
+
 def test_recover_trains_and_reloads(ws, tmp_path):
     assert cli("compress", ws / "m", "--data", ws / "calib.txt", "--granularity", "replace", "--rank", "4", "--ratio", "0.3",
                "--seq-len", "32", "--out", tmp_path / "c")[0] == 0

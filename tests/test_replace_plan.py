@@ -45,8 +45,8 @@ def base():
 
 @pytest.fixture(scope="module")
 def prof(base, calib_ids):
-    """Fisher and input Grams."""
-    return moetrim.calibrate(base, [calib_ids], seq_len=32, whiten=True)
+    """Fisher, input Grams and every expert's outputs on every token."""
+    return moetrim.calibrate(base, [calib_ids], seq_len=32, whiten=True, dense_outputs=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,9 @@ def test_params_after_is_what_apply_stores(base, prof, method, ratio):
 
 
 def test_base_weights_of_the_plan_build_the_bases(base, prof):
-    """usage weights are the routed counts, fisher_usage Fisher·count, uniform 1; the built base is
-    the plan's weighted average of its members' original weights."""
+    """usage weights are the routed counts, fisher the Fisher summed over the expert's dims,
+    fisher_usage Fisher·count, uniform 1; the built base is the plan's weighted average of its members'
+    original weights."""
     plan = make_replace_plan(base, prof, method="replace", ratio=0.4, rank=4, base_weighting="usage")
     lp = next(lp for lp in plan.layers if lp.groups)
     count = prof.get(lp.layer, "count").double()
@@ -100,6 +101,10 @@ def test_base_weights_of_the_plan_build_the_bases(base, prof):
     lf = next(x for x in fisher.layers if x.layer == lp.layer)
     f = prof.get(lp.layer, "fisher").double().sum(dim=1) * count
     assert lf.base_weights == {str(e): float(f[e]) for e in (e for g in lf.groups for e in g)}
+    only = make_replace_plan(base, prof, method="replace", ratio=0.4, rank=4, base_weighting="fisher")
+    lo = next(x for x in only.layers if x.layer == lp.layer)
+    f = prof.get(lp.layer, "fisher").double().sum(dim=1)
+    assert lo.base_weights == {str(e): float(f[e]) for e in (e for g in lo.groups for e in g)}
     uniform = make_replace_plan(base, prof, method="replace", ratio=0.4, rank=4, base_weighting="uniform")
     assert all(set(x.base_weights.values()) <= {1.0} for x in uniform.layers)
 
@@ -172,7 +177,7 @@ def test_merge_has_rank_zero_and_d2_one_group_per_layer(base, prof, plain_prof):
     model = _applied(base, merge, prof)
     assert all(l.experts.gate_a is None for l in find_moe_layers(model))  # no factor tensors stored
     d2 = make_replace_plan(base, prof, method="d2", ratio=0.4, rank=4)
-    assert d2.rank > 0 and d2.base_weighting == "fisher_usage"
+    assert d2.rank > 0 and d2.base_weighting == "fisher"
     for lp in d2.layers:
         assert lp.kept == [] and lp.groups == [list(range(E))] and lp.rank == d2.rank and lp.whiten
     # the largest rank the budget allows: one more would not remove the ratio
@@ -180,6 +185,67 @@ def test_merge_has_rank_zero_and_d2_one_group_per_layer(base, prof, plain_prof):
     more = (d2.rank + 1) * 3 * (64 + WIDTH) * E + 3 * 64 * WIDTH
     assert 1 - more / per_layer < 0.4 <= d2.removed_fraction
     assert make_replace_plan(base, plain_prof, method="d2", ratio=0.4).base_weighting == "usage"
+
+
+@pytest.mark.parametrize("which", ["fisher", "usage"])
+def test_d2_base_is_the_fisher_or_usage_weighted_average_by_hand(base, prof, plain_prof, which):
+    """D²-MoE's base per layer: every expert's weights averaged with weights ∝ its Fisher (summed over the
+    sequences routed to it, so not multiplied by its count again), or ∝ its routed-token count when the
+    profile has no Fisher."""
+    profile = prof if which == "fisher" else plain_prof
+    plan = make_replace_plan(base, profile, method="d2", ratio=0.4)
+    model = _applied(base, plan, profile)
+    for original, built in zip(find_moe_layers(base), find_moe_layers(model)):
+        if which == "fisher":
+            w = profile.get(original.index, "fisher").double().sum(dim=1)
+        else:
+            w = profile.get(original.index, "count").double()
+        w = w / w.sum()
+        want_gu = sum(float(w[e]) * original.experts.gate_up_proj[e].double() for e in range(E))
+        want_down = sum(float(w[e]) * original.experts.down_proj[e].double() for e in range(E))
+        torch.testing.assert_close(built.experts.base_gate_up[0].double(), want_gu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(built.experts.base_down[0].double(), want_down, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_d2_whitens_the_down_corrections_by_down_projs_own_inputs(base, prof):
+    """SVD-LLM whitening of every matrix, down_proj included: the down correction's error on the
+    intermediate activations the profile saw is the least any rank-r matrix can have (Eckart-Young on
+    Δ·S, S Sᵀ the damped Gram Σ h hᵀ of down_proj's inputs)."""
+    from moetrim.replace import WHITEN_DAMP
+
+    plan = make_replace_plan(base, prof, method="d2", ratio=0.4)
+    model = _applied(base, plan, prof)
+    r = plan.rank
+    for original, built in zip(find_moe_layers(base), find_moe_layers(model)):
+        ex = built.experts
+        gram = prof.get(original.index, "mid_gram").double()
+        for e in range(E):
+            g = gram[e]
+            s = torch.linalg.cholesky(g + WHITEN_DAMP * float(g.diagonal().mean()) * torch.eye(g.shape[0], dtype=g.dtype))
+            delta = original.experts.down_proj[e].double() - ex.base_down[0].double()
+            m = ex.member_of_expert[e]
+            approx = ex.down_b[m].double() @ ex.down_a[m].double()
+            best = torch.linalg.svdvals(delta @ s)[r:].square().sum().sqrt()
+            assert float(((delta - approx) @ s).norm()) <= float(best) * (1 + 1e-6) + 1e-9, (original.index, e)
+
+
+def test_merge_clusters_do_not_move_when_only_the_routing_moves(base, calib_ids):
+    """HC-SMoE clusters every expert's output on the same tokens: another router in the last MoE layer
+    (same expert weights, same inputs to that layer) routes other tokens to each expert but must give
+    the same groups."""
+    other = copy.deepcopy(base)
+    last = find_moe_layers(other)[-1]
+    with torch.no_grad():
+        last.router_weight.copy_(torch.randn(last.router_weight.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    profiles = [moetrim.calibrate(m, [calib_ids], seq_len=32, fisher=False, dense_outputs=True) for m in (base, other)]
+    counts = [p.get(last.index, "count") for p in profiles]
+    assert not torch.equal(counts[0], counts[1])  # the routing did move
+    for ratio in (0.25, 0.5):
+        a, b = (make_replace_plan(m, p, method="merge", ratio=ratio) for m, p in zip((base, other), profiles))
+        assert [lp.groups for lp in a.layers] == [lp.groups for lp in b.layers], ratio
+    with pytest.raises(moetrim.UsageError, match="--dense-outputs"):
+        make_replace_plan(base, moetrim.calibrate(base, [calib_ids], seq_len=32, fisher=False), method="merge", ratio=0.5)
 
 
 @pytest.mark.parametrize("method,rank", [("replace", 4), ("replace", 32), ("naive", 20), ("merge", 4)])

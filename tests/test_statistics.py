@@ -112,6 +112,8 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
                 "gated_act_abs_sum": torch.zeros(E, width, **f64),
                 "out_sum": torch.zeros(E, x.shape[-1], **f64),
                 "in_gram": torch.zeros(E, x.shape[-1], x.shape[-1], **f64),
+                "mid_gram": torch.zeros(E, width, width, **f64),
+                "dense_out_sum": torch.zeros(E, x.shape[-1], **f64),
                 # Σ router probability of the chosen expert: g only where the model applies it unchanged;
                 # the others are wrong on purpose (see test_reference_tells_wrong_statistics_apart)
                 "chosen_prob_sum": torch.zeros(E, **f64),
@@ -122,6 +124,8 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
             }
             for t in range(T):
                 r["prob_sum"] += probs[t]
+                for e in range(E):
+                    r["dense_out_sum"][e] += _expert_forward(family, experts, e, x[t])[1]
                 for slot in range(k):
                     e = int(index[t, slot])
                     g = float(weights[t, slot])
@@ -140,6 +144,7 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
                     xt = x[t].double()
                     r["out_sum"][e] += y
                     r["in_gram"][e] += torch.outer(xt, xt)
+                    r["mid_gram"][e] += torch.outer(h.double(), h.double())
                     r["wrong_out_sum_gated"][e] += g * y
                     r["wrong_in_gram_gated"][e] += g * torch.outer(xt, xt)
             out[i] = r
@@ -164,7 +169,7 @@ def stat_runs():
         model = tiny_model(family, seed=2).double()
         model.set_experts_implementation("eager")
         ref = reference_statistics(family, model, ids)
-        prof = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False, whiten=True)
+        prof = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False, whiten=True, dense_outputs=True)
         runs[family] = (sorted(ref), prof, ref)
     return runs
 
@@ -197,12 +202,16 @@ def test_statistics_match_per_token_reference(stat_runs, family):
 
 @pytest.mark.parametrize("family", STAT_FAMILIES)
 def test_output_sums_and_input_grams_match_per_token_reference(stat_runs, family):
-    """out_sum (Σ y before gating) and, with whiten=True, in_gram (Σ x xᵀ of the expert's inputs)."""
+    """out_sum (Σ y before gating); with whiten=True, in_gram (Σ x xᵀ of the expert's inputs) and mid_gram
+    (Σ h hᵀ of down_proj's inputs); with dense_outputs=True, dense_out_sum (Σ y of every expert on every token)."""
     layers, prof, ref = stat_runs[family]
     for l in layers:
         r = ref[l]
         assert _close(prof.get(l, "out_sum"), r["out_sum"]), (family, l)
         assert _close(prof.get(l, "in_gram"), r["in_gram"]), (family, l)
+        assert _close(prof.get(l, "mid_gram"), r["mid_gram"]), (family, l)
+        assert _close(prof.get(l, "dense_out_sum"), r["dense_out_sum"]), (family, l)
+        assert not _close(prof.get(l, "dense_out_sum"), r["out_sum"]), (family, l)
         assert not _close(prof.get(l, "out_sum"), r["wrong_out_sum_gated"]), (family, l)
         assert not _close(prof.get(l, "in_gram"), r["wrong_in_gram_gated"]), (family, l)
         routed = r["moments"][:, 0, 0] > 0
@@ -217,17 +226,20 @@ def test_output_sums_and_grams_merge_by_addition_and_are_optional(tmp_path):
     model = tiny_model("olmoe", seed=3).double()
     model.set_experts_implementation("eager")
     ids = torch.randint(0, 127, (4, 16), generator=torch.Generator().manual_seed(5))
-    halves = [moetrim.calibrate(model, [ids[:2]], seq_len=16, fisher=False, whiten=True),
-              moetrim.calibrate(model, [ids[2:]], seq_len=16, fisher=False, whiten=True)]
-    whole = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False, whiten=True)
+    halves = [moetrim.calibrate(model, [ids[:2]], seq_len=16, fisher=False, whiten=True, dense_outputs=True),
+              moetrim.calibrate(model, [ids[2:]], seq_len=16, fisher=False, whiten=True, dense_outputs=True)]
+    whole = moetrim.calibrate(model, [ids], seq_len=16, batch_size=2, fisher=False, whiten=True, dense_outputs=True)
     merged = halves[0].merge(halves[1])
-    assert {k.rsplit(".", 1)[1] for k in whole.stats} >= {"out_sum", "in_gram"}
+    assert {k.rsplit(".", 1)[1] for k in whole.stats} >= {"out_sum", "in_gram", "mid_gram", "dense_out_sum"}
     for key in whole.stats:
         assert torch.allclose(merged.stats[key], whole.stats[key], rtol=1e-12, atol=1e-12), key
     plain = moetrim.calibrate(model, [ids[:2]], seq_len=16, fisher=False)
-    assert "in_gram" not in plain.names() and not any(k.endswith("in_gram") for k in plain.stats)
+    for name in ("in_gram", "mid_gram", "dense_out_sum"):
+        assert name not in plain.names() and not any(k.endswith(name) for k in plain.stats)
     with pytest.raises(moetrim.UsageError, match="whiten=True"):
-        plain.get(0, "in_gram")
+        plain.get(0, "mid_gram")
+    with pytest.raises(moetrim.UsageError, match="dense_outputs=True"):
+        plain.get(0, "dense_out_sum")
     with pytest.raises(moetrim.UsageError, match="different statistics"):
         plain.merge(halves[1])
     old = Profile({k: v for k, v in plain.stats.items() if not k.endswith("out_sum")}, plain.meta)

@@ -119,6 +119,8 @@ def calibrate_cmd(
     no_fisher: bool = typer.Option(False, "--no-fisher", help="forward pass only: no gradient statistics"),
     fisher_mode: str = FisherModeOpt,
     grad_magnitude: bool = typer.Option(False, "--grad-magnitude", help="also record per-sequence weight-gradient magnitudes (costs more)"),
+    whiten: bool = typer.Option(False, "--whiten", help="also record the Grams of each expert's inputs (replace/d2 --whiten; E·(H²+I²) floats per layer)"),
+    dense_outputs: bool = typer.Option(False, "--dense-outputs", help="also run every expert on every token (merge, HC-SMoE; E/k times the experts' work)"),
     seed: int = SeedOpt,
     overwrite: bool = OverwriteOpt,
     device: str = DeviceOpt,
@@ -144,14 +146,14 @@ def calibrate_cmd(
         if not no_fisher:
             err.print("note: --sequential records forward statistics only (no Fisher: the loss needs the whole model)")
         profile = _calibrate_sequential(model_path, data, dtype, trust_remote_code, max_tokens=max_tokens, seq_len=seq_len,
-                                        batch_size=batch_size, seed=seed)
+                                        batch_size=batch_size, seed=seed, whiten=whiten, dense_outputs=dense_outputs)
         profile.save(out_path)
         out.print(f"profile of {len(profile.layers)} MoE layers, {profile.tokens:,} tokens (layer by layer, forward only) -> [bold]{out_path}[/]")
         return
     model = _load(model_path, dtype, device, trust_remote_code, **place)
     profile, _ = _calibrate(model, model_path, data, trust_remote_code, fisher=not no_fisher, max_tokens=max_tokens,
                             seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, grad_magnitude=grad_magnitude,
-                            grad_checkpoint=grad_checkpoint)
+                            whiten=whiten, dense_outputs=dense_outputs, grad_checkpoint=grad_checkpoint)
     if not is_main_process():
         return
     profile.save(out_path)

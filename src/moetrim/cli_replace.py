@@ -18,8 +18,8 @@ from moetrim.outputs import bytes_of_weights, check_output
 
 RankOpt = typer.Option(16, "--rank", help="replace/naive: rank of each replaced expert's corrections (d2 picks its own)")
 MaxGroupOpt = typer.Option(8, "--max-group", help="replace: most replaced experts sharing one base")
-WeightingOpt = typer.Option("usage", "--base-weighting", help="how members weigh in their base: usage, uniform or fisher_usage")
-WhitenOpt = typer.Option(False, "--whiten", help="replace/d2: whiten the corrections' SVD by each expert's inputs (D²-MoE)")
+WeightingOpt = typer.Option("usage", "--base-weighting", help="how members weigh in their base: usage, uniform, fisher or fisher_usage")
+WhitenOpt = typer.Option(False, "--whiten", help="replace/d2: whiten the corrections' SVD by each matrix's inputs (SVD-LLM, D²-MoE)")
 
 
 def report_replace_plan(plan) -> None:
@@ -43,9 +43,10 @@ def compress_replace(model, model_path: str, data: str, out_dir: Path, *, granul
     from moetrim.plan.replace import apply_replace_plan, check_replace_options, make_replace_plan
 
     check_replace_options(granularity, ratio, rank, max_group, base_weighting, find_moe_layers(model))
-    fisher = base_weighting == "fisher_usage" or granularity == "d2"
+    fisher = base_weighting in ("fisher", "fisher_usage") or granularity == "d2"
     profile, tokenizer = _calibrate(model, model_path, data, trust_remote_code, fisher=fisher, max_tokens=max_tokens,
-                                    seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, whiten=whiten)
+                                    seq_len=seq_len, batch_size=batch_size, seed=seed, fisher_mode=fisher_mode, whiten=whiten,
+                                    dense_outputs=granularity == "merge")
     plan = make_replace_plan(model, profile, method=granularity, ratio=ratio, rank=rank, criterion=criterion or "reap",
                              max_group=max_group, base_weighting=base_weighting, whiten=whiten, seed=seed)
     with err.status("building replaced experts"):

@@ -32,7 +32,7 @@ def _load(model_path: str, dtype: str, device: str, trust_remote_code: bool, **p
 
 
 def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens, seq_len, batch_size, seed, fisher_mode, grad_magnitude=False,
-               whiten=False, grad_checkpoint=False):
+               whiten=False, dense_outputs=False, grad_checkpoint=False):
     from moetrim.calibrate import calibrate
     from moetrim.calibrate.run import model_context
     from moetrim.checkpoint import load_tokenizer
@@ -54,6 +54,7 @@ def _calibrate(model, model_path, data, trust_remote_code, *, fisher, max_tokens
         fisher_mode=fisher_mode,
         grad_magnitude=grad_magnitude,
         whiten=whiten,
+        dense_outputs=dense_outputs,
         grad_checkpoint=grad_checkpoint,
         progress=True,
     )

@@ -3,16 +3,19 @@
 Pure functions over one `MoELayer`: `build_replaced` returns a `ReplacedExperts` module and changes
 nothing; `install_layer` (moetrim.model.replaced) puts it in the model and records it for saving.
 
-- A group's base is the weighted average of its members' weights (uniform, or usage or Fisher·usage
-  weights as D²-MoE and HC-SMoE use), each of gate, up and down.
+- A group's base is the weighted average of its members' weights (uniform, usage, Fisher or
+  Fisher·usage weights), each of gate, up and down.
 - A member's correction is the best rank-r approximation of W_e − W_base per matrix (truncated SVD),
-  optionally whitened by the member's input Gram XᵀX (SVD-LLM, D²-MoE): minimising ‖(Δ − Δ')X‖ rather
-  than ‖Δ − Δ'‖ spends the rank on the directions the member's tokens actually use. down_proj is never
-  whitened: its input is the member's intermediate activation, which the corrected gate/up change.
+  optionally whitened by the Gram XᵀX of that matrix's own calibration inputs (SVD-LLM, as D²-MoE
+  does for each expert's w1, w3 and w2): the member's routed hidden states for gate and up, its
+  intermediate activations h = act(gate)·up on the original weights for down. Minimising
+  ‖(Δ − Δ')X‖ rather than ‖Δ − Δ'‖ spends the rank on the directions the member's tokens use.
 - `init="zero"` is naive replacing: the correction starts at zero (B = 0, A small and random as in
   LoRA, so it can still learn; A = B = 0 would receive no gradient at all).
-- `cluster_experts` groups experts by the cosine of their mean outputs with average linkage
-  (HC-SMoE), never above `max_group` members.
+- `cluster_experts` groups experts by average-linkage agglomerative clustering of feature rows, on
+  cosine similarity (replace: mean routed outputs) or Euclidean distance (HC-SMoE's merge: every
+  expert's mean output over the same tokens, wazenmai/HC-SMoE `hcsmoe/merging/clustering.py`), never
+  above `max_group` members.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ def build_replaced(
     base_weights: dict[int, float] | None = None,
     init: str = "svd",
     gram: torch.Tensor | None = None,
+    mid_gram: torch.Tensor | None = None,
     seed: int = 0,
 ) -> ReplacedExperts:
     """A `ReplacedExperts` for `layer` (not installed): `kept` experts as they are, one base per group,
     each member's rank-`rank` correction from `init`. gram: [E, H, H] input Grams (a profile's in_gram)
-    to whiten the gate/up corrections with; seed: the random A of `init="zero"`."""
+    to whiten the gate/up corrections with; mid_gram: [E, I, I] Grams of down_proj's inputs (mid_gram)
+    to whiten the down corrections with; seed: the random A of `init="zero"`."""
     require_uniform_widths([layer], "replace experts of")
     check_replaceable(layer)
     E, H, I = layer.num_experts, layer.hidden_size, layer.widths[0]
@@ -55,7 +60,9 @@ def build_replaced(
         raise UsageError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
     if gram is not None and tuple(gram.shape) != (E, H, H):
         raise UsageError(f"gram must be [{E}, {H}, {H}] (one input Gram per expert), got {list(gram.shape)}")
-    if gram is not None and init != "svd":
+    if mid_gram is not None and tuple(mid_gram.shape) != (E, I, I):
+        raise UsageError(f"mid_gram must be [{E}, {I}, {I}] (one down_proj input Gram per expert), got {list(mid_gram.shape)}")
+    if (gram is not None or mid_gram is not None) and init != "svd":
         raise UsageError("a gram whitens the SVD of the corrections; it needs init='svd'")
     ref = layer.expert(0).up
     mod = ReplacedExperts(E, H, I, kept, groups, rank, layer.activation(), dtype=ref.dtype, device=ref.device)
@@ -78,11 +85,12 @@ def build_replaced(
                 m = mod.member_of_expert[e]
                 deltas = {"gate": gu[:I].double() - base_gu[:I], "up": gu[I:].double() - base_gu[I:], "down": down.double() - base_down}
                 chol = _whitener(gram[e].to(gu.device)) if gram is not None else None
+                chol_mid = _whitener(mid_gram[e].to(gu.device)) if mid_gram is not None else None
                 for name, delta in deltas.items():
                     if init == "zero":
                         a, b = _zero_init(delta, rank, gen)
                     else:
-                        a, b = low_rank(delta, rank, chol if name != "down" else None)
+                        a, b = low_rank(delta, rank, chol_mid if name == "down" else chol)
                     getattr(mod, f"{name}_a")[m].copy_(a)
                     getattr(mod, f"{name}_b")[m].copy_(b)
     mod.requires_grad_(any(p.requires_grad for p in layer.experts.parameters()))
@@ -150,16 +158,26 @@ def mean_outputs(profile, layer: int) -> torch.Tensor:
     return profile.get(layer, "out_sum").double() / count.clamp(min=1)[:, None]
 
 
+def dense_mean_outputs(profile, layer: int) -> torch.Tensor:
+    """Each expert's mean output over every calibration token, dense_out_sum / tokens [E, H]: all experts
+    on the same tokens, so two experts' similarity depends on their weights, not on where the router
+    sent tokens (HC-SMoE's clustering features)."""
+    tokens = float(profile.get(layer, "tokens").reshape(()))
+    return profile.get(layer, "dense_out_sum").double() / max(tokens, 1.0)
+
+
 def cluster_experts(
-    features: torch.Tensor, experts: Sequence[int], *, max_group: int, num_groups: int | None = None
+    features: torch.Tensor, experts: Sequence[int], *, max_group: int, num_groups: int | None = None, metric: str = "cosine"
 ) -> list[list[int]]:
     """Group `experts` (ids into the rows of features [E, H], e.g. `mean_outputs`) by average-linkage
-    agglomerative clustering on cosine similarity, never above `max_group` members.
+    agglomerative clustering, never above `max_group` members. metric "cosine": the average cosine
+    similarity between members; "euclidean": the average Euclidean distance (HC-SMoE's).
 
     Merges the most similar pair of clusters whose union fits until `num_groups` remain (default: as
     few as `max_group` allows, ⌈n / max_group⌉) or no pair fits; so the result may hold more groups than
     asked. Deterministic: ties go to the lowest pair of cluster positions. Groups come back sorted,
-    each by id and all by first member. A zero feature row (an unused expert) is similar to nothing (0)."""
+    each by id and all by first member. Under cosine a zero feature row (an unused expert) is similar
+    to nothing (0)."""
     ids = [int(e) for e in experts]
     n = len(ids)
     if not isinstance(max_group, int) or max_group < 1:
@@ -171,9 +189,14 @@ def cluster_experts(
     target = math.ceil(n / max_group) if num_groups is None else num_groups
     if not isinstance(target, int) or not 1 <= target <= n:
         raise UsageError(f"num_groups must be between 1 and the {n} experts to cluster, got {num_groups!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise UsageError(f"unknown clustering metric {metric!r}; choose cosine or euclidean")
     f = features[ids].double().cpu()
-    f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-30)
-    link = f @ f.T  # link[a, b]: Σ similarity over member pairs of clusters a and b
+    if metric == "cosine":
+        f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        link = f @ f.T  # link[a, b]: Σ similarity over member pairs of clusters a and b
+    else:
+        link = -torch.cdist(f, f)  # a similarity: minus the distance, summed over member pairs the same way
     members: list[list[int] | None] = [[i] for i in range(n)]
     size = torch.ones(n, dtype=torch.float64)
     alive = torch.ones(n, dtype=torch.bool)

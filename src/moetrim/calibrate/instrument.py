@@ -33,7 +33,7 @@ class LayerRecorder:
 
     def __init__(
         self, layer: MoELayer, device: torch.device, gradients: bool, fisher_mode: str = "sequence", grad_magnitude: bool = False,
-        whiten: bool = False,
+        whiten: bool = False, dense_outputs: bool = False,
     ):
         widths = set(layer.widths)
         if len(widths) != 1:
@@ -56,6 +56,8 @@ class LayerRecorder:
         H = layer.hidden_size
         self.out_sum = torch.zeros(E, H, **f64)
         self.in_gram = torch.zeros(E, H, H, **f64) if whiten else None  # E·H²·8 bytes: 2 GiB per OLMoE layer
+        self.mid_gram = torch.zeros(E, I, I, **f64) if whiten else None  # down_proj's inputs: E·I²·8 bytes
+        self.dense_out_sum = torch.zeros(E, H, **f64) if dense_outputs else None  # every expert on every token
         if gradients:
             self.taylor = torch.zeros(E, I, **f64)
             self.fisher = torch.zeros(E, I, **f64)
@@ -114,11 +116,17 @@ class LayerRecorder:
         yw = _wide(y.detach())
         self.out_sum += yw.new_zeros(E, yw.shape[1]).index_add(0, idx, yw).double()
         if self.in_gram is not None and x is not None:
-            xw = _wide(x.detach())
+            xw, hw = _wide(x.detach()), _wide(h.detach())
             ends = torch.bincount(idx, minlength=E).cumsum(0).tolist()
             for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
                 if end > start:
                     self.in_gram[e] += (xw[start:end].T @ xw[start:end]).double()
+                    self.mid_gram[e] += (hw[start:end].T @ hw[start:end]).double()
+
+    @torch.no_grad()
+    def record_dense(self, e: int, y: torch.Tensor) -> None:
+        """Expert e's outputs y [T, H] (before gating) on every token of the batch, routed to it or not."""
+        self.dense_out_sum[e] += _wide(y.detach()).sum(dim=0).double()
 
     def grad_magnitude_hooks(
         self, e: int, x: torch.Tensor, gu: torch.Tensor, h: torch.Tensor, y: torch.Tensor, seq: torch.Tensor, interleaved: bool
@@ -166,6 +174,9 @@ class LayerRecorder:
         }
         if self.in_gram is not None:
             out[f"layers.{l}.in_gram"] = self.in_gram
+            out[f"layers.{l}.mid_gram"] = self.mid_gram
+        if self.dense_out_sum is not None:
+            out[f"layers.{l}.dense_out_sum"] = self.dense_out_sum
         if self.gradients:
             out[f"layers.{l}.taylor"] = self.taylor
             out[f"layers.{l}.fisher"] = self.fisher
@@ -256,6 +267,12 @@ class ProfilingExperts(nn.Module):
         y_all = torch.cat(ys)
         if record:
             rec.record_experts(h_all, y_all, gs, expert_of_slot, xs)
+            if rec.dense_out_sum is not None:  # HC-SMoE's features: every expert's output on the same tokens
+                with torch.no_grad():
+                    x_all = hidden_states.detach()
+                    for e in range(rec.E):
+                        gu = self._in_proj(e, x_all)
+                        rec.record_dense(e, self._out_proj(e, m._apply_gate(gu) if self.gated else m.act_fn(gu)))
 
         out_sorted = y_all * gs.to(y_all.dtype).unsqueeze(-1)
         out = torch.empty_like(out_sorted)

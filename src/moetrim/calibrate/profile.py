@@ -14,6 +14,11 @@ per expert [E, H] out_sum                Σ y (mean output out_sum / count: what
                                          when replacing; absent from profiles of older moetrim)
 per expert        in_gram [E, H, H]      Σ x xᵀ over routed tokens (x: expert input), for whitened SVD
                                          (only with calibrate(..., whiten=True))
+                  mid_gram [E, I, I]     Σ h hᵀ over routed tokens (h: down_proj's input), whitening the
+                                         down_proj corrections (with whiten=True)
+per expert [E, H] dense_out_sum          Σ y over *every* token, routed to the expert or not: each expert
+                                         on the same tokens, so routing does not decide how similar two
+                                         experts look (HC-SMoE's merge; only with dense_outputs=True)
 per dim [E, I]    act_abs_sum            Σ |h|      (h: intermediate activation, act(gate)·up)
                   act_sq_sum             Σ h²
                   act_abs_max            max |h|
@@ -41,7 +46,9 @@ PROFILE_VERSION = "1"
 EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")
 DIM_STATS = ("act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum", "taylor", "fisher", "grad_magnitude")
 GRADIENT_STATS = ("taylor", "fisher", "grad_magnitude")
-HIDDEN_STATS = ("out_sum", "in_gram")  # indexed by expert, then by hidden dimension: [E, H] and [E, H, H]
+HIDDEN_STATS = ("out_sum", "in_gram", "dense_out_sum")  # indexed by expert, then by hidden dimension: [E, H], [E, H, H]
+GRAM_STATS = ("in_gram", "mid_gram")  # [E, n, n]: n = H for in_gram, I for mid_gram
+OPT_IN = {"in_gram": "whiten=True", "mid_gram": "whiten=True", "dense_out_sum": "dense_outputs=True"}
 # Named views into the moments tensor [E, b, p].
 _MOMENT_ALIASES = {"count": (0, 0), "gate_sum": (1, 0), "norm_sum": (0, 1), "norm_sq_sum": (0, 2), "gated_norm_sum": (1, 1)}
 _MAX_STATS = ("act_abs_max",)
@@ -83,13 +90,13 @@ class Profile:
         return self.meta.get("model_fingerprint", "")
 
     def names(self) -> list[str]:
-        """Statistics a profile can hold; in_gram only where this one holds it (it is opt-in)."""
-        gram = any(k.endswith(".in_gram") for k in self.stats)
-        return ["tokens", *EXPERT_STATS, *DIM_STATS, "out_sum", *(["in_gram"] if gram else [])]
+        """Statistics a profile can hold; the opt-in ones (in_gram, mid_gram, dense_out_sum) only where this one holds them."""
+        held = [n for n in OPT_IN if any(k.endswith(f".{n}") for k in self.stats)]
+        return ["tokens", *EXPERT_STATS, *DIM_STATS, "out_sum", *held]
 
     def get(self, layer: int, name: str) -> torch.Tensor:
         """Statistic `name` of MoE layer `layer` (decoder-layer index): [E] per expert, [E, I] per dim,
-        [E, H] out_sum, [E, H, H] in_gram."""
+        [E, H] out_sum and dense_out_sum, [E, H, H] in_gram, [E, I, I] mid_gram."""
         if layer not in self.layers:
             raise UsageError(f"profile has no MoE layer {layer}; layers: {self.layers}")
         if name in _MOMENT_ALIASES:
@@ -103,8 +110,11 @@ class Profile:
                 raise UsageError(f"profile has no '{name}': it was calibrated with --no-fisher; recalibrate without it")
             if name == "out_sum":
                 raise UsageError("profile has no 'out_sum' (expert mean outputs): it was written by an older moetrim; recalibrate")
-            if name == "in_gram":
-                raise UsageError("profile has no 'in_gram' (expert input Grams): calibrate with whiten=True")
+            if name in ("in_gram", "mid_gram"):
+                raise UsageError(f"profile has no '{name}' (expert input Grams): calibrate with whiten=True (--whiten)")
+            if name == "dense_out_sum":
+                raise UsageError("profile has no 'dense_out_sum' (every expert's output on the same tokens): calibrate with "
+                                 "dense_outputs=True (--dense-outputs)")
             raise UsageError(f"unknown statistic '{name}'; known: {', '.join(self.names())}")
         return self.stats[key]
 
@@ -123,8 +133,8 @@ class Profile:
         if self.fingerprint != other.fingerprint:
             raise UsageError("cannot merge profiles of different models (model fingerprints differ)")
         if set(self.stats) != set(other.stats):
-            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher, --grad-magnitude "
-                             "or whiten, or by an older moetrim without out_sum?)")
+            raise UsageError("cannot merge profiles with different statistics (one was calibrated with --no-fisher, --grad-magnitude, "
+                             "whiten or dense outputs, or by an older moetrim without out_sum or mid_gram?)")
         for key, value in self.stats.items():
             if value.shape != other.stats[key].shape:
                 raise UsageError(f"cannot merge: '{key}' has shape {list(value.shape)} in one profile and {list(other.stats[key].shape)} in the other")
@@ -160,21 +170,22 @@ class Profile:
         shapes: dict[int, tuple[int | None, int | None, int | None]] = {}  # E, I, H
         for key, t in self.stats.items():
             parts = key.split(".")
-            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, *HIDDEN_STATS, "tokens"):
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, *HIDDEN_STATS, *GRAM_STATS, "tokens"):
                 raise UsageError(f"{source} has an unknown statistic '{key}'; it was not written by moetrim calibrate")
             layer, name = int(parts[1]), parts[2]
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise UsageError(f"{source} has non-finite values in '{key}' (did the model overflow? calibrate with --dtype float32)")
             E, I, H = shapes.get(layer, (None, None, None))
-            want = {"moments": 3, "in_gram": 3}.get(name, 1 if name in EXPERT_STATS or name == "tokens" else 2)
-            square = name != "in_gram" or (t.ndim == 3 and t.shape[1] == t.shape[2])
+            want = {"moments": 3, "in_gram": 3, "mid_gram": 3}.get(name, 1 if name in EXPERT_STATS or name == "tokens" else 2)
+            square = name not in GRAM_STATS or (t.ndim == 3 and t.shape[1] == t.shape[2])
             if t.ndim != want or (name == "moments" and tuple(t.shape[1:]) != (3, 3)) or (name == "tokens" and t.numel() != 1) or not square:
                 raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, not what moetrim calibrate writes")
             if name != "tokens":
                 E = t.shape[0] if E is None else E
-                I = t.shape[1] if name in DIM_STATS and I is None else I
+                per_dim = name in DIM_STATS or name == "mid_gram"
+                I = t.shape[1] if per_dim and I is None else I
                 H = t.shape[1] if name in HIDDEN_STATS and H is None else H
-                if t.shape[0] != E or (name in DIM_STATS and t.shape[1] != I) or (name in HIDDEN_STATS and t.shape[1] != H):
+                if t.shape[0] != E or (per_dim and t.shape[1] != I) or (name in HIDDEN_STATS and t.shape[1] != H):
                     raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, which disagrees with the layer's other statistics")
             shapes[layer] = (E, I, H)
         required = {"tokens", "moments", "prob_sum", "act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum"}
@@ -194,7 +205,8 @@ class Profile:
         for key, t in self.stats.items():
             _, layer, name = key.split(".")
             E, I, H = want[int(layer)]
-            if (name != "tokens" and t.shape[0] != E) or (name in DIM_STATS and t.shape[1] != I) or (name in HIDDEN_STATS and t.shape[1] != H):
+            per_dim = name in DIM_STATS or name == "mid_gram"
+            if (name != "tokens" and t.shape[0] != E) or (per_dim and t.shape[1] != I) or (name in HIDDEN_STATS and t.shape[1] != H):
                 raise UsageError(f"the profile's '{key}' has shape {list(t.shape)} but layer {layer} has {E} experts of width {I} "
                                  f"(hidden size {H}); calibrate this model")
 

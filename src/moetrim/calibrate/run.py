@@ -52,6 +52,7 @@ def calibrate(
     fisher_mode: str = "sequence",
     grad_magnitude: bool = False,
     whiten: bool = False,
+    dense_outputs: bool = False,
     grad_checkpoint: bool = False,
     distributed_ok: bool = True,
     progress: bool = False,
@@ -63,8 +64,10 @@ def calibrate(
     grad_magnitude=True also records the trimming paper's per-sequence weight-gradient magnitudes;
     it needs every sequence's weight gradients (about batch-size times the work of one weight
     gradient), so it is off unless asked for. whiten=True also records each expert's input Gram
-    Σ x xᵀ [E, H, H] (for whitened SVD when replacing experts); at H² floats per expert it is off
-    unless asked for.
+    Σ x xᵀ [E, H, H] and down_proj's input Gram Σ h hᵀ [E, I, I] (for whitened SVD when replacing
+    experts); at H² floats per expert it is off unless asked for. dense_outputs=True also runs every
+    expert on every token and sums its outputs [E, H] (HC-SMoE's merge clusters on them): E/k times
+    the experts' forward work, so it is off unless asked for.
     grad_checkpoint=True recomputes each decoder layer in the backward pass: the Fisher pass then
     needs about the memory of a forward, for about one more forward of time; the profile is the same.
     A model placed over devices (load_model(device_map=...)) is calibrated where it lies: inputs go
@@ -87,7 +90,8 @@ def calibrate(
     if grad_checkpoint and not fisher:
         raise UsageError("--grad-checkpoint saves memory in the Fisher backward: it does nothing with --no-fisher")
     device = input_device(model)
-    recorders = [LayerRecorder(layer, execution_device(layer.experts), fisher, fisher_mode, grad_magnitude, whiten) for layer in layers]
+    recorders = [LayerRecorder(layer, execution_device(layer.experts), fisher, fisher_mode, grad_magnitude, whiten, dense_outputs)
+                 for layer in layers]
     for rec in recorders:
         rec.once_per_batch = grad_checkpoint
     with distributed.process_group(device, enabled=distributed_ok) as (rank, world):
@@ -101,7 +105,7 @@ def calibrate(
         stats.update({k: v.cpu() for k, v in rec.tensors().items()})
     with onloaded([layer.router for layer in layers]):  # the fingerprint reads router weights, maybe offloaded
         meta = profile_meta(model, layers, chunks, n_tokens, seq_len, fisher=fisher, fisher_mode=fisher_mode,
-                            grad_magnitude=grad_magnitude, whiten=whiten, processes=world)
+                            grad_magnitude=grad_magnitude, whiten=whiten, dense_outputs=dense_outputs, processes=world)
     return Profile(stats, meta).validate("calibration")
 
 
@@ -170,7 +174,7 @@ def select_chunks(data: DataSource, tokenizer, *, seq_len: int, max_tokens: int 
 
 
 def profile_meta(model: nn.Module, layers, chunks, n_tokens: int, seq_len: int, *, fisher: bool, fisher_mode: str,
-                 grad_magnitude: bool, whiten: bool, processes: int = 1) -> dict[str, str]:
+                 grad_magnitude: bool, whiten: bool, dense_outputs: bool = False, processes: int = 1) -> dict[str, str]:
     """The profile's metadata: what it was measured on and how (every calibration mode writes the same keys)."""
     return {
         "moetrim_profile": PROFILE_VERSION,
@@ -184,6 +188,7 @@ def profile_meta(model: nn.Module, layers, chunks, n_tokens: int, seq_len: int, 
         "fisher_mode": fisher_mode if fisher else "",
         "grad_magnitude": "true" if fisher and grad_magnitude else "false",
         "whiten": "true" if whiten else "false",
+        "dense_outputs": "true" if dense_outputs else "false",
         "hidden_size": str(layers[0].hidden_size),
         "processes": str(processes),
     }

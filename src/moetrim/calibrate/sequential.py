@@ -67,6 +67,7 @@ def calibrate_sequential(
     batch_size: int = 4,
     seed: int = 0,
     whiten: bool = False,
+    dense_outputs: bool = False,
     progress: bool = False,
     trust_remote_code: bool = False,
 ) -> Profile:
@@ -128,7 +129,7 @@ def calibrate_sequential(
             moe = by_index.get(i)
             todo = []
             if moe is not None:
-                recorders[i] = LayerRecorder(moe, cpu, False, "sequence", False, whiten)
+                recorders[i] = LayerRecorder(moe, cpu, False, "sequence", False, whiten, dense_outputs)
                 todo = [moe]
             with torch.no_grad(), instrumented(todo, [recorders[i]] if todo else []):
                 for b, (_, args, kwargs) in enumerate(calls[i]):
@@ -147,6 +148,6 @@ def calibrate_sequential(
         stats.update({k: v.cpu() for k, v in recorders[i].tensors().items()})
     n_tokens = sum(b.numel() for b in batch_list)
     meta = profile_meta(model, layers, chunks, n_tokens, seq_len, fisher=False, fisher_mode="sequence",
-                        grad_magnitude=False, whiten=whiten)
+                        grad_magnitude=False, whiten=whiten, dense_outputs=dense_outputs)
     meta["sequential"] = "true"
     return Profile(stats, meta).validate("calibration")

@@ -92,14 +92,16 @@ def _normalises(router: nn.Module) -> bool | None:
 class RouterPatch:
     """The forward hook of one router: rerouting with the bias and condensers of its buffers.
 
-    `observer(p, hidden)` (set by the trainer) sees the biased router probabilities [T, E] of every
-    call; it decides itself whether the call counts (training forward, not a checkpoint recompute)."""
+    `observer(p, selected, hidden)` (set by the trainer) sees, on every call, the router probabilities
+    p [T, E] (biased when the bias applies to the logits) and the routed experts each token selected
+    [T, k'] (condensers excluded); it decides itself whether the call counts (training forward, not a
+    checkpoint recompute) and which of the two is the usage it balances or sparsifies."""
 
     def __init__(self, layer: MoELayer, spec: RoutingSpec, normalise: bool):
         self.layer = layer
         self.spec = spec
         self.normalise = normalise
-        self.observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
         self._cache: dict[str, tuple] = {}
         self.handle = layer.router.register_forward_hook(self)
 
@@ -141,16 +143,16 @@ class RouterPatch:
         raw = logits.float()
         biased = raw + bias if bias is not None and self.spec.bias_apply == "logits" else raw
         p = biased.softmax(dim=-1)
-        if self.observer is not None:
-            self.observer(p, hidden)
-        if cond is None and not active:
-            return None
         scores = p if bias is None or self.spec.bias_apply == "logits" else p + bias
         routed_k = int(router.top_k)
         if cond is not None:
             scores = scores.index_fill(-1, cond, float("-inf"))
             routed_k = self.routed_k(cond.numel())
         _, top_i = torch.topk(scores, routed_k, dim=-1)
+        if self.observer is not None:
+            self.observer(p, top_i, hidden)
+        if cond is None and not active:
+            return None
         top_w = p.gather(-1, top_i)
         if cond is not None:
             top_i = torch.cat([top_i, cond.to(top_i.dtype).expand(top_i.shape[0], -1)], dim=-1)
@@ -171,9 +173,10 @@ class RouterPatch:
         self.handle.remove()
 
 
-def _probe_semantics(layer: MoELayer) -> bool:
-    """Whether the router is softmax -> top-k (-> renormalise); returns whether it renormalises.
-    Runs the router on random input and compares with both readings."""
+def softmax_topk_renormalises(layer: MoELayer) -> bool | None:
+    """Whether the router routes by softmax -> top-k and renormalises the top-k weights (True), does
+    not renormalise (False), or routes some other way (None: sigmoid scores, group-limited or scaled
+    weights). Runs the router on random input and compares with both readings."""
     router = layer.router
     w = layer.router_weight
     gen = torch.Generator().manual_seed(0)
@@ -181,8 +184,7 @@ def _probe_semantics(layer: MoELayer) -> bool:
     with torch.no_grad():
         out = router(h)
     if not isinstance(out, tuple) or len(out) != 3:
-        raise UsageError(f"layer {layer.index}: {type(router).__name__} does not return (logits, weights, indices); "
-                         "router bias and condensers support softmax top-k routers (Qwen-MoE, OLMoE, Mixtral)")
+        return None
     logits, weights, index = out
     p = logits.float().softmax(dim=-1)
     top_w, top_i = torch.topk(p, int(router.top_k), dim=-1)
@@ -191,8 +193,16 @@ def _probe_semantics(layer: MoELayer) -> bool:
         w_ = top_w / top_w.sum(-1, keepdim=True) if normalise else top_w
         if torch.equal(top_i, index) and torch.allclose(w_.to(weights.dtype).float(), weights.float(), atol=1e-5, rtol=1e-4):
             return normalise
-    raise UsageError(f"layer {layer.index}: {type(router).__name__} does not route by softmax then top-k; router bias "
-                     "and condensers support Qwen-MoE, OLMoE and Mixtral-style routers (use --method full, esft or densemixer)")
+    return None
+
+
+def _probe_semantics(layer: MoELayer) -> bool:
+    """softmax_topk_renormalises, or a UsageError in one line for a router that routes otherwise."""
+    found = softmax_topk_renormalises(layer)
+    if found is None:
+        raise UsageError(f"layer {layer.index}: {type(layer.router).__name__} does not route by softmax then top-k; router bias "
+                         "and condensers support Qwen-MoE, OLMoE and Mixtral-style routers (use --method full or esft)")
+    return found
 
 
 def install_routing(model: nn.Module, spec: RoutingSpec) -> list[RouterPatch]:

@@ -5,17 +5,27 @@ factors all count), so `ratio` means what it means for dims and experts: the fra
 
 - `replace` (LightMoE-style): the least important experts (an expert criterion, REAP by default,
   normalised within each layer, ranked globally) are replaced; each layer keeps at least its top-k
-  experts. Replaced experts are clustered by their mean outputs (average linkage, at most
-  `max_group` per group); each group gets a usage-weighted base and each member a rank-r
-  correction initialised from the (optionally whitened) SVD of its difference to the base.
+  experts. Replaced experts are clustered by the cosine of their mean routed outputs (average
+  linkage, at most `max_group` per group); each group gets a usage-weighted base and each member a
+  rank-r correction initialised from the (optionally whitened) SVD of its difference to the base.
 - `naive`: the same selection, one base per layer for all its replaced experts, corrections
   starting at zero (the plain version LightMoE improves on).
-- `merge` (HC-SMoE): every layer's experts clustered into ⌊E·(1−ratio)⌋ groups by their mean
-  outputs; a group becomes one usage-weighted expert that takes the summed routing weight of its
-  members (rank 0); singletons are kept as they are.
-- `d2` (D²-MoE, training-free): one base per layer from every expert (Fisher·usage weights when
-  the profile has Fisher, else usage), each expert a whitened rank-r delta, r the largest the
-  budget allows.
+- `merge` (HC-SMoE, wazenmai/HC-SMoE `hcsmoe/merging/grouping_qwen.py`): every layer's experts
+  clustered into ⌊E·(1−ratio)⌋ groups by average linkage on the Euclidean distance between their
+  mean outputs over the *same* calibration tokens (the profile's dense_out_sum: every expert on
+  every token, so routing does not decide similarity); a group becomes one usage-weighted
+  (frequency) expert that takes the summed routing weight of its members (rank 0); singletons are
+  kept as they are.
+- `d2` (D²-MoE, lliai/D2MoE `model/merge_mixtral.py`, training-free): one base per layer from every
+  expert, each expert a rank-r delta whitened on gate, up and down by the Grams of their own inputs
+  (SVD-LLM), r the largest the budget allows. Where we differ from the authors' code: (1) base
+  weights are Fisher alone when the profile has Fisher, else usage. The authors multiply a
+  per-weight Fisher by routing frequency; a Fisher summed over calibration sequences already grows
+  with the tokens an expert is routed, so the product counts usage twice. Ours is one weight per
+  expert (its mask Fisher summed over its intermediate dimensions), not one per weight entry.
+  (2) The authors' base-weight pruning (`pp_ratio`, 0.2: dynamic, input-probed pruning of the
+  base's intermediate dimensions at inference) is not implemented: the base is stored and run
+  whole. (3) The delta rank is set by the budget, not by their `delta_ratio`.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from moetrim.model.view import MoELayer, find_moe_layers, require_uniform_widths
 from moetrim.plan.schema import PlanFile
 
 METHODS = ("replace", "naive", "merge", "d2")
-BASE_WEIGHTINGS = ("usage", "uniform", "fisher_usage")
+BASE_WEIGHTINGS = ("usage", "uniform", "fisher", "fisher_usage")
 SCHEMA_VERSION = 1
 
 
@@ -98,15 +108,22 @@ def _stored(layer: MoELayer, kept: int, groups: int, replaced: int, rank: int) -
 
 
 def _base_weights(profile, layer: MoELayer, members: list[int], weighting: str) -> dict[str, float]:
+    """Each member's (unnormalised) weight in its base: 1, its routed-token count, its Fisher (summed over
+    its intermediate dimensions: already a sum over the sequences routed to it), or Fisher × count
+    (the literal product of D²-MoE's code, which counts usage twice)."""
     if weighting == "uniform":
         return {str(e): 1.0 for e in members}
     count = profile.get(layer.index, "count").double()
-    if weighting == "fisher_usage":
+    if weighting in ("fisher", "fisher_usage"):
         fisher = profile.get(layer.index, "fisher").double().sum(dim=1)
-        w = fisher * count
+        w = fisher * count if weighting == "fisher_usage" else fisher
     else:
         w = count
     return {str(e): float(w[e]) for e in members}
+
+
+def _has(profile, layers: list[MoELayer], name: str) -> bool:
+    return all(f"layers.{l.index}.{name}" in profile.stats for l in layers)
 
 
 def check_replace_options(method: str, ratio: float, rank: int, max_group: int, weighting: str, layers: list[MoELayer]) -> None:
@@ -141,28 +158,31 @@ def make_replace_plan(
     """A reviewable plan of which experts are kept, grouped and corrected at what rank, priced in stored
     parameters so that it removes at least `ratio` of the routed-expert parameters."""
     from moetrim import criteria
-    from moetrim.replace import cluster_experts, mean_outputs
+    from moetrim.replace import cluster_experts, dense_mean_outputs, mean_outputs
 
     layers = find_moe_layers(model)
     require_uniform_widths(layers, "replace experts of")
     check_replace_options(method, ratio, rank, max_group, base_weighting, layers)
     profile.check_model(layers)
-    if base_weighting == "fisher_usage" and not profile.has_gradients:
-        raise UsageError("--base-weighting fisher_usage needs a profile with Fisher (calibrate without --no-fisher)")
-    has_gram = all(f"layers.{l.index}.in_gram" in profile.stats for l in layers)
+    if base_weighting in ("fisher", "fisher_usage") and not profile.has_gradients:
+        raise UsageError(f"--base-weighting {base_weighting} needs a profile with Fisher (calibrate without --no-fisher)")
+    has_gram = _has(profile, layers, "in_gram") and _has(profile, layers, "mid_gram")
     whiten = has_gram if whiten is None else whiten
     if whiten and not has_gram:
-        raise UsageError("whitened corrections need the experts' input Grams: calibrate with --whiten")
+        raise UsageError("whitened corrections need the experts' input Grams (in_gram and mid_gram): calibrate with --whiten")
     before = sum(l.num_experts * expert_params(l) for l in layers)
     target = math.ceil(ratio * before - 1e-9)
-    features = {l.index: mean_outputs(profile, l.index) for l in layers}
     notes: list[str] = []
 
     if method == "merge":
+        if not _has(profile, layers, "dense_out_sum"):
+            raise UsageError("--granularity merge (HC-SMoE) clusters experts by their outputs on the same tokens: calibrate "
+                             "with --dense-outputs (every expert runs on every calibration token)")
         plan_layers = []
         for l in layers:
             n = max(l.top_k, math.floor(l.num_experts * (1 - ratio) + 1e-9))  # at least the ratio, as every method
-            groups = cluster_experts(features[l.index], list(range(l.num_experts)), max_group=l.num_experts, num_groups=n)
+            groups = cluster_experts(dense_mean_outputs(profile, l.index), list(range(l.num_experts)), max_group=l.num_experts,
+                                     num_groups=n, metric="euclidean")
             kept = sorted(g[0] for g in groups if len(g) == 1)
             merged = [g for g in groups if len(g) > 1]
             plan_layers.append(_layer(l, kept, merged, 0, profile, base_weighting, "svd", False))
@@ -177,12 +197,13 @@ def make_replace_plan(
         if r < 1:
             raise UsageError(f"--ratio {ratio} is unreachable with D²-MoE: one shared base per layer alone keeps {1 / E:.0%} "
                              "of the routed parameters and leaves no room for any delta; lower --ratio")
-        weighting = "fisher_usage" if profile.has_gradients else "usage"
+        weighting = "fisher" if profile.has_gradients else "usage"
         plan_layers = [_layer(l, [], [list(range(l.num_experts))], r, profile, weighting, "svd", whiten) for l in layers]
         notes.append(f"D²-MoE delta rank {r}: the largest the budget allows")
         return _finish(method, "-", ratio, r, max_group, weighting, seed, model, profile, layers, plan_layers, before, notes)
 
     # replace / naive: a global ranking of per-layer-normalised scores; each layer keeps its top-k
+    features = {l.index: mean_outputs(profile, l.index) for l in layers}
     scores = {}
     for l in layers:
         s = criteria.score(criterion, "expert", profile, l, seed=seed)
@@ -262,12 +283,13 @@ def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.
         layer = layers.get(lp.layer)
         if layer is None or layer.num_experts != lp.experts_before:
             raise UsageError(f"plan layer {lp.layer} does not match the model's MoE layers")
-        gram = None
+        gram = mid_gram = None
         if lp.whiten:
-            if profile is None or f"layers.{lp.layer}.in_gram" not in profile.stats:
-                raise UsageError("this plan whitens its corrections: give the profile with input Grams (calibrate --whiten)")
-            gram = profile.get(lp.layer, "in_gram")
+            if profile is None or not _has(profile, [layer], "in_gram") or not _has(profile, [layer], "mid_gram"):
+                raise UsageError("this plan whitens its corrections: give the profile with the experts' input Grams (calibrate --whiten)")
+            gram, mid_gram = profile.get(lp.layer, "in_gram"), profile.get(lp.layer, "mid_gram")
         weights = {int(e): w for e, w in lp.base_weights.items()}
-        new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, seed=plan.seed)
+        new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, mid_gram=mid_gram,
+                             seed=plan.seed)
         install_layer(model, layer, new)
     return model

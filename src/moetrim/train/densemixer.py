@@ -2,12 +2,24 @@
 
 While training, each MoE block's output becomes
 
-    y = y_sparse(weights detached) + y_dense - stopgrad(y_dense),   y_dense = sum_e p_e * stopgrad(E_e(x))
+    y = y_sparse(weights detached) + y_dense - stopgrad(y_dense),   y_dense = sum_e w_e * stopgrad(E_e(x))
 
-over *all* experts e with the full router probabilities p. Its value is exactly the sparse output;
-the experts get gradients only from the tokens that selected them (through y_sparse), and the router
-gets the gradient it would get if every expert ran (through y_dense). Every expert runs on every
-token, which is what DenseMixer costs. In eval mode nothing changes.
+over *all* experts e. Its value is exactly the sparse output; the experts get gradients only from
+the tokens that selected them (through y_sparse), and the router gets the gradient it would get if
+every expert ran (through y_dense). Every expert runs on every token, which is what DenseMixer costs.
+In eval mode nothing changes.
+
+The dense weights w are the ones the sparse pass would give every expert (yaof20/DenseMixer,
+`densemixer/models/qwen3_moe_custom.py` and `olmoe_custom.py`, "partscale_fix_expert"): w = p, the
+router softmax, for a family that does not renormalise; for one that renormalises the top-k weights
+(Qwen3-MoE, Mixtral, OLMoE with norm_topk_prob) every expert is divided by the same normaliser
+n = sum of p over the token's top-k,
+
+    w_e = p_e / n            for the top-k experts (the gradient flows through n too),
+    w_e = p_e / stopgrad(n)  for the others,
+
+so the top-k entries equal the sparse pass's renormalised weights. Only softmax -> top-k routers are
+supported (sigmoid, group-limited or scaled routers are refused in one line).
 """
 
 from __future__ import annotations
@@ -15,15 +27,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moetrim.errors import UsageError
+from moetrim.model.routing import softmax_topk_renormalises
 from moetrim.model.view import MoELayer
 
 
+def dense_weights(logits: torch.Tensor, top_i: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """The dense pass's weight of every expert for every token [T, E] (with the router's graph)."""
+    p = logits.float().softmax(dim=-1)
+    if not normalise:
+        return p
+    mask = torch.zeros_like(p).scatter_(-1, top_i, 1.0)
+    n = (p * mask).sum(dim=-1, keepdim=True)
+    return p * mask / n + p * (1 - mask) / n.detach()
+
+
 class DenseMixer:
-    """Hooks on each layer's router (keep p, detach the sparse weights) and experts (add the dense term)."""
+    """Hooks on each layer's router (keep the dense weights, detach the sparse ones) and experts (add the dense term)."""
 
     def __init__(self, layers: list[MoELayer]):
         self.handles = []
-        self.probs: dict[int, torch.Tensor] = {}
+        self.weights: dict[int, torch.Tensor] = {}
+        self.normalise: dict[int, bool] = {}
+        for layer in layers:
+            normalise = softmax_topk_renormalises(layer)
+            if normalise is None:
+                raise UsageError(f"--method densemixer: layer {layer.index}'s {type(layer.router).__name__} does not route by "
+                                 "softmax then top-k, so it has no dense mixture to take a gradient from; use --method full or esft")
+            self.normalise[layer.index] = normalise
         for layer in layers:
             self.handles.append(layer.router.register_forward_hook(self._router_hook(layer.index)))
             self.handles.append(layer.experts.register_forward_hook(self._experts_hook(layer.index, layer.num_experts)))
@@ -33,14 +64,14 @@ class DenseMixer:
             if not router.training or not torch.is_grad_enabled():
                 return None
             logits, weights, top_i = output[0], output[1], output[2]
-            self.probs[index] = logits.float().softmax(dim=-1)  # keeps the graph to the router
+            self.weights[index] = dense_weights(logits, top_i, self.normalise[index])  # keeps the graph to the router
             return (logits, weights.detach(), top_i, *output[3:])
         return hook
 
     def _experts_hook(self, index: int, num_experts: int):
         def hook(experts: nn.Module, args, output):
-            p = self.probs.pop(index, None)
-            if p is None:
+            w = self.weights.pop(index, None)
+            if w is None:
                 return None
             hidden = args[0]
             t = hidden.shape[0]
@@ -50,7 +81,7 @@ class DenseMixer:
                     experts.forward(hidden.detach(), torch.full((t, 1), e, dtype=torch.long, device=hidden.device), one)
                     for e in range(num_experts)
                 ], dim=1)  # [T, E, H]; .forward skips the hooks (this one included)
-            dense = torch.einsum("te,teh->th", p.to(outs.dtype), outs)
+            dense = torch.einsum("te,teh->th", w.to(outs.dtype), outs)
             return output + (dense - dense.detach())
         return hook
 

@@ -35,10 +35,16 @@ class FinetuneResult:
 
 
 STATE_FILE = "moetrim_state.safetensors"
+BIAS_STATE_FILE = "moetrim_bias_state.safetensors"  # the bias controller's sums (train/bias.py)
 
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fsdp() -> bool:
+    """Whether accelerate will shard the model with FSDP (`accelerate launch` with an FSDP config sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
 
 
 def total_steps(n_examples: int, cfg: FinetuneConfig) -> int:
@@ -78,6 +84,7 @@ def _trainer_class():
         moetrim_controller = None
         moetrim_mask = None
         moetrim_recovery = None
+        moetrim_balance = None  # (coef, experts, top_k): method full's load-balancing loss, train/balance_loss.py
 
         def get_decay_parameter_names(self, model):
             names = super().get_decay_parameter_names(model)
@@ -110,6 +117,8 @@ def _trainer_class():
                 seen.add(key)
                 tensors[name] = t.detach().cpu().contiguous()
             save_safetensors(tensors, Path(output_dir) / STATE_FILE)
+            if self.moetrim_controller is not None:
+                save_safetensors(self.moetrim_controller.state_dict(), Path(output_dir) / BIAS_STATE_FILE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file
@@ -125,15 +134,27 @@ def _trainer_class():
             if untied or unexpected:
                 raise MoetrimError(f"{path} does not match this model (missing {untied[:3]}, unexpected {list(unexpected)[:3]}); "
                                    "resume with the same model and method")
+            if self.moetrim_controller is not None:
+                bias_state = Path(resume_from_checkpoint) / BIAS_STATE_FILE
+                if not bias_state.is_file():
+                    raise UsageError(f"--resume: {resume_from_checkpoint} has no {BIAS_STATE_FILE} (the router bias's usage sums); "
+                                     "it was written by an older moetrim or another method")
+                self.moetrim_controller.load_state_dict(load_file(str(bias_state)))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.moetrim_controller is not None:
                 self.moetrim_controller.mask = inputs["attention_mask"].reshape(-1)
             rec = self.moetrim_recovery
-            if rec is None or "kd" not in rec.anneal:
+            distill = rec is not None and "kd" in rec.anneal
+            if not distill and self.moetrim_balance is None:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            kd = rec.kd_loss(inputs, outputs.logits)
+            if self.moetrim_balance is not None:
+                from moetrim.train.balance_loss import balance_loss
+
+                coef, experts, top_k = self.moetrim_balance
+                loss = loss + coef * balance_loss(outputs.router_logits, experts, top_k, inputs.get("attention_mask"))
+            kd = rec.kd_loss(inputs, outputs.logits) if distill else None
             if kd is not None:
                 loss = loss + kd
             return (loss, outputs) if return_outputs else loss
@@ -205,6 +226,9 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
     layers = moe_layers(model)
+    if cfg.method == "esft" and _fsdp():
+        raise UsageError("--method esft does not run under FSDP: its gradient masks sit on the expert tensors that FSDP "
+                         "replaces with flattened shards; run it with torchrun (DDP) or in one process")
     examples = load_examples(data, tokenizer, seq_len=cfg.seq_len)
     steps = total_steps(len(examples), cfg)
     warmup = int(round(cfg.warmup * steps)) if cfg.warmup < 1 else int(cfg.warmup)
@@ -217,12 +241,16 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     patches = []
     top_k = layers[0].top_k
     report["active_experts_per_token"] = top_k
-    # the load-balancing loss: only `full` keeps it (the auxiliary-loss-free methods drop it)
+    # the load-balancing loss: only `full` keeps it (the auxiliary-loss-free methods drop it). The trainer adds
+    # transformers' formula itself, with its batch means summed over processes (train/balance_loss.py); the
+    # model's own term, per process, is switched off.
+    balance = None
     if cfg.method == "full":
         coef = cfg.aux_coef if cfg.aux_coef is not None else (getattr(model.config, "router_aux_loss_coef", None) or 1e-3)
         if hasattr(model, "router_aux_loss_coef"):
             model.config.output_router_logits = coef > 0
-            model.router_aux_loss_coef = coef
+            model.router_aux_loss_coef = 0.0
+            balance = (coef, layers[0].num_experts, top_k) if coef > 0 else None
             report["aux_coef"] = coef
         else:
             report["aux_coef"] = None  # this family has no load-balancing loss in transformers
@@ -246,7 +274,8 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
         from moetrim.train.esft import ExpertMask, expert_relevance, select_experts
 
         g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(dataset), generator=g).tolist()[: cfg.esft_batches * cfg.batch_size]
+        # every process scores the same items: esft_batches global batches, so N processes choose what one does
+        order = torch.randperm(len(dataset), generator=g).tolist()[: cfg.esft_batches * cfg.batch_size * _world_size()]
         batches = [collate([dataset[i] for i in order[j : j + cfg.batch_size]]) for j in range(0, len(order), cfg.batch_size)]
         relevance = expert_relevance(model, layers, batches, score=cfg.esft_score)
         chosen = select_experts(relevance, cfg.esft_threshold)
@@ -280,7 +309,9 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
                 p.requires_grad_(True)
         for p in recovery.created if recovery else []:
             p.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    masked = {id(p) for p in mask.params()} if mask else set()  # ESFT: only the selected experts' slices of these train
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in masked)
+    trainable += mask.trained_parameters() if mask else 0
     report["trainable_parameters"] = trainable
     if trainable == 0:
         raise UsageError("nothing to train: every parameter is frozen")
@@ -332,6 +363,7 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     trainer.moetrim_controller = controller
     trainer.moetrim_mask = mask
     trainer.moetrim_recovery = recovery
+    trainer.moetrim_balance = balance
     if not cfg.progress:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -364,6 +396,8 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
     for p in trained.parameters():
         p.requires_grad_(False)
     trained.config.output_router_logits = False
+    if balance is not None:  # the model's own term was off while the trainer added it
+        trained.router_aux_loss_coef = getattr(trained.config, "router_aux_loss_coef", 0.0)
     trained.config.use_cache = True
     trained.eval()
     ran = trainer.state.global_step - resumed_at
@@ -381,5 +415,5 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
         report["bias"] = {str(p.layer.index): [round(float(b), 6) for b in p.router.moetrim_bias] for p in patches}
         if cfg.method == "condenser":
             report["condensers"] = {str(k): v for k, v in condenser_ids(trained).items()}
-            report["bias_at_switch"] = {str(k): v for k, v in callback.bias_at_switch.items()}
+            report["bias_at_switch"] = {str(k): v for k, v in controller.bias_at_switch.items()}
     return FinetuneResult(trained, report)

@@ -106,10 +106,13 @@ class ExpertMask:
     def params(self) -> list[nn.Parameter]:
         return [p for p, _ in self.tensors]
 
+    def trained_parameters(self) -> int:
+        """Parameters that train: the selected experts' slices, not the whole expert tensors they sit in."""
+        return sum(p[0].numel() * int(m.sum()) for p, m in self.tensors)
+
     def trained_fraction(self) -> float:
         total = sum(p.numel() for p, _ in self.tensors)
-        trained = sum(p[0].numel() * int(m.sum()) for p, m in self.tensors)
-        return trained / total if total else 0.0
+        return self.trained_parameters() / total if total else 0.0
 
     def remove(self) -> None:
         for h in self.handles:
