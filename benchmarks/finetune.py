@@ -16,10 +16,15 @@ ESFT's scoring sample). Measured per run:
 A finding says one method beats another only where the paired difference over seeds has a 95%
 t-interval that excludes 0; the rest are ties.
 
+``--model longtail`` runs the same on the long-tail reference model: its new domain is the one its
+``training.json`` names (``dates``, date word problems that need its rare calendar skill) and
+retention is over its nine skills.
+
     python benchmarks/finetune.py --quick     # 300 steps, 128 eval items per domain, 3 seeds (about 16 min on 2 cores)
     python benchmarks/finetune.py             # 600 steps, 256 eval items per domain, 3 seeds
+    python benchmarks/finetune.py --quick --model longtail --methods full --seeds 0
 
-Writes benchmarks/results/finetune.json, benchmarks/results/finetune.png and a table in
+Writes benchmarks/results/finetune.json (finetune-longtail.json), the PNG beside it and a table in
 benchmarks/README.md.
 """
 
@@ -36,17 +41,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import interval, paired_difference, save_figure, update_section, versions, write_json  # noqa: E402
+from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, versions, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
-from moetrim.data.tasks import DOMAINS, calibration_texts, get_items, to_sft_records  # noqa: E402
+from moetrim.data.tasks import calibration_texts, get_items, to_sft_records  # noqa: E402
 from moetrim.evaluate.routing import routing_health  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.train import FinetuneConfig, finetune  # noqa: E402
 
 METHODS = ("full", "auxfree", "esft", "densemixer", "condenser")
-NEW = "units"
 DEFAULT_OUT = HERE / "results" / "finetune.json"
+# Set by --model from the model's training.json: the domains it was trained on and the one it never saw.
+MODEL, DOMAINS, NEW = "reference", ["math", "knowledge", "code", "strings"], "units"
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -75,9 +81,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--model", default="reference", help="bundled model: reference (new domain units) or longtail (dates)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/finetune.json, finetune-longtail.json, ...)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and PNG from an existing --out JSON, run nothing")
     args = ap.parse_args(argv)
+    global MODEL, DOMAINS, NEW
+    MODEL, DOMAINS, NEW = bundled_model(args.model)
+    args.out = args.out or for_model(DEFAULT_OUT, MODEL)
     if args.report_only:
         import json
 
@@ -91,13 +101,13 @@ def main(argv=None) -> int:
 
     records = to_sft_records(get_items(NEW, "train", n=args.train_items, seed=0))
     general = calibration_texts(list(DOMAINS), n_per_domain=64, seed=0)  # the calib split: never trained or evaluated on
-    base_model, tok = moetrim.reference_model()
+    base_model, tok = moetrim.reference_model(MODEL)
     base = measure(base_model, tok, n_items, general)
     log(f"reference: {NEW} {base['accuracy'][NEW]:.3f}, original domains {base['retention']:.3f}")
     runs = []
     for seed in seeds:
         for method in methods:
-            model, _ = moetrim.reference_model()
+            model, _ = moetrim.reference_model(MODEL)
             cfg = FinetuneConfig(method=method, lr=args.lr, max_steps=steps, batch_size=args.batch_size, seq_len=128,
                                  warmup=0.1, seed=seed, progress=False, logging_steps=max(1, steps // 10))
             res = finetune(model, tok, records, cfg)
@@ -113,9 +123,10 @@ def main(argv=None) -> int:
                 f"{rep['seconds_per_step']:.3f} s/step  ({time.perf_counter() - t0:.0f}s)")
             del model, res
     summary = summarise(runs, methods)
-    result = {"meta": {"quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "train_items": args.train_items,
+    result = {"meta": {"model": MODEL, "new_domain": NEW, "domains": DOMAINS, "quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "train_items": args.train_items,
                        "items_per_domain": n_items, "seeds": seeds, "seconds": round(time.perf_counter() - t0, 1),
-                       "torch_threads": torch.get_num_threads(), "defaults": FinetuneConfig().__dict__, "versions": versions()},
+                       "top_k": base_model.config.num_experts_per_tok, "torch_threads": torch.get_num_threads(), "defaults": FinetuneConfig().__dict__,
+                       "versions": versions()},
               "reference": base, "runs": runs, "summary": summary}
     write_json(args.out, result)
     report(result, args.out)
@@ -128,8 +139,8 @@ def report(result: dict, out: Path) -> int:
     png = plot(result, out.with_suffix(".png"))
     table = markdown(result, png)
     print(table)
-    if out.resolve() == DEFAULT_OUT.resolve():
-        update_section("finetune", table)
+    if out.resolve() == for_model(DEFAULT_OUT, MODEL).resolve():
+        update_section(section("finetune", MODEL), table)
     return 0
 
 
@@ -165,7 +176,7 @@ def plot(result: dict, path: Path) -> Path:
     for s in result["summary"]:
         ax.errorbar(s["retention"], s["new"], xerr=s["retention_ci95"], yerr=s["new_ci95"], fmt="o", capsize=3, label=s["method"])
     ax.scatter([ref["retention"]], [ref["accuracy"][NEW]], marker="*", s=120, color="black", label="reference (before)")
-    ax.set_xlabel("retention: mean accuracy on the 4 original domains")
+    ax.set_xlabel(f"retention: mean accuracy on the {len(DOMAINS)} original domains")
     ax.set_ylabel(f"{NEW} accuracy (new domain)")
     ax.set_title("learned vs kept (mean over seeds, 95% CI)")
     ax.legend(fontsize=8)
@@ -184,16 +195,16 @@ def plot(result: dict, path: Path) -> Path:
 def markdown(result: dict, png: Path) -> str:
     meta, ref = result["meta"], result["reference"]
     doms = list(DOMAINS)
-    lines = [f"### Fine-tuning on a new domain ({'quick' if meta['quick'] else 'full'}: {meta['steps']} steps of {meta['batch_size']}, "
+    lines = [f"### Fine-tuning {'' if MODEL == 'reference' else MODEL + ' '}on a new domain ({'quick' if meta['quick'] else 'full'}: {meta['steps']} steps of {meta['batch_size']}, "
              f"lr {meta['lr']}, {meta['items_per_domain']} eval items per domain, seeds {', '.join(map(str, meta['seeds']))})", "",
-             "`python benchmarks/finetune.py" + (" --quick" if meta["quick"] else "") + f"` ({meta['seconds']:.0f} s). "
-             f"`{NEW}` is the new domain; retention is the mean accuracy on the four original domains; routing is measured on "
+             "`python benchmarks/finetune.py" + (" --quick" if meta["quick"] else "") + ("" if MODEL == "reference" else f" --model {MODEL}")
+             + f"` ({meta['seconds']:.0f} s). `{NEW}` is the new domain; retention is the mean accuracy on the {len(doms)} original domains; routing is measured on "
              "the original domains' calib text. Mean over seeds, ± half-width of the 95% t-interval.", "",
              f"| method | {NEW} | " + " | ".join(doms) + " | retention | score | entropy | Gini | dead | KL vs ref | top-k overlap | experts/token | s/step |",
              "|---|---|" + "---|" * len(doms) + "---|---|---|---|---|---|---|---|---|",
              f"| reference (before) | {ref['accuracy'][NEW]:.3f} | " + " | ".join(f"{ref['accuracy'][d]:.3f}" for d in doms)
              + f" | {ref['retention']:.3f} | {(ref['accuracy'][NEW] + ref['retention']) / 2:.3f} | {ref['routing']['entropy']:.3f} | "
-             f"{ref['routing']['gini']:.3f} | {ref['routing']['dead']:.1f} | - | - | 2 | - |"]
+             f"{ref['routing']['gini']:.3f} | {ref['routing']['dead']:.1f} | - | - | {meta.get('top_k', 2)} | - |"]
     for s in result["summary"]:
         lines.append(f"| {s['method']} | {s['new']:.3f} ± {s['new_ci95']:.3f} | " + " | ".join(f"{s['per_domain'][d]:.3f}" for d in doms)
                      + f" | {s['retention']:.3f} ± {s['retention_ci95']:.3f} | {s['score']:.3f} ± {s['score_ci95']:.3f} | {s['entropy']:.3f} | "

@@ -5,6 +5,7 @@ see `moetrim.data.tasks`). Equal accuracy on both halves means the model reads t
 words rather than recognising a memorised template.
 
     python benchmarks/held_out_phrasings.py reference
+    python benchmarks/held_out_phrasings.py --model longtail     # (a bundled model by name, or a model directory)
 """
 
 from __future__ import annotations
@@ -32,8 +33,19 @@ def phrasing_of(prompt: str) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    path = argv[0] if argv else "reference"
-    torch.set_num_threads(2)
+    import argparse
+
+    from moetrim.reference import BUNDLED
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", nargs="?", default=None, help="model directory or bundled name (default: reference)")
+    ap.add_argument("--model", default=None, help="a bundled model: reference or longtail (also reference-longtail)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    path = args.model or args.path or "reference"
+    if path in BUNDLED and path != "reference":
+        path = f"reference-{path}"  # moetrim.load resolves bundled names
+    torch.set_num_threads(args.threads)
     model, tok = moetrim.load(path), moetrim.load_tokenizer(path)
     held = {t for ps in tasks._MATH_HELD_OUT_PHRASINGS for t in ps}
     items = tasks.get_items("math", "eval")

@@ -1,6 +1,7 @@
 """What each compression method keeps, measured on the bundled reference model's task suite.
 
-Three experiments, all on `moetrim.reference_model()`:
+Three experiments, all on a bundled reference model (`--model reference`, the default, or `--model
+longtail`, on every skill its training.json records):
 
 1. Grid: every dimension criterion and every expert criterion at 25% and 50% of routed-expert
    parameters removed; per-domain exact-match accuracy and the mean.
@@ -39,7 +40,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import interval, paired_difference, save_figure, update_section, write_json  # noqa: E402
+from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply import apply_plan, shared_copy  # noqa: E402
@@ -98,10 +99,21 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=None, help="evaluation items per domain (default 256, quick 200)")
     ap.add_argument("--calib", type=int, default=None, help="calibration items per domain (default 128, quick 64)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the grid runs once per seed (default 0,1,2)")
-    ap.add_argument("--model", default="reference", help="model directory trained on the task suite (default: the bundled reference)")
+    ap.add_argument("--model", default="reference",
+                    help="a bundled model (reference, longtail: every skill its training.json records) or a model directory")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/quality.json, quality-longtail.json, ...)")
     args = ap.parse_args(argv)
+    from moetrim.reference import BUNDLED, bundled_name
+
+    key = args.model if args.model in BUNDLED else bundled_name(args.model)
+    if key is not None:
+        key, domains, _ = bundled_model(key)
+        args.model = "reference" if key == "reference" else f"reference-{key}"  # moetrim.load resolves the name
+    else:
+        domains = list(DOMAINS)
+    default_out = for_model(DEFAULT_OUT, key or "reference")
+    args.out = args.out or default_out
     seeds = [int(x) for x in args.seeds.split(",")]
     n_items = args.items or (200 if args.quick else 256)
     n_calib = args.calib or (64 if args.quick else 128)
@@ -113,7 +125,6 @@ def main(argv=None) -> int:
     except MoetrimError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    domains = list(DOMAINS)
 
     dense = evaluate(model, tok, domains, n_items)
     log(f"dense: {dense['accuracy']}")
@@ -186,7 +197,7 @@ def main(argv=None) -> int:
             del m
 
     result = {
-        "meta": {"quick": args.quick, "items_per_domain": n_items, "calib_items_per_domain": n_calib, "seeds": seeds,
+        "meta": {"model": key or args.model, "quick": args.quick, "items_per_domain": n_items, "calib_items_per_domain": n_calib, "seeds": seeds,
                  "calibration_tokens": calib_tokens, "seconds": round(time.perf_counter() - t0, 1),
                  "torch_threads": torch.get_num_threads()},
         "dense": dense,
@@ -196,12 +207,12 @@ def main(argv=None) -> int:
         "allocations": alloc_rows,
     }
     write_json(args.out, result)
-    png = plot_critical(critical, dense, args.out.parent / "critical_dims.png")
+    png = plot_critical(critical, dense, for_model(args.out.parent / "critical_dims.png", key or "reference"))
     table = markdown(result, png)
     print(table)
     wrote = [str(args.out), str(png)]
-    if args.out.resolve() == DEFAULT_OUT.resolve():  # experiments written elsewhere leave the README alone
-        update_section("quality", table)
+    if key is not None and args.out.resolve() == default_out.resolve():  # experiments written elsewhere leave the README alone
+        update_section(section("quality", key), table)
         wrote.append("benchmarks/README.md")
     log(f"wrote {', '.join(wrote)} in {time.perf_counter() - t0:.0f}s")
     return 0
@@ -261,9 +272,10 @@ def markdown(result: dict, png: Path) -> str:
     doms = list(dense)
     meta = result["meta"]
     seeds = meta["seeds"]
-    lines = [f"### Quality on the reference model ({'quick' if meta['quick'] else 'full'}: {meta['items_per_domain']} eval items per domain, "
+    model = meta.get("model", "reference")
+    lines = [f"### Quality on the {'reference' if model == 'reference' else model} model ({'quick' if meta['quick'] else 'full'}: {meta['items_per_domain']} eval items per domain, "
              f"seeds {', '.join(map(str, seeds))})",
-             "", "`python benchmarks/quality.py" + (" --quick" if meta["quick"] else "") + f"` ({meta['seconds']:.0f} s); exact-match accuracy, "
+             "", "`python benchmarks/quality.py" + (" --quick" if meta["quick"] else "") + ("" if model == "reference" else f" --model {model}") + f"` ({meta['seconds']:.0f} s); exact-match accuracy, "
              f"mean over {len(seeds)} seeds (calibration draws and random baselines); mean column: ± half-width of the 95% "
              "t-interval over seeds. Evaluation items are the same for every seed (paired).", ""]
     for setting in ("task-agnostic", "task-specific"):

@@ -1,6 +1,7 @@
 """Expert replacing against merging, D²-MoE and pruning at equal stored parameters, with and without recovery.
 
-On the bundled reference model, at 30% and 50% of routed-expert parameters removed (bases and
+On a bundled reference model (``--model reference``, the default, or ``longtail``: every skill its
+training.json records), at 30% and 50% of routed-expert parameters removed (bases and
 low-rank factors counted against the budget):
 
 - replace: REAP-selected experts, clustered by mean output into groups (at most 8) with a
@@ -38,11 +39,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import save_figure, update_section, versions, write_json  # noqa: E402
+from report import bundled_model, for_model, save_figure, section, update_section, versions, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply import apply_plan, shared_copy  # noqa: E402
-from moetrim.data.tasks import DOMAINS, calibration_texts, get_items, to_sft_records  # noqa: E402
+from moetrim.data.tasks import calibration_texts, get_items, to_sft_records  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.evaluate.throughput import compare_throughput  # noqa: E402
 from moetrim.model.view import find_moe_layers  # noqa: E402
@@ -53,6 +54,8 @@ from moetrim.train import FinetuneConfig, finetune  # noqa: E402
 METHODS = ("replace", "naive", "merge", "d2", "reap", "dims")
 RATIOS = (0.3, 0.5)
 DEFAULT_OUT = HERE / "results" / "replace.json"
+# Set by --model: the bundled model and the domains its training.json records.
+MODEL, DOMAINS = "reference", ["math", "knowledge", "code", "strings"]
 
 
 def log(msg: str) -> None:
@@ -61,7 +64,7 @@ def log(msg: str) -> None:
 
 def build(method: str, ratio: float, base, profile, rank: int):
     if method in ("replace", "naive", "merge", "d2"):
-        model, _ = moetrim.reference_model()
+        model, _ = moetrim.reference_model(MODEL)
         plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank)
         apply_replace_plan(model, plan, profile)
         return model, plan.removed_fraction
@@ -94,9 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--model", default="reference", help="bundled model: reference or longtail (on every skill it was trained on)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/replace.json, replace-longtail.json, ...)")
     ap.add_argument("--curve", action="store_true", help="instead: accuracy as built over removed fractions 25-87.5%% per method")
     args = ap.parse_args(argv)
+    global MODEL, DOMAINS
+    MODEL, DOMAINS, _ = bundled_model(args.model)
+    args.out = args.out or for_model(DEFAULT_OUT, MODEL)
     if args.curve:
         return curve(args)
     steps = args.steps or (100 if args.quick else 300)
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    base, tok = moetrim.reference_model()
+    base, tok = moetrim.reference_model(MODEL)
     profile = moetrim.calibrate(base, calibration_texts(list(DOMAINS), n_per_domain=64, seed=args.seed), tokenizer=tok,
                                 seq_len=256, batch_size=8, seed=args.seed, whiten=True, dense_outputs=True)
     records = [r for d in DOMAINS for r in to_sft_records(get_items(d, "train", n=1000, seed=args.seed + 1))]
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
         for method in methods:
             model, removed = build(method, ratio, base, profile, args.rank)
             acc = evaluate_tasks(model, tok, list(DOMAINS), n=n_items)["accuracy"]
-            teacher, _ = moetrim.reference_model()
+            teacher, _ = moetrim.reference_model(MODEL)
             cfg = FinetuneConfig(method="recover", lr=args.lr, max_steps=steps, batch_size=16, seq_len=128, lora=8,
                                  anneal="none" if method == "naive" else "blend,kd", seed=args.seed, progress=False)
             res = finetune(model, tok, records, cfg, teacher=teacher)
@@ -131,7 +138,7 @@ def main(argv=None) -> int:
                 f"({time.perf_counter() - t0:.0f}s)")
             del model, res, teacher
     # the same training on the uncompressed model: what the recovery recipe itself does to a model that needs none
-    control, _ = moetrim.reference_model()
+    control, _ = moetrim.reference_model(MODEL)
     ctl = finetune(control, tok, records, FinetuneConfig(method="full", lr=args.lr, max_steps=steps, batch_size=16, seq_len=128,
                                                           lora=8, aux_coef=0.0, seed=args.seed, progress=False))
     ctl_acc = evaluate_tasks(ctl.model, tok, list(DOMAINS), n=n_items)["accuracy"]
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     dense["decode_tokens_per_s"] = speeds["dense"]["decode_tokens_per_s"]
     for r in rows:
         r["decode_tokens_per_s"] = speeds[f"{r['method']}@{r['ratio']}"]["decode_tokens_per_s"]
-    result = {"meta": {"quick": args.quick, "recover_steps": steps, "lr": args.lr, "rank": args.rank, "items_per_domain": n_items,
+    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "lr": args.lr, "rank": args.rank, "items_per_domain": n_items,
                        "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
               "dense": dense, "rows": rows}
@@ -151,8 +158,8 @@ def main(argv=None) -> int:
     png = plot(result, args.out.with_suffix(".png"))
     table = markdown(result, png)
     print(table)
-    if args.out.resolve() == DEFAULT_OUT.resolve():
-        update_section("replace", table)
+    if args.out.resolve() == for_model(DEFAULT_OUT, MODEL).resolve():
+        update_section(section("replace", MODEL), table)
     log(f"wrote {args.out}, {png} in {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -168,7 +175,7 @@ def curve(args) -> int:
     n_items = args.items or (128 if args.quick else 256)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    base, tok = moetrim.reference_model()
+    base, tok = moetrim.reference_model(MODEL)
     profile = moetrim.calibrate(base, calibration_texts(list(DOMAINS), n_per_domain=64, seed=args.seed), tokenizer=tok,
                                 seq_len=256, batch_size=8, seed=args.seed, whiten=True, dense_outputs=True)
     dense = mean(evaluate_tasks(base, tok, list(DOMAINS), n=n_items)["accuracy"])
@@ -185,10 +192,11 @@ def curve(args) -> int:
             points.append({"method": method, "ratio": ratio, "removed_fraction": round(removed, 4), "accuracy": acc, "mean": mean(acc)})
             log(f"{method:8s} {ratio:.3f}: removed {removed:.3f} mean {mean(acc):.3f} ({time.perf_counter() - t0:.0f}s)")
             del model
-    result = {"meta": {"items_per_domain": n_items, "rank": args.rank, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
+    result = {"meta": {"model": MODEL, "items_per_domain": n_items, "rank": args.rank, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
               "dense_mean": dense, "points": points}
-    write_json(CURVE_OUT, result)
+    curve_out = for_model(CURVE_OUT, MODEL)
+    write_json(curve_out, result)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,13 +208,13 @@ def curve(args) -> int:
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=m)
     ax.axhline(dense, color="gray", lw=0.8, label="dense")
     ax.set_xlabel("fraction of routed-expert parameters removed")
-    ax.set_ylabel("mean accuracy (4 domains), as built")
+    ax.set_ylabel(f"mean accuracy ({len(DOMAINS)} domains), as built")
     ax.legend(fontsize=8)
-    png = save_figure(fig, CURVE_OUT.with_suffix(".png"))
+    png = save_figure(fig, curve_out.with_suffix(".png"))
     methods = list(dict.fromkeys(p["method"] for p in points))
     lines = [f"### Accuracy as built over the removed fraction ({n_items} eval items per domain, rank {args.rank}, no recovery)", "",
-             f"`python benchmarks/replace.py --curve{' --quick' if args.quick else ''}` ({result['meta']['seconds']:.0f} s); mean accuracy "
-             f"over the four domains (dense {dense:.3f}); '-': the method cannot reach that fraction.", "",
+             f"`python benchmarks/replace.py --curve{' --quick' if args.quick else ''}{'' if MODEL == 'reference' else ' --model ' + MODEL}` "
+             f"({result['meta']['seconds']:.0f} s); mean accuracy over the {len(DOMAINS)} domains (dense {dense:.3f}); '-': the method cannot reach that fraction.", "",
              "| method | " + " | ".join(f"{r:.1%}" for r in CURVE_RATIOS) + " |", "|---|" + "---|" * len(CURVE_RATIOS)]
     for m in methods:
         cells = []
@@ -217,7 +225,7 @@ def curve(args) -> int:
     lines += ["", f"![removed fraction curve](results/{png.name})", ""]
     table = "\n".join(lines)
     print(table)
-    update_section("replace-curve", table)
+    update_section(section("replace-curve", MODEL), table)
     return 0
 
 
@@ -236,7 +244,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.axhline(result["dense"]["mean"], color="gray", lw=0.8, label="dense")
         ax.set_xlabel("fraction of routed-expert parameters removed")
         ax.set_title(title)
-    axes[0].set_ylabel("mean accuracy (4 domains)")
+    axes[0].set_ylabel(f"mean accuracy ({len(DOMAINS)} domains)")
     axes[1].legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -246,7 +254,8 @@ def markdown(result: dict, png: Path) -> str:
     doms = list(DOMAINS)
     lines = [f"### Replacing vs merging vs pruning at equal parameters ({'quick' if meta['quick'] else 'full'}: "
              f"{meta['recover_steps']} recovery steps, lr {meta['lr']}, rank {meta['rank']}, {meta['items_per_domain']} eval items, seed {meta['seed']})",
-             "", "`python benchmarks/replace.py" + (" --quick" if meta["quick"] else "") + f"` ({meta['seconds']:.0f} s). Accuracy per domain "
+             "", "`python benchmarks/replace.py" + (" --quick" if meta["quick"] else "") + ("" if MODEL == "reference" else f" --model {MODEL}")
+             + f"` ({meta['seconds']:.0f} s). Accuracy per domain "
              "as built → after recovery (dense: → after the same training, LoRA on attention); routed parameters as stored (bases and "
              "factors counted); decode tokens/s at batch 1, one thread, all models measured side by side.", "",
              "| removed | method | " + " | ".join(doms) + " | mean | mean recovered | routed params | weight MiB | decode tok/s |",

@@ -81,3 +81,27 @@ def save_figure(fig, path: Path) -> Path:
     os.replace(tmp, path)
     plt.close(fig)
     return path
+
+
+def bundled_model(name: str) -> tuple[str, list[str], str]:
+    """``(bundled key, trained domains, fine-tuning domain)`` of a bundled model: ``reference`` or
+    ``longtail`` (also ``reference-longtail``). The domains and the fine-tuning domain are those its
+    ``training.json`` records; the first model's fine-tuning domain is ``units``."""
+    from moetrim.data.tasks import DOMAINS
+    from moetrim.reference import BUNDLED, bundled_name, finetune_domain, trained_domains
+
+    key = name if name in BUNDLED else bundled_name(name)
+    if key is None:
+        raise SystemExit(f"--model: {name!r} is not a bundled model; choose one of {', '.join(BUNDLED)}")
+    folder = BUNDLED[key]
+    return key, trained_domains(folder) or list(DOMAINS), finetune_domain(folder) or "units"
+
+
+def for_model(path: Path, key: str) -> Path:
+    """A results file of another model than the first sits beside the first's: quality.json -> quality-longtail.json."""
+    return path if key == "reference" else path.with_name(f"{path.stem}-{key}{path.suffix}")
+
+
+def section(name: str, key: str) -> str:
+    """The README section of a benchmark's table for a model (the first model's keeps its old name)."""
+    return name if key == "reference" else f"{name}-{key}"

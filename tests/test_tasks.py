@@ -176,13 +176,15 @@ def test_eval_math_asks_half_its_items_in_held_out_phrasings_with_known_words() 
 
 
 def test_training_script_never_reads_the_eval_split() -> None:
-    """The reference model's training probes and reports on calib; eval is the test split of every benchmark."""
+    """The reference models' training probes and reports on calib; eval is the test split of every benchmark."""
     from pathlib import Path
 
-    src = (Path(__file__).resolve().parents[1] / "scripts" / "train_reference.py").read_text()
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    src = "\n".join((scripts / name).read_text() for name in ("train_reference.py", "reference_recipes.py"))
     calls = re.findall(r"evaluate_tasks\(.*", src)
     assert calls and all('split="calib"' in c for c in calls)
     assert not re.search(r"get_items\([^)]*\"eval\"", src)
+    assert not re.search(r"split\s*=\s*\"eval\"", src)
 
 
 # ------------------------------------------------------------------------------------------- units
@@ -214,7 +216,7 @@ def test_units_is_a_new_domain_outside_all_and_the_vocabulary() -> None:
     from moetrim.data.tasks import NEW_DOMAINS, TASK_DOMAINS, vocabulary_words
     from moetrim.reference import REFERENCE_DIR
 
-    assert DOMAINS == ("math", "knowledge", "code", "strings") and NEW_DOMAINS == ("units",)
+    assert DOMAINS == ("math", "knowledge", "code", "strings") and NEW_DOMAINS[0] == "units"
     assert TASK_DOMAINS == DOMAINS + NEW_DOMAINS and "units" not in parse_domains("all")
     assert parse_domains("units,math,units") == ["units", "math"]
     # the reference tokenizer was built from vocabulary_words(): it must stay exactly its word tokens

@@ -40,7 +40,8 @@ def finetune(model, tokenizer, data, config: "FinetuneConfig | None" = None, **s
 
 
 def reference_model(*args, **kwargs):
-    """The bundled reference model and its tokenizer (see moetrim.reference)."""
+    """A bundled reference model and its tokenizer: ``reference_model()`` the first, ``reference_model("longtail")``
+    the long-tail Qwen3-MoE (see moetrim.reference)."""
     from moetrim.reference import reference_model as _ref
 
     return _ref(*args, **kwargs)

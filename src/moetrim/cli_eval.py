@@ -31,8 +31,9 @@ def _quiet_transformers() -> None:
 
 @handled
 def eval_cmd(
-    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated domains, or 'all' (the default)"),
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or a bundled model: 'reference', 'reference-longtail')"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated domains, or 'all' (the default: every skill the "
+                                                                "model's training.json records, else math, knowledge, code, strings)"),
     n: Optional[int] = typer.Option(None, "--n", help="evaluation items per domain (default: the full eval split)"),
     batch_size: int = typer.Option(64, "--batch-size", help="items generated at once"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here (JSON; --overwrite replaces only a report moetrim wrote)"),
@@ -51,13 +52,14 @@ def eval_cmd(
     from moetrim.checkpoint import load_tokenizer
     from moetrim.data.tasks import parse_domains
     from moetrim.evaluate.tasks_eval import evaluate_tasks
+    from moetrim.reference import trained_domains
 
     if lm_eval_tasks is None and include_paths:
         raise UsageError("--include-path applies to --lm-eval")
     if lm_eval_tasks is not None and tasks is not None:
         raise UsageError("--tasks and --lm-eval exclusive: the built-in suite is the lm-eval task 'moetrim' (or moetrim_math, ...)")
     try:
-        domains = parse_domains(tasks or "all")
+        domains = parse_domains(tasks or "all", trained_domains(model_dir(model_path)))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if json_path is not None:

@@ -45,13 +45,15 @@ def _run(work: Path, out_dir: Path, model: str, ratio: float, criterion: str, al
          eval_items: int, seed: int, log: Callable[[str], None]) -> dict:
     from moetrim.data.tasks import DOMAINS, calibration_texts
     from moetrim.evaluate.tasks_eval import evaluate_tasks
+    from moetrim.reference import resolve_model_path, trained_domains
 
     t0 = time.perf_counter()
     model, fallback = _demo_model(model, work, log)
     dense = load_model(model, dtype=torch.float32)
     tok = load_tokenizer(model)
-    log(f"calibrating on {calib_per_domain} items of each domain ({', '.join(DOMAINS)})")
-    texts = calibration_texts(list(DOMAINS), n_per_domain=calib_per_domain, seed=seed)
+    domains = trained_domains(resolve_model_path(model)) or list(DOMAINS)  # a bundled model's own skills
+    log(f"calibrating on {calib_per_domain} items of each domain ({', '.join(domains)})")
+    texts = calibration_texts(domains, n_per_domain=calib_per_domain, seed=seed)
     profile = calibrate(dense, texts, tokenizer=tok, seq_len=256, batch_size=8, seed=seed, progress=True)
     plan = make_plan(dense, profile, granularity="dims", criterion=criterion, ratio=ratio, allocation=allocation, seed=seed)
     compressed = copy.deepcopy(dense)
@@ -63,7 +65,7 @@ def _run(work: Path, out_dir: Path, model: str, ratio: float, criterion: str, al
     results: dict = {}
     for name, m in models.items():
         log(f"evaluating {name} on {eval_items} items per domain")
-        ev = evaluate_tasks(m, tok, list(DOMAINS), n=eval_items, batch_size=64)
+        ev = evaluate_tasks(m, tok, domains, n=eval_items, batch_size=64)
         results[name] = {
             "accuracy": ev["accuracy"],
             "perplexity": ev["perplexity"],

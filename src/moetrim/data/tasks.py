@@ -1,15 +1,19 @@
-"""Synthetic task suite used to train the reference MoE and to measure what compression keeps.
+"""Synthetic task suite used to train the reference MoEs and to measure what compression keeps.
 
-Four domains, each a deterministic generator of short question/answer items:
+The first reference model's four domains live here, each a deterministic generator of short
+question/answer items:
 
 * ``math``      -- two-step arithmetic word problems with a worked chain (GSM8K-style).
 * ``knowledge`` -- recall from a fixed, seeded synthetic fact base (countries and their attributes).
 * ``code``      -- the printed output of a tiny Python program.
 * ``strings``   -- reverse / sort / uppercase / count on a short random word.
 
-These four (``DOMAINS``, what ``"all"`` means) are what the bundled reference model was trained on. A
-fifth, ``units`` (unit conversion with a worked chain, `moetrim.data.units`), is one it never saw: a new
-domain to fine-tune on (``NEW_DOMAINS``; ``TASK_DOMAINS`` is all five).
+These four (``DOMAINS``, what ``"all"`` means unless a model records its own skills) are what the first
+bundled reference model was trained on. ``NEW_DOMAINS`` are the ones it never saw: ``units`` (unit
+conversion with a worked chain, `moetrim.data.units`), the long-tail model's new skills ``sorting``,
+``cipher``, ``calendar`` (`moetrim.data.skills`) and ``people`` (a second fact base,
+`moetrim.data.people`), and ``dates`` (date word problems, `moetrim.data.dates`), a fine-tuning domain
+no bundled model trains on. ``TASK_DOMAINS`` is all of them.
 
 Every item is ``prompt = "Q: ...\\nA:"`` followed by ``completion = " <answer>\\n"``; the newline ends the
 answer, so greedy decoding stops there and exact match is taken on the stripped text before it.
@@ -21,80 +25,38 @@ eval problem is a training problem with another name); code: the program with it
 normalised; strings: the operation, the string and the letter. Math is also asked in phrasings no
 training item uses: each operation has several (its clauses worded with any verb of their sign), a
 quarter of them are held out, and half of the eval math items use one of those.
-For ``knowledge`` the splits use disjoint sets of question templates over the same facts: recall of the
-facts *is* that domain's skill, so the facts are shared and only the questions' phrasing is held out.
+For the fact-base domains (``knowledge``, ``people``) the splits use disjoint sets of question templates
+over the same facts: recall of the facts *is* that domain's skill, so the facts are shared and only the
+questions' phrasing is held out.
 The training script probes on the calib split; eval is a test split nothing trains or tunes on.
 Nothing depends on Python's ``hash()``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
+from moetrim.data.core import DEFAULT_SIZES, SPLITS, TaskItem, question as _q, split_of as _split_of, stable_int as _stable_int
+from moetrim.data.dates import dates_problem
+from moetrim.data.people import build_people, people_questions
+from moetrim.data.skills import calendar_problem, cipher_problem, sorting_problem
 from moetrim.data.units import units_problem
 
 DOMAINS: tuple[str, ...] = ("math", "knowledge", "code", "strings")
-NEW_DOMAINS: tuple[str, ...] = ("units",)  # never seen by the reference model; not part of "all"
+# Never seen by the first reference model, so not part of its "all": units (its fine-tuning domain), the
+# long-tail model's new skills, and dates (a fine-tuning domain for the long-tail model).
+NEW_DOMAINS: tuple[str, ...] = ("units", "sorting", "cipher", "calendar", "people", "dates")
 TASK_DOMAINS: tuple[str, ...] = DOMAINS + NEW_DOMAINS
-SPLITS: tuple[str, ...] = ("train", "calib", "eval")
 
-# Default number of items returned when ``n`` is None (knowledge train returns every train item).
-DEFAULT_SIZES: dict[str, int] = {"train": 20_000, "calib": 256, "eval": 256}
+__all__ = ["DEFAULT_SIZES", "DOMAINS", "NEW_DOMAINS", "SPLITS", "TASK_DOMAINS", "TaskItem", "calibration_texts",
+           "fact_base", "get_items", "parse_domains", "people_base", "to_sft_records", "vocabulary_words"]
 
 # Fixed seed of the knowledge fact base: the facts are part of the reference model, never re-rolled.
 FACT_SEED = 20240611
 NUM_ENTITIES = 128
-
-# Share of the hash space given to each split for generated domains (out of 100 buckets).
-_EVAL_BUCKETS = range(0, 8)
-_CALIB_BUCKETS = range(8, 16)
-
-
-@dataclass(frozen=True)
-class TaskItem:
-    """One question; the model is scored on greedily generating ``answer`` right after ``prompt``.
-
-    ``key`` names the computation (what decides the split): items with one key are one problem."""
-
-    domain: str
-    prompt: str
-    answer: str
-    key: str = field(default="", compare=False)
-
-    @property
-    def completion(self) -> str:
-        """What follows the prompt in running text: a space, the answer, and the newline that ends it."""
-        return " " + self.answer + "\n"
-
-    @property
-    def text(self) -> str:
-        """Full training / calibration text (prompt + answer + end-of-answer newline)."""
-        return self.prompt + self.completion
-
-
-def _stable_int(*parts: object) -> int:
-    """A seed derived from ``parts`` that is the same in every process (unlike ``hash``)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
-def _split_of(key: str) -> str:
-    """Split that owns an item with this computation key; a pure function of it, so splits are disjoint."""
-    bucket = _stable_int("split", key) % 100
-    if bucket in _EVAL_BUCKETS:
-        return "eval"
-    if bucket in _CALIB_BUCKETS:
-        return "calib"
-    return "train"
-
-
-def _q(question: str) -> str:
-    return f"Q: {question}\nA:"
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -259,6 +221,23 @@ def _knowledge_pool(split: str) -> tuple[TaskItem, ...]:
     return tuple(items)
 
 
+def people_base() -> dict[str, dict[str, str]]:
+    """The second fact base (`moetrim.data.people`): person -> {city, job, pet} (a copy)."""
+    return {person: dict(attrs) for person, attrs in _people_base().items()}
+
+
+@lru_cache(maxsize=1)
+def _people_base() -> dict[str, dict[str, str]]:
+    # Cities are the first base's capitals; no person is named like a word the first model's domains use.
+    cities = tuple(attrs["capital"] for attrs in _fact_base().values())
+    return build_people(cities, frozenset(vocabulary_words()))
+
+
+@lru_cache(maxsize=None)
+def _people_pool(split: str) -> tuple[TaskItem, ...]:
+    return tuple(TaskItem("people", _q(q), a) for q, a in people_questions(_people_base(), split))
+
+
 # ---------------------------------------------------------------------------------------------- code
 
 _VARS = "abcdmnpqrstuvwxyz"
@@ -377,18 +356,29 @@ def _reserved_lowercase() -> frozenset[str]:
     return frozenset(w.lower() for w in vocabulary_words())
 
 
-def _units_item(rng: random.Random, split: str = "train") -> TaskItem:
-    """A unit conversion (`moetrim.data.units`); as for math, its key alone decides its split."""
-    question, answer, key = units_problem(rng)
-    return TaskItem("units", _q(question), answer, key=key)
+def _problem_domain(domain: str, problem: Callable[[random.Random], tuple[str, str, str]]) -> Callable[[random.Random, str], TaskItem]:
+    """A generator of ``domain`` items from a ``(question, answer, key)`` function; its key alone decides its split."""
+    def item(rng: random.Random, split: str = "train") -> TaskItem:
+        question, answer, key = problem(rng)
+        return TaskItem(domain, _q(question), answer, key=key)
 
+    return item
+
+
+_units_item = _problem_domain("units", units_problem)
 
 _GENERATORS: dict[str, Callable[[random.Random, str], TaskItem]] = {
     "math": _math_item,
     "code": _code_item,
     "strings": _strings_item,
     "units": _units_item,
+    "sorting": _problem_domain("sorting", sorting_problem),
+    "cipher": _problem_domain("cipher", cipher_problem),
+    "calendar": _problem_domain("calendar", calendar_problem),
+    "dates": _problem_domain("dates", dates_problem),
 }
+# Fact-base domains: a fixed pool of items per split (the facts are shared, the question forms are not).
+_POOLS: dict[str, Callable[[str], tuple[TaskItem, ...]]] = {"knowledge": _knowledge_pool, "people": _people_pool}
 
 
 # ----------------------------------------------------------------------------------------------- API
@@ -404,18 +394,19 @@ def _check(domain: str, split: str) -> None:
 def get_items(domain: str, split: str, n: int | None = None, seed: int = 0) -> list[TaskItem]:
     """``n`` distinct items of ``domain`` from ``split``; same arguments always give the same list.
 
-    ``n=None`` gives ``DEFAULT_SIZES[split]`` items (for knowledge/train: every train item).
+    ``n=None`` gives ``DEFAULT_SIZES[split]`` items (for a fact-base domain's train split: every item).
     """
     _check(domain, split)
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if domain == "knowledge":
-        pool = list(_knowledge_pool(split))
-        random.Random(_stable_int("knowledge", split, seed)).shuffle(pool)
+    if domain in _POOLS:
+        pool = list(_POOLS[domain](split))
+        # knowledge keeps its original shuffle seed (its items must not change); other pools are seeded by name
+        random.Random(_stable_int(domain, split, seed)).shuffle(pool)
         if n is None:
             return pool if split == "train" else pool[: DEFAULT_SIZES[split]]
         if n > len(pool):
-            raise ValueError(f"knowledge/{split} has only {len(pool)} distinct items, asked for {n}")
+            raise ValueError(f"{domain}/{split} has only {len(pool)} distinct items, asked for {n}")
         return pool[:n]
 
     want = DEFAULT_SIZES[split] if n is None else n
@@ -454,18 +445,20 @@ def to_sft_records(items: list[TaskItem]) -> list[dict[str, str]]:
     return [{"prompt": item.prompt, "response": item.completion} for item in items]
 
 
-def parse_domains(spec: str) -> list[str]:
+def parse_domains(spec: str, all_domains: tuple[str, ...] | list[str] | None = None) -> list[str]:
     """Parse a CLI domain list such as ``"math,units"`` or ``"all"`` (order kept, duplicates dropped).
 
-    ``"all"`` is the reference model's four domains; a new domain is asked for by name."""
-    valid = f"valid domains: {', '.join(TASK_DOMAINS)} (or 'all' for {', '.join(DOMAINS)})"
+    ``"all"`` is ``all_domains``: the skills a model was trained on (`moetrim.reference.trained_domains`),
+    by default the first reference model's four; any other domain is asked for by name."""
+    every = tuple(DOMAINS if all_domains is None else all_domains)
+    valid = f"valid domains: {', '.join(TASK_DOMAINS)} (or 'all' for {', '.join(every)})"
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise ValueError(f"no domains given; {valid}")
     out: list[str] = []
     for p in parts:
         if p.lower() == "all":
-            names = list(DOMAINS)
+            names = list(every)
         elif p in TASK_DOMAINS:
             names = [p]
         else:
