@@ -35,7 +35,7 @@ def phrasing_of(prompt: str) -> str | None:
 def main(argv: list[str]) -> int:
     import argparse
 
-    from moetrim.reference import BUNDLED
+    from moetrim.assets import BUNDLED
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("path", nargs="?", default=None, help="model directory or bundled name (default: reference)")

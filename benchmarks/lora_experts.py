@@ -38,7 +38,7 @@ DEFAULT_OUT = HERE / "results" / "lora_experts.json"
 
 
 def one_layer(family: str, hidden: int, width: int, experts: int, top_k: int):
-    from moetrim.tiny import tiny_model
+    from moetrim.assets.tiny import tiny_model
 
     kw = dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, vocab_size=256,
               num_experts_per_tok=top_k)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
-from moetrim.apply import apply_plan, shared_copy  # noqa: E402
+from moetrim.build.slicing import apply_plan, shared_copy  # noqa: E402
 from moetrim.calibrate import calibrate  # noqa: E402
 from moetrim.data.tasks import DOMAINS, calibration_texts  # noqa: E402
 from moetrim.errors import MoetrimError  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/quality.json, quality-longtail.json, ...)")
     args = ap.parse_args(argv)
-    from moetrim.reference import BUNDLED, bundled_name
+    from moetrim.assets import BUNDLED, bundled_name
 
     key = args.model if args.model in BUNDLED else bundled_name(args.model)
     if key is not None:

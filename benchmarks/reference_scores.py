@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE))
 from report import bundled_model, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
+from moetrim.assets import BUNDLED, training_record  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
-from moetrim.reference import BUNDLED, training_record  # noqa: E402
 
 OUT = HERE / "results" / "reference_scores.json"
 

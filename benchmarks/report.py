@@ -87,8 +87,8 @@ def bundled_model(name: str) -> tuple[str, list[str], str]:
     """``(bundled key, trained domains, fine-tuning domain)`` of a bundled model: ``reference`` or
     ``longtail`` (also ``reference-longtail``). The domains and the fine-tuning domain are those its
     ``training.json`` records; the first model's fine-tuning domain is ``units``."""
+    from moetrim.assets import BUNDLED, bundled_name, finetune_domain, trained_domains
     from moetrim.data.tasks import DOMAINS
-    from moetrim.reference import BUNDLED, bundled_name, finetune_domain, trained_domains
 
     key = name if name in BUNDLED else bundled_name(name)
     if key is None:

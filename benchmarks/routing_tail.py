@@ -27,9 +27,9 @@ sys.path.insert(0, str(HERE))
 from report import bundled_model, for_model, section, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
+from moetrim.assets import BUNDLED, training_record  # noqa: E402
 from moetrim.data.tasks import calibration_texts  # noqa: E402
 from moetrim.evaluate.routing import routing_health  # noqa: E402
-from moetrim.reference import BUNDLED, training_record  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "routing_tail.json"
 RARE = 0.03  # a skill with at most this share of the training tokens is rare

@@ -66,9 +66,9 @@ def build_checkpoint(family: str, shape: dict, depth: int, out: Path, seed: int 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    from moetrim.own_formats import ShardWriter
-    from moetrim.shards import named_decoder_layers, outside_layers
-    from moetrim.tiny import tiny_tokenizer
+    from moetrim.assets.tiny import tiny_tokenizer
+    from moetrim.checkpoint.formats import ShardWriter
+    from moetrim.checkpoint.shards import named_decoder_layers, outside_layers
 
     cfg = AutoConfig.for_model(family, **shape, num_hidden_layers=depth, max_position_embeddings=4096, tie_word_embeddings=False,
                                bos_token_id=0, eos_token_id=127, pad_token_id=127)
@@ -181,7 +181,7 @@ def grid_point(label: str, depth: int, work: Path, data: Path, tokens: int, fish
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
-    from moetrim.shards import WeightFiles
+    from moetrim.checkpoint.shards import WeightFiles
 
     fa, fb = WeightFiles(a), WeightFiles(b)
     if sorted(fa.keys()) != sorted(fb.keys()):

@@ -86,7 +86,7 @@ def build_checkpoints(work: Path, ratio: float) -> dict[str, Path]:
 
 
 def _reference_dir() -> Path:
-    from moetrim.reference import REFERENCE_DIR
+    from moetrim.assets import REFERENCE_DIR
 
     return Path(REFERENCE_DIR)
 
@@ -94,8 +94,8 @@ def _reference_dir() -> Path:
 def build_tiny(work: Path) -> dict[str, Path]:
     """Tiny random-weight models of other families, made variable-width (layer_width and global)."""
     import moetrim
+    from moetrim.assets.tiny import tiny_model, tiny_tokenizer
     from moetrim.plan import make_plan
-    from moetrim.tiny import tiny_model, tiny_tokenizer
 
     out = {}
     for fam, overrides in TINY.items():

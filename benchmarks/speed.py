@@ -83,12 +83,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrim.apply import apply_plan, shared_copy
+from moetrim.build.slicing import apply_plan, shared_copy
+from moetrim.evaluate.summary import weight_bytes
 from moetrim.evaluate.throughput import prefill_seconds
 from moetrim.model.kv_cache import cache_kwargs, cache_of
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
-from moetrim.summary import weight_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

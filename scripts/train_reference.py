@@ -157,7 +157,7 @@ def train(hp: dict, out_dir: Path, ckpt: Path, resume: bool, init_from: Path | N
     tokenizer = build_tokenizer(hp)
     model = build_model(tokenizer, hp)
     if init_from is not None:  # continue training given weights (same architecture and tokenizer)
-        from moetrim.reference import resolve_model_path
+        from moetrim.assets import resolve_model_path
         from transformers import AutoModelForCausalLM
 
         src = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(init_from)), dtype=torch.float32)

@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moetrim.tiny import FAMILIES, save_tiny, tiny_model  # noqa: E402
+from moetrim.assets.tiny import FAMILIES, save_tiny, tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 

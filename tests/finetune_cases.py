@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moetrim.tiny import tiny_model, tiny_tokenizer
+from moetrim.assets.tiny import tiny_model, tiny_tokenizer
 from moetrim.train import FinetuneConfig, finetune
 
 

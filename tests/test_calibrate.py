@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import moetrim
+from moetrim.assets.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from moetrim.calibrate import calibrate, load_profile
 from moetrim.model.view import find_moe_layers
-from moetrim.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 
 def _seq_loss(model, ids):

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 import moetrim
+from moetrim.assets.tiny import FAMILIES
 from moetrim.cli import app
-from moetrim.tiny import FAMILIES
 
 runner = CliRunner()
 
@@ -146,7 +146,7 @@ def test_console_script_exit_code(tiny_dirs, calib_text, tmp_path):
 def test_sharded_checkpoints_load_and_save(tiny_dirs, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from moetrim import own_formats
+    from moetrim.checkpoint import formats as own_formats
 
     src = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2_moe"])
     src.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")

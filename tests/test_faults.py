@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import moetrim
-from moetrim import outputs
+from moetrim.checkpoint import atomic, outputs
 from moetrim.cli import app
 
 runner = CliRunner()
@@ -55,8 +55,8 @@ def test_sigterm_during_save_removes_the_temporary(tmp_path):
     143 with one line, and neither the output nor its temporary is left."""
     script = textwrap.dedent(f"""
         import os, signal, sys
+        from moetrim.checkpoint.atomic import atomic_dir, raise_on_termination
         from moetrim.cli_common import handled
-        from moetrim.outputs import atomic_dir, raise_on_termination
         import typer
         raise_on_termination()
         @handled
@@ -79,16 +79,17 @@ def test_sigterm_during_save_removes_the_temporary(tmp_path):
 _AFTER_RENAME = """
     import os, signal, sys
     import typer
-    from moetrim import outputs
+    from moetrim.checkpoint import atomic
+    from moetrim.checkpoint.atomic import atomic_dir, raise_on_termination, write_text
+    from moetrim.checkpoint.outputs import check_output
     from moetrim.cli_common import handled
-    from moetrim.outputs import atomic_dir, check_output, raise_on_termination, write_text
     raise_on_termination()
     real = os.replace
     def replace_then_term(src, dst):  # SIGTERM lands right after a rename: blocked until the swap is done, then raised
         real(src, dst)
         if not os.path.basename(str(dst)).startswith("."):
             os.kill(os.getpid(), signal.SIGTERM)
-    outputs.os.replace = replace_then_term
+    atomic.os.replace = replace_then_term
     @handled
     def work():
         for name in NAMES:
@@ -153,7 +154,7 @@ def test_cut_swap_is_rolled_back(tmp_path):
     old = tmp_path / f".ckpt.old-{_dead_pid()}-00ff00ff"
     old.mkdir()
     (old / "config.json").write_text('{"moetrim": {}}')
-    assert outputs.sweep_stale(out) == [old]
+    assert atomic.sweep_stale(out) == [old]
     assert (out / "config.json").read_text() == '{"moetrim": {}}' and not old.exists()
 
 
@@ -163,7 +164,7 @@ def test_failed_write_leaves_nothing_and_says_one_line(tiny_dirs, plan_file, tmp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
 
-    monkeypatch.setattr("moetrim.own_formats.save_safetensors", full)  # where the variable-width weights are written
+    monkeypatch.setattr("moetrim.checkpoint.formats.save_safetensors", full)  # where the variable-width weights are written
     code, _, stderr = cli("apply", tiny_dirs["qwen3_moe"], "--plan", plan_file, "--out", tmp_path / "out")
     assert code == 1 and len(stderr.strip().splitlines()) == 1
     assert "No space left on device" in stderr and "Traceback" not in stderr

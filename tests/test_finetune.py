@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import moetrim
+from moetrim.assets.tiny import tiny_model, tiny_tokenizer
 from moetrim.model.routing import RoutingSpec, choose_condensers, install_routing
 from moetrim.model.view import find_moe_layers
-from moetrim.tiny import tiny_model, tiny_tokenizer
 from moetrim.train import FinetuneConfig, finetune
 from moetrim.train.bias import BiasController
 from moetrim.train.data import IGNORE, load_examples

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import moetrim
-from moetrim.tiny import save_tiny
+from moetrim.assets.tiny import save_tiny
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ws, args, message):
 def test_non_moe_model_is_exit_2(tmp_path, ws):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moetrim.tiny import tiny_tokenizer
+    from moetrim.assets.tiny import tiny_tokenizer
 
     LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "dense")

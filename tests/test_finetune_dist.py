@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import moetrim
-from moetrim.tiny import tiny_model
+from moetrim.assets.tiny import tiny_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

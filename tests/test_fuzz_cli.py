@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from moetrim.assets.tiny import save_tiny
 from moetrim.cli import app
-from moetrim.tiny import save_tiny
 
 runner = CliRunner()
 
@@ -109,7 +109,7 @@ def _set(stats_key: str, value):
 def _dense_model(ws: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moetrim.tiny import tiny_tokenizer
+    from moetrim.assets.tiny import tiny_tokenizer
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2)
@@ -601,7 +601,7 @@ CASES = [
 
 
 def _compressed(ws: Path) -> None:
-    from moetrim.apply import apply_plan
+    from moetrim.build.slicing import apply_plan
     from moetrim.checkpoint import load_model, load_tokenizer, save_checkpoint
     from moetrim.plan import load_plan
 

@@ -7,9 +7,9 @@ import warnings
 import torch
 from torch import nn
 
+from moetrim.assets.tiny import tiny_model
 from moetrim.evaluate.throughput import decode_seconds
 from moetrim.model.kv_cache import cache_kwargs, cache_of
-from moetrim.tiny import tiny_model
 
 
 class _OldStyle(nn.Module):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import moetrim
+from moetrim.assets.tiny import tiny_model, tiny_tokenizer
 from moetrim.model.routing import RoutingSpec, install_routing
-from moetrim.tiny import tiny_model, tiny_tokenizer
 
 
 def _standard(model, profile):
@@ -25,7 +25,8 @@ def _varwidth(model, profile):
 
 
 def _replaced(model, profile):
-    from moetrim.plan.replace import apply_replace_plan, make_replace_plan
+    from moetrim.build.replace import apply_replace_plan
+    from moetrim.plan.replace import make_replace_plan
 
     plan = make_replace_plan(model, profile, method="merge", ratio=0.25)
     apply_replace_plan(model, plan, profile)

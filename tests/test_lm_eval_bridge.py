@@ -72,8 +72,8 @@ def test_task_files_name_every_domain() -> None:
 
 
 def test_task_templates_score_as_moetrim_eval() -> None:
+    from moetrim.assets import REFERENCE_DIR
     from moetrim.checkpoint import load_tokenizer
-    from moetrim.reference import REFERENCE_DIR
 
     gen, ppl = _yaml("_moetrim_generate"), _yaml("_moetrim_answer_ppl")
     assert gen["custom_dataset"] == ppl["custom_dataset"] == "utils.load"

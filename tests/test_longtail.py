@@ -18,10 +18,10 @@ import torch
 from typer.testing import CliRunner
 
 import moetrim
+from moetrim.assets import BUNDLED, REFERENCE_DIR, bundled_names, reference_model, resolve_model_path, trained_domains
 from moetrim.cli import app
 from moetrim.data.tasks import DOMAINS, TASK_DOMAINS, get_items
 from moetrim.errors import MoetrimError, UsageError
-from moetrim.reference import BUNDLED, REFERENCE_DIR, bundled_names, reference_model, resolve_model_path, trained_domains
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -9,9 +9,9 @@ import torch
 
 import moetrim
 from moetrim import criteria
+from moetrim.assets.tiny import tiny_model
 from moetrim.calibrate import calibrate
 from moetrim.plan import load_plan, make_plan
-from moetrim.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetrim.assets import REFERENCE_DIR, reference_model, resolve_model_path
 from moetrim.data.tasks import DOMAINS
 from moetrim.evaluate.tasks_eval import evaluate_tasks
-from moetrim.reference import REFERENCE_DIR, reference_model, resolve_model_path
 
 
 @pytest.fixture(scope="module")

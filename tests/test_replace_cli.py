@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 import moetrim
+from moetrim.assets.tiny import save_tiny
 from moetrim.cli import app
-from moetrim.tiny import save_tiny
 
 
 def cli(*args):

@@ -13,10 +13,11 @@ from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
 import moetrim
+from moetrim.assets.tiny import tiny_model
+from moetrim.build.replace import build_replaced, low_rank
 from moetrim.model.replaced import REPLACED_KEY, ReplacedExperts, install_layer, replaced_param_count
 from moetrim.model.view import find_moe_layers
-from moetrim.replace import build_replaced, cluster_experts, low_rank, mean_outputs
-from moetrim.tiny import tiny_model
+from moetrim.plan.cluster import cluster_experts, mean_outputs
 
 from helpers import auto_equals_moetrim_load, plain_transformers_error, run_logits
 

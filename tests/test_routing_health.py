@@ -11,11 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from moetrim.assets.tiny import save_tiny, tiny_model, tiny_tokenizer
 from moetrim.cli import app
 from moetrim.errors import UsageError
 from moetrim.evaluate.routing import routing_health, share_statistics
 from moetrim.model.view import find_moe_layers
-from moetrim.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 TEXTS = [f"the cat {i} sat on a mat while dogs ran over green hills" * 3 for i in range(8)]

@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from moetrim.assets.tiny import save_tiny
 from moetrim.calibrate import calibrate, load_profile
 from moetrim.calibrate.instrument import ProfilingExperts
 from moetrim.checkpoint import load_model
 from moetrim.cli import app
-from moetrim.tiny import save_tiny
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # Half the decoder layers offloaded to disk (weights on meta until accelerate's hook loads them), the rest on CPU.
@@ -132,8 +132,8 @@ def test_out_of_memory_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatc
 
 
 def test_bad_placement_values_are_one_line(tiny):
+    from moetrim.checkpoint.placement import parse_device_map, parse_max_memory
     from moetrim.errors import UsageError
-    from moetrim.placement import parse_device_map, parse_max_memory
 
     assert parse_max_memory("cpu=60GiB,disk=500GB") == {"cpu": "60GiB", "disk": "500GB"}
     assert parse_device_map("balanced") == "balanced" and parse_device_map(str(tiny / "split.json")) == SPLIT

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import moetrim
 from moetrim import criteria
+from moetrim.assets.tiny import tiny_model
 from moetrim.calibrate.profile import Profile
-from moetrim.tiny import tiny_model
 
 # ================================================================================================
 # Part 1: statistics against a per-token reference

@@ -11,18 +11,19 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from moetrim.apply import apply_plan
+from moetrim.assets import resolve_model_path
+from moetrim.assets.tiny import FAMILIES
+from moetrim.build.slicing import apply_plan
+from moetrim.build.streaming import apply_streaming
 from moetrim.calibrate import calibrate
 from moetrim.calibrate.sequential import calibrate_sequential
 from moetrim.checkpoint import load_model, load_tokenizer, make_recipe, save_checkpoint
+from moetrim.checkpoint.disk import DiskModel
+from moetrim.checkpoint.shards import ModuleLoader, named_decoder_layers, outside_layers
 from moetrim.cli import app
 from moetrim.errors import MoetrimError
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
-from moetrim.reference import resolve_model_path
-from moetrim.shards import ModuleLoader, named_decoder_layers, outside_layers
-from moetrim.stream import DiskModel, apply_streaming
-from moetrim.tiny import FAMILIES
 
 runner = CliRunner()
 TEXTS = ["the quick brown fox jumps over the lazy dog and the cat sat on a mat " * 10] * 5

@@ -213,8 +213,8 @@ def _units_computation(prompt: str) -> tuple[str, str, str, int, int]:
 def test_units_is_a_new_domain_outside_all_and_the_vocabulary() -> None:
     from transformers import AutoTokenizer
 
+    from moetrim.assets import REFERENCE_DIR
     from moetrim.data.tasks import NEW_DOMAINS, TASK_DOMAINS, vocabulary_words
-    from moetrim.reference import REFERENCE_DIR
 
     assert DOMAINS == ("math", "knowledge", "code", "strings") and NEW_DOMAINS[0] == "units"
     assert TASK_DOMAINS == DOMAINS + NEW_DOMAINS and "units" not in parse_domains("all")

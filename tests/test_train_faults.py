@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from moetrim.assets.tiny import save_tiny
 from moetrim.cli import app
-from moetrim.tiny import save_tiny
 from moetrim.train.checkpoints import MARKER, claim
 
 TINY = ["--max-steps", 1, "--routing-tokens", 0, "--quiet"]
@@ -116,7 +116,7 @@ def test_a_diverging_run_stops_with_one_line_and_writes_nothing(ws, tmp_path):
 def test_non_finite_weights_after_the_last_step_are_refused(ws, monkeypatch):
     """A step that leaves a weight non-finite while its loss was finite (the last one): no model comes back."""
     import moetrim
-    from moetrim.tiny import tiny_model, tiny_tokenizer
+    from moetrim.assets.tiny import tiny_model, tiny_tokenizer
     from moetrim.train import engine
 
     make = engine._trainer_class

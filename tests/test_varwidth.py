@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import moetrim
+from moetrim.assets.tiny import FAMILIES, tiny_model
 from moetrim.model.varwidth import VariableWidthExperts
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
-from moetrim.tiny import FAMILIES, tiny_model
 
 from helpers import run_logits
 
@@ -73,7 +73,7 @@ def test_backward_through_varwidth_matches_masked_stock():
 
 
 def test_shared_copy_compresses_without_touching_the_original():
-    from moetrim.apply import shared_copy
+    from moetrim.build.slicing import shared_copy
 
     base = tiny_model("qwen2_moe")
     before = {n: p.clone() for n, p in base.named_parameters()}

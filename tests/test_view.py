@@ -7,8 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moetrim
+from moetrim.assets.tiny import FAMILIES, tiny_model
 from moetrim.model.view import find_moe_layers
-from moetrim.tiny import FAMILIES, tiny_model
 
 EXPECTED_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2]}
 

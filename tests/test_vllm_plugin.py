@@ -21,10 +21,10 @@ from moetrim.integrations.vllm_plugin.unpack import (
     ExpertNames, LayerLayout, LayoutError, group_plan, grouped_forward, per_expert_tensors, read_layouts,
     served_widths, stack_group, unpack_down, unpack_gate_up, width_groups,
 )
+from moetrim.assets.tiny import tiny_model, tiny_tokenizer
 from moetrim.model.varwidth import VariableWidthExperts
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
-from moetrim.tiny import tiny_model, tiny_tokenizer
 
 
 def _saved(tmp_path, allocation: str, seed: int = 1):

@@ -14,7 +14,7 @@ and fine-tuning keeps what rarely used experts know (moetrim.train):
     moetrim.save(result.model, "tuned", tokenizer=tok)
 """
 
-from moetrim.apply import apply_plan
+from moetrim.build import apply_plan
 from moetrim.calibrate import Profile, calibrate, load_profile
 from moetrim.checkpoint import load_model as load
 from moetrim.checkpoint import load_tokenizer
@@ -41,8 +41,8 @@ def finetune(model, tokenizer, data, config: "FinetuneConfig | None" = None, **s
 
 def reference_model(*args, **kwargs):
     """A bundled reference model and its tokenizer: ``reference_model()`` the first, ``reference_model("longtail")``
-    the long-tail Qwen3-MoE (see moetrim.reference)."""
-    from moetrim.reference import reference_model as _ref
+    the long-tail Qwen3-MoE (see moetrim.assets)."""
+    from moetrim.assets import reference_model as _ref
 
     return _ref(*args, **kwargs)
 

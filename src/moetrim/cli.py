@@ -56,9 +56,10 @@ from moetrim.cli_stages import (  # noqa: F401  (_load, _calibrate, _quiet_trans
     _read_json,
     _report_plan,
 )
+from moetrim.checkpoint.atomic import raise_on_termination
+from moetrim.checkpoint.outputs import bytes_of_weights, check_output
 from moetrim.cli_replace import MaxGroupOpt, RankOpt, WeightingOpt, WhitenOpt
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output, raise_on_termination
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -79,7 +80,7 @@ def inspect(
 ):
     """Show a model's MoE layers, experts, widths, and parameters and memory by part (reads no weights)."""
     from moetrim.checkpoint import load_model
-    from moetrim.summary import PARTS, summarize
+    from moetrim.evaluate.summary import PARTS, summarize
 
     _quiet_transformers()
     s = summarize(load_model(path, meta=True, trust_remote_code=trust_remote_code))

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup, TyperOption
 
+from moetrim.checkpoint import outputs
+from moetrim.checkpoint.atomic import Terminated, describe_os_error
 from moetrim.cli_ranges import check_numbers, option_names
 from moetrim.errors import MoetrimError, UsageError
-from moetrim import outputs
-from moetrim.outputs import Terminated, describe_os_error
 
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
@@ -163,7 +163,7 @@ def placement(device_map: Optional[str], max_memory: Optional[str], offload_fold
     the weights themselves go to a hidden folder inside it that lives as long as the command
     (offload_scratch)."""
     from moetrim.calibrate.distributed import env_world_size
-    from moetrim.placement import check_placement, parse_device_map, parse_max_memory
+    from moetrim.checkpoint.placement import check_placement, parse_device_map, parse_max_memory
 
     dm, mm = parse_device_map(device_map), parse_max_memory(max_memory)
     check_placement(dm, mm, offload_folder, device)
@@ -179,7 +179,7 @@ def placement(device_map: Optional[str], max_memory: Optional[str], offload_fold
 
 def check_offload_folder(folder: Path, inputs: list, outputs: dict[str, Optional[Path]]) -> None:
     """--offload-folder: not an input nor around one, apart from every output, a folder we can write in."""
-    from moetrim.outputs import SCRATCH, check_output, overlap
+    from moetrim.checkpoint.outputs import SCRATCH, check_output, overlap
 
     for given in inputs:
         if given is not None and overlap(folder, given):
@@ -196,7 +196,7 @@ def check_offload_folder(folder: Path, inputs: list, outputs: dict[str, Optional
 
 def offload_scratch(place: dict) -> dict:
     """`place` with the offload folder swapped for a hidden one inside it, removed when the command ends."""
-    from moetrim.outputs import scratch_dir
+    from moetrim.checkpoint.outputs import scratch_dir
 
     if place.get("offload_folder") is None:
         return place
@@ -249,7 +249,7 @@ def data_files(data: str) -> list[Path]:
 
 def model_dir(model_path: str) -> Path:
     """The folder a model argument names ('reference' is the bundled model)."""
-    from moetrim.reference import resolve_model_path
+    from moetrim.assets import resolve_model_path
 
     return resolve_model_path(model_path)
 

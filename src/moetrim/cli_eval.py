@@ -12,9 +12,9 @@ from moetrim.cli_common import (
     DeviceMapOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, RatioOpt, SeedOpt, TrustOpt, err, handled, model_dir,
     out, placement, resolve_method,
 )
+from moetrim.checkpoint.outputs import bytes_of_weights, check_output, refuse_inputs
+from moetrim.checkpoint.reports import write_report
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output, refuse_inputs
-from moetrim.reports import write_report
 
 
 def _load(*args, **place):
@@ -49,10 +49,10 @@ def eval_cmd(
     include_paths: list[Path] = typer.Option([], "--include-path", metavar="DIR", help="with --lm-eval: a folder of your own lm-eval task files (repeatable)"),
 ):
     """Accuracy (greedy exact match) and perplexity per task domain, or lm-eval tasks (--lm-eval)."""
+    from moetrim.assets import trained_domains
     from moetrim.checkpoint import load_tokenizer
     from moetrim.data.tasks import parse_domains
     from moetrim.evaluate.tasks_eval import evaluate_tasks
-    from moetrim.reference import trained_domains
 
     if lm_eval_tasks is None and include_paths:
         raise UsageError("--include-path applies to --lm-eval")
@@ -120,7 +120,7 @@ def demo(
 ):
     """Compress the bundled reference model (Fisher, 50% of routed-expert weights, global) and
     compare dense vs compressed: accuracy, perplexity, memory, tokens/s."""
-    from moetrim.demo import fresh_out_dir, run_demo
+    from moetrim.pipeline.demo import fresh_out_dir, run_demo
 
     resolve_method("dims", criterion, ratio, "global")
     target = out_dir or fresh_out_dir()

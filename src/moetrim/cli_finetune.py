@@ -16,8 +16,8 @@ from moetrim.cli_common import (
     DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, offload_scratch,
     out, placement,
 )
+from moetrim.checkpoint.outputs import bytes_of_weights, check_output
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output
 from moetrim.train.checkpoints import check_resume, checkpoints_folder, latest, remove_checkpoints
 from moetrim.train.config import FinetuneConfig
 

@@ -12,9 +12,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from moetrim.checkpoint.outputs import bytes_of_weights, check_output
 from moetrim.cli_common import OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, out
 from moetrim.errors import UsageError
-from moetrim.outputs import bytes_of_weights, check_output
 
 RankOpt = typer.Option(16, "--rank", help="replace/naive: rank of each replaced expert's corrections (d2 picks its own)")
 MaxGroupOpt = typer.Option(8, "--max-group", help="replace: most replaced experts sharing one base")
@@ -37,10 +37,11 @@ def compress_replace(model, model_path: str, data: str, out_dir: Path, *, granul
                      fisher_mode: str, seed: int, overwrite: bool, recover_steps: int, recover_data: Optional[str],
                      recover_lr: float, dtype: str, trust_remote_code: bool) -> None:
     """Calibrate (with mean outputs, and input Grams for --whiten), plan, build, optionally recover, save."""
+    from moetrim.build.replace import apply_replace_plan
     from moetrim.checkpoint import load_model, make_recipe, save_checkpoint
     from moetrim.cli import _calibrate
     from moetrim.model.view import find_moe_layers
-    from moetrim.plan.replace import apply_replace_plan, check_replace_options, make_replace_plan
+    from moetrim.plan.replace import check_replace_options, make_replace_plan
 
     check_replace_options(granularity, ratio, rank, max_group, base_weighting, find_moe_layers(model))
     fisher = base_weighting in ("fisher", "fisher_usage") or granularity == "d2"
@@ -92,8 +93,9 @@ def plan_replace(model_path: str, profile_path: Path | None, out_path: Path, *, 
 
 def apply_replace(model, plan_dict: dict, profile, model_path: str, out_dir: Path, tokenizer, overwrite: bool) -> None:
     """`moetrim apply` with a replace/naive/merge/d2 plan."""
+    from moetrim.build.replace import apply_replace_plan
     from moetrim.checkpoint import make_recipe, save_checkpoint
-    from moetrim.plan.replace import ReplacePlan, apply_replace_plan
+    from moetrim.plan.replace import ReplacePlan
 
     plan = ReplacePlan.from_dict(plan_dict)
     with err.status("building replaced experts"):

@@ -10,11 +10,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from moetrim.checkpoint.atomic import write_text
+from moetrim.checkpoint.outputs import check_output
+from moetrim.checkpoint.reports import write_report
 from moetrim.cli_common import DeviceOpt, DtypeOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, handled, model_dir, out
 from moetrim.data.tasks import DOMAINS, SPLITS, TASK_DOMAINS, TaskItem, get_items, to_sft_records
 from moetrim.errors import UsageError
-from moetrim.outputs import check_output, write_text
-from moetrim.reports import write_report
 
 TASK_FILE_SUFFIXES = (".jsonl", ".txt")
 

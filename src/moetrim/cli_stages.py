@@ -79,7 +79,7 @@ def _report_plan(plan, fmt: str | None = None, note: str = "") -> None:
 
 
 def _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir: Path, overwrite: bool):
-    from moetrim.apply import apply_plan
+    from moetrim.build.slicing import apply_plan
     from moetrim.checkpoint import make_recipe, save_checkpoint
 
     result = apply_plan(model, plan)
@@ -100,8 +100,8 @@ def _apply_and_save(model, plan, tokenizer, profile, model_path, out_dir: Path, 
 def _model_for_plan(model_path: str, trust_remote_code: bool):
     """A plan needs shapes, routers (the fingerprint) and, for weight criteria, one layer's experts at a
     time: an original checkpoint is opened on disk and never loaded whole."""
-    from moetrim.checkpoint import MODEL_TYPES, _read_config, resolve_model_path
-    from moetrim.stream import DiskModel
+    from moetrim.checkpoint.disk import DiskModel
+    from moetrim.checkpoint.load_save import MODEL_TYPES, _read_config, resolve_model_path
 
     if _read_config(resolve_model_path(model_path)).get("model_type") in MODEL_TYPES:
         return _load(model_path, "auto", "cpu", trust_remote_code), None  # refused by make_plan with its own message
@@ -112,7 +112,8 @@ def _model_for_plan(model_path: str, trust_remote_code: bool):
 
 
 def _apply_streaming(model_path, plan, tokenizer, profile, out_dir: Path, overwrite: bool, dtype: str, device: str, trust_remote_code: bool):
-    from moetrim.stream import DiskModel, apply_streaming
+    from moetrim.build.streaming import apply_streaming
+    from moetrim.checkpoint.disk import DiskModel
 
     if device not in ("cpu", None):
         raise UsageError("--streaming slices the checkpoint on the CPU: drop --device")

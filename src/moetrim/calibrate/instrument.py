@@ -217,7 +217,7 @@ class ProfilingExperts(nn.Module):
         return out + m.down_proj_bias[e] if self.has_bias else out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        from moetrim.placement import run_with_hook
+        from moetrim.checkpoint.placement import run_with_hook
 
         return run_with_hook(self.inner, self._forward, hidden_states, top_k_index, top_k_weights)
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from moetrim.checkpoint.atomic import atomic_file, save_safetensors
 from moetrim.errors import UsageError
-from moetrim.outputs import atomic_file, save_safetensors
 
 PROFILE_VERSION = "1"
 EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")

@@ -1,6 +1,6 @@
 """The calibration loop: stream batches through the instrumented model, forward (and backward).
 
-The model may be spread over devices by accelerate (moetrim.placement): each layer's statistics
+The model may be spread over devices by accelerate (moetrim.checkpoint.placement): each layer's statistics
 live on that layer's device. Under torchrun / accelerate launch each process runs its share of the
 batches and the sums are all-reduced (moetrim.calibrate.distributed).
 """
@@ -15,11 +15,11 @@ from torch import nn
 from moetrim.calibrate import distributed
 from moetrim.calibrate.instrument import LayerRecorder, instrumented, layer_checkpointing
 from moetrim.calibrate.profile import PROFILE_VERSION, Profile, data_digest
+from moetrim.checkpoint.placement import execution_device, input_device, onloaded
 from moetrim.data.text import DataSource, batches, token_chunks
 from moetrim.errors import UsageError
 from moetrim.model.identity import model_fingerprint
 from moetrim.model.view import find_moe_layers, require_uniform_widths
-from moetrim.placement import execution_device, input_device, onloaded
 from moetrim.progress import progress_bar
 
 FISHER_MODES = ("sequence", "batch")

@@ -23,11 +23,11 @@ from torch import nn
 from moetrim.calibrate.instrument import LayerRecorder, instrumented
 from moetrim.calibrate.profile import Profile
 from moetrim.calibrate.run import default_seq_len, profile_meta, select_chunks
+from moetrim.checkpoint.shards import ModuleLoader, module_name, named_decoder_layers, outside_layers
 from moetrim.data.text import DataSource, batches
 from moetrim.errors import MoetrimError, UsageError
 from moetrim.model.view import find_moe_layers, require_uniform_widths
 from moetrim.progress import progress_bar
-from moetrim.shards import ModuleLoader, module_name, named_decoder_layers, outside_layers
 
 
 class _Stop(Exception):
@@ -76,7 +76,7 @@ def calibrate_sequential(
     Takes the same data options as `calibrate` and gives the same profile as
     `calibrate(model, data, fisher=False)` on the whole model."""
     from moetrim.checkpoint import load_model, resolve_model_path
-    from moetrim.own_formats import _materialise_buffers, format_name
+    from moetrim.checkpoint.formats import _materialise_buffers, format_name
 
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2 (a sequence needs two tokens to have a loss), got {max_tokens}")

@@ -448,7 +448,7 @@ def to_sft_records(items: list[TaskItem]) -> list[dict[str, str]]:
 def parse_domains(spec: str, all_domains: tuple[str, ...] | list[str] | None = None) -> list[str]:
     """Parse a CLI domain list such as ``"math,units"`` or ``"all"`` (order kept, duplicates dropped).
 
-    ``"all"`` is ``all_domains``: the skills a model was trained on (`moetrim.reference.trained_domains`),
+    ``"all"`` is ``all_domains``: the skills a model was trained on (`moetrim.assets.trained_domains`),
     by default the first reference model's four; any other domain is asked for by name."""
     every = tuple(DOMAINS if all_domains is None else all_domains)
     valid = f"valid domains: {', '.join(TASK_DOMAINS)} (or 'all' for {', '.join(every)})"

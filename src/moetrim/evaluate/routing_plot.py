@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moetrim.outputs import atomic_file
-from moetrim.reports import png_metadata
+from moetrim.checkpoint.atomic import atomic_file
+from moetrim.checkpoint.reports import png_metadata
 
 
 def _matrix(report: dict, key: str):

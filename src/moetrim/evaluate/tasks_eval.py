@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
+from moetrim.checkpoint.placement import input_device
 from moetrim.data.tasks import TaskItem, get_items
 from moetrim.model.kv_cache import cache_kwargs, cache_of
-from moetrim.placement import input_device
 
 
 def pad_id(tokenizer: Any) -> int:

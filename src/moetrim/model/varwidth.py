@@ -30,6 +30,8 @@ from torch import nn
 from moetrim.model.varwidth_grad import VariableWidthFunction
 from moetrim.model.view import ExpertWeights
 
+VARWIDTH_KEY = "moetrim_varwidth"  # config.json (and the weight files' metadata): the per-layer widths a checkpoint rebuilds
+
 # Dispatches whose routed copies [T*k, H] have at most this many elements (4 MiB at fp32) take the
 # few-token path; larger ones avoid such buffers (see `forward`).
 _SMALL_DISPATCH = 1 << 20

@@ -369,3 +369,21 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
 def routed_expert_param_count(model: nn.Module) -> int:
     """Parameters in routed experts over all MoE layers (what `--ratio` is a fraction of)."""
     return sum(layer.routed_params() for layer in find_moe_layers(model))
+
+
+def resize_expert_tensors(layer: MoELayer, keep: list[int] | None, n: int) -> None:
+    """Give every expert-indexed tensor around the router (its weight, biases, correction biases,
+    expert-bias buffers) `n` experts: the rows `keep`, or (keep=None) empty meta tensors to load into."""
+    old = layer.num_experts
+    for module, name, axis in layer.expert_indexed_tensors():
+        t = getattr(module, name)
+        if keep is not None:
+            new = t.detach().index_select(axis, torch.tensor(keep, dtype=torch.long, device=t.device)).clone()
+        else:
+            shape = list(t.shape)
+            shape[axis] = n
+            new = torch.empty(shape, dtype=t.dtype, device="meta")
+        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+    for m in [*layer.router.modules(), layer.block]:
+        if getattr(m, "num_experts", None) == old:
+            m.num_experts = n

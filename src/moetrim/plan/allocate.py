@@ -125,7 +125,7 @@ def make_plan(
 ) -> Plan:
     """Decide what to remove. Same inputs and seed give the same plan, bit for bit.
 
-    layer_weights: for a model whose expert weights are not in memory (`moetrim.stream.DiskModel`),
+    layer_weights: for a model whose expert weights are not in memory (`moetrim.checkpoint.disk.DiskModel`),
     a context that holds one layer's weights while a weight criterion scores it.
 
     The plan meets every constraint asked (the ratio within `plan.ratio_tolerance`, protected dims

@@ -38,9 +38,10 @@ from torch import nn
 
 from moetrim.errors import UsageError
 from moetrim.model.view import MoELayer, find_moe_layers, require_uniform_widths
-from moetrim.plan.schema import PlanFile
+from moetrim.plan.cluster import cluster_experts, dense_mean_outputs, mean_outputs
+from moetrim.plan.schema import REPLACE_METHODS, PlanFile
 
-METHODS = ("replace", "naive", "merge", "d2")
+METHODS = REPLACE_METHODS
 BASE_WEIGHTINGS = ("usage", "uniform", "fisher", "fisher_usage")
 SCHEMA_VERSION = 1
 
@@ -122,7 +123,7 @@ def _base_weights(profile, layer: MoELayer, members: list[int], weighting: str) 
     return {str(e): float(w[e]) for e in members}
 
 
-def _has(profile, layers: list[MoELayer], name: str) -> bool:
+def profile_has(profile, layers: list[MoELayer], name: str) -> bool:
     return all(f"layers.{l.index}.{name}" in profile.stats for l in layers)
 
 
@@ -158,7 +159,6 @@ def make_replace_plan(
     """A reviewable plan of which experts are kept, grouped and corrected at what rank, priced in stored
     parameters so that it removes at least `ratio` of the routed-expert parameters."""
     from moetrim import criteria
-    from moetrim.replace import cluster_experts, dense_mean_outputs, mean_outputs
 
     layers = find_moe_layers(model)
     require_uniform_widths(layers, "replace experts of")
@@ -166,7 +166,7 @@ def make_replace_plan(
     profile.check_model(layers)
     if base_weighting in ("fisher", "fisher_usage") and not profile.has_gradients:
         raise UsageError(f"--base-weighting {base_weighting} needs a profile with Fisher (calibrate without --no-fisher)")
-    has_gram = _has(profile, layers, "in_gram") and _has(profile, layers, "mid_gram")
+    has_gram = profile_has(profile, layers, "in_gram") and profile_has(profile, layers, "mid_gram")
     whiten = has_gram if whiten is None else whiten
     if whiten and not has_gram:
         raise UsageError("whitened corrections need the experts' input Grams (in_gram and mid_gram): calibrate with --whiten")
@@ -175,7 +175,7 @@ def make_replace_plan(
     notes: list[str] = []
 
     if method == "merge":
-        if not _has(profile, layers, "dense_out_sum"):
+        if not profile_has(profile, layers, "dense_out_sum"):
             raise UsageError("--granularity merge (HC-SMoE) clusters experts by their outputs on the same tokens: calibrate "
                              "with --dense-outputs (every expert runs on every calibration token)")
         plan_layers = []
@@ -266,30 +266,3 @@ def _finish(method, criterion, ratio, rank, max_group, weighting, seed, model, p
     after = sum(_stored(by_index[p.layer], len(p.kept), len(p.groups), sum(len(g) for g in p.groups), p.rank) for p in plan_layers)
     return ReplacePlan(method, criterion, float(ratio), int(rank), int(max_group), weighting, int(seed), model_fingerprint(model),
                        profile.meta.get("data_digest"), int(before), int(after), plan_layers, notes=notes)
-
-
-def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.Module:
-    """Build every planned layer's `ReplacedExperts` from the model's own weights and install it (in place)."""
-    from moetrim.model.identity import model_fingerprint
-    from moetrim.model.replaced import install_layer
-    from moetrim.replace import build_replaced
-
-    if plan.model_fingerprint != model_fingerprint(model):
-        raise UsageError("this plan was made for another model (its fingerprint differs); plan again on this model")
-    layers = {l.index: l for l in find_moe_layers(model)}
-    for lp in plan.layers:
-        if not lp.groups:
-            continue
-        layer = layers.get(lp.layer)
-        if layer is None or layer.num_experts != lp.experts_before:
-            raise UsageError(f"plan layer {lp.layer} does not match the model's MoE layers")
-        gram = mid_gram = None
-        if lp.whiten:
-            if profile is None or not _has(profile, [layer], "in_gram") or not _has(profile, [layer], "mid_gram"):
-                raise UsageError("this plan whitens its corrections: give the profile with the experts' input Grams (calibrate --whiten)")
-            gram, mid_gram = profile.get(lp.layer, "in_gram"), profile.get(lp.layer, "mid_gram")
-        weights = {int(e): w for e, w in lp.base_weights.items()}
-        new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, mid_gram=mid_gram,
-                             seed=plan.seed)
-        install_layer(model, layer, new)
-    return model

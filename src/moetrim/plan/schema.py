@@ -13,11 +13,12 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from moetrim.checkpoint.atomic import write_text
 from moetrim.errors import UsageError
-from moetrim.outputs import write_text
 
 SCHEMA_VERSION = 1
 GRANULARITIES = ("dims", "experts")
+REPLACE_METHODS = ("replace", "naive", "merge", "d2")  # the granularities of moetrim.plan.replace
 ALLOCATIONS = ("global", "layer", "uniform", "layer_width")
 
 
@@ -128,10 +129,8 @@ def _check_plan_dict(d) -> None:
     if d.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"plan schema version {d.get('schema_version')} is not {SCHEMA_VERSION}; re-run `moetrim plan`")
     if "granularity" in d and d["granularity"] not in GRANULARITIES:
-        from moetrim.plan.replace import METHODS
-
         raise UsageError(f"the plan's granularity {d['granularity']!r} is not one moetrim knows "
-                         f"({', '.join([*GRANULARITIES, *METHODS])}); re-run `moetrim plan`")
+                         f"({', '.join([*GRANULARITIES, *REPLACE_METHODS])}); re-run `moetrim plan`")
     known = {f.name for f in fields(Plan)} | {"removed_fraction"}
     required = {f.name for f in fields(Plan) if f.name not in ("schema_version", "notes", "ratio_tolerance")}
     if missing := sorted(required - set(d)):

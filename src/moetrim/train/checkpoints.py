@@ -21,9 +21,11 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from moetrim.checkpoint.atomic import atomic_dir
+from moetrim.checkpoint.outputs import CHECKPOINTS_MARKER as MARKER
+from moetrim.checkpoint.outputs import is_checkpoints_folder
 from moetrim.errors import MoetrimError, UsageError
 
-MARKER = "moetrim_checkpoints.json"
 TRAINER_STATE = "trainer_state.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
@@ -34,20 +36,9 @@ def checkpoints_folder(out_dir: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def is_checkpoints_folder(folder: Path) -> bool:
-    """Whether `folder` is one moetrim made for checkpoints (it holds MARKER as moetrim writes it)."""
-    try:
-        record = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and "moetrim_checkpoints" in record
-
-
 def claim(folder: Path) -> None:
     """Create the folder with its marker in one rename (another process never sees it without the
     marker), or check that an existing one is moetrim's."""
-    from moetrim.outputs import atomic_dir
-
     folder = Path(folder)
     if folder.exists():
         if not folder.is_dir() or not is_checkpoints_folder(folder):

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from moetrim.checkpoint.atomic import save_safetensors
 from moetrim.errors import MoetrimError, UsageError
 from moetrim.model.view import find_moe_layers
-from moetrim.outputs import save_safetensors
 from moetrim.train.config import FinetuneConfig
 from moetrim.train.data import ExampleDataset, PadCollator, load_examples, pad_id
 

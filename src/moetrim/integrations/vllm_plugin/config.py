@@ -14,8 +14,8 @@ import sys
 
 from transformers import PretrainedConfig
 
-from moetrim.apply import VARWIDTH_KEY
 from moetrim.integrations.vllm_plugin.families import family
+from moetrim.model.varwidth import VARWIDTH_KEY
 
 MODEL_TYPE = "moetrim_varwidth"
 BASE_KEY = "moetrim_base_model_type"

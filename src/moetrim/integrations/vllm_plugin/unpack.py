@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moetrim.apply import VARWIDTH_KEY
+from moetrim.model.varwidth import VARWIDTH_KEY
 from moetrim.model.varwidth import LAYOUTS, block_order
 _PACKED = re.compile(r"^(?P<layer>.*\.layers\.(?P<index>\d+)\.)mlp\.experts\.(?P<what>gate_up|down_blocks)$")
 

@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 
-from moetrim.apply import apply_plan
+from moetrim.build.slicing import apply_plan
 from moetrim.calibrate import calibrate
 from moetrim.checkpoint import load_model, load_tokenizer, make_recipe, save_checkpoint
+from moetrim.checkpoint.atomic import atomic_dir
+from moetrim.evaluate.summary import weight_bytes
 from moetrim.evaluate.throughput import compare_throughput
-from moetrim.outputs import atomic_dir
 from moetrim.plan import make_plan
-from moetrim.summary import weight_bytes
 
 
 def run_demo(
@@ -43,9 +43,9 @@ def run_demo(
 
 def _run(work: Path, out_dir: Path, model: str, ratio: float, criterion: str, allocation: str, calib_per_domain: int,
          eval_items: int, seed: int, log: Callable[[str], None]) -> dict:
+    from moetrim.assets import resolve_model_path, trained_domains
     from moetrim.data.tasks import DOMAINS, calibration_texts
     from moetrim.evaluate.tasks_eval import evaluate_tasks
-    from moetrim.reference import resolve_model_path, trained_domains
 
     t0 = time.perf_counter()
     model, fallback = _demo_model(model, work, log)
@@ -108,11 +108,11 @@ def _demo_model(model: str, out_dir: Path, log: Callable[[str], None]) -> tuple[
     here (accuracy is then meaningless, but every stage and measurement still runs for real)."""
     if model != "reference":
         return model, False
-    from moetrim.reference import REFERENCE_DIR
+    from moetrim.assets import REFERENCE_DIR
 
     if (REFERENCE_DIR / "model.safetensors").is_file():
         return model, False
-    from moetrim.tiny import save_tiny
+    from moetrim.assets.tiny import save_tiny
 
     log("the reference weights are not bundled in this build: running on a tiny random-weight Qwen2-MoE "
         "(task accuracy is meaningless; memory, speed and the pipeline are real)")

@@ -1,6 +1,6 @@
 """Tiny random-weight MoE models of every supported family, built from real `transformers` configs.
 
-Used by the tests and for trying moetrim without a checkpoint: `moetrim.tiny.save_tiny(family, dir)`
+Used by the tests and for trying moetrim without a checkpoint: `moetrim.assets.tiny.save_tiny(family, dir)`
 writes a real checkpoint directory (config, safetensors, a small tokenizer) that every command loads
 through the ordinary `from_pretrained` path.
 """

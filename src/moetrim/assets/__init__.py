@@ -21,7 +21,7 @@ import torch
 
 from moetrim.errors import MoetrimError, UsageError
 
-ASSETS: Path = Path(__file__).resolve().parent / "assets"
+ASSETS: Path = Path(__file__).resolve().parent  # this package: its folders are the bundled models
 REFERENCE_NAME = "reference"
 REFERENCE_DIR: Path = ASSETS / "reference"
 # Bundled model name -> folder. On the command line the first is "reference", the others "reference-NAME".

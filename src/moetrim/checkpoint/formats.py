@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from moetrim.apply import VARWIDTH_KEY
+from moetrim.checkpoint.atomic import save_safetensors
+from moetrim.checkpoint.shards import INDEX_FILE, WeightFiles, open_weights
 from moetrim.errors import MoetrimError
 from moetrim.model.replaced import REPLACED_KEY, REPLACED_MODEL_TYPE
 from moetrim.model.routing import ROUTED_MODEL_TYPE, ROUTING_KEY
-from moetrim.outputs import save_safetensors
-from moetrim.shards import INDEX_FILE, WeightFiles, open_weights
+from moetrim.model.varwidth import VARWIDTH_KEY
 
 VARWIDTH_MODEL_TYPE = "moetrim_varwidth"
 MODEL_TYPES = (VARWIDTH_MODEL_TYPE, ROUTED_MODEL_TYPE, REPLACED_MODEL_TYPE)
@@ -82,7 +82,7 @@ def write_moetrim_config(model: nn.Module, out: Path) -> dict[str, str]:
 
 def _weight_files(path: Path) -> list[Path]:
     """The checkpoint's weight files, from its index (or the single file); a listed file that is
-    missing is named (moetrim.shards.WeightFiles)."""
+    missing is named (moetrim.checkpoint.shards.WeightFiles)."""
     return sorted(set(WeightFiles(path).where.values()))
 
 
@@ -185,9 +185,8 @@ def _check_written(path: Path, record: dict, written: dict | None, fields: str) 
 
 def _load_varwidth_layers(path: Path, model: nn.Module, record: dict) -> None:
     """Swap the experts of every recorded layer for variable-width ones of the recorded widths."""
-    from moetrim.apply import resize_expert_tensors
     from moetrim.model.varwidth import LAYOUTS, VariableWidthExperts
-    from moetrim.model.view import find_moe_layers, make_activation
+    from moetrim.model.view import find_moe_layers, make_activation, resize_expert_tensors
 
     layers = {l.index: l for l in find_moe_layers(model)}
     _check_record(path, record, layers)

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from moetrim.checkpoint.atomic import atomic_dir
+from moetrim.checkpoint.outputs import check_output
 from moetrim.errors import MoetrimError, UsageError
-from moetrim.outputs import atomic_dir, check_output
-from moetrim.own_formats import (  # noqa: F401  (VARWIDTH_MODEL_TYPE, is_*: part of this module's API)
+from moetrim.checkpoint.formats import (  # noqa: F401  (VARWIDTH_MODEL_TYPE, is_*: handed on by moetrim.checkpoint)
     MODEL_TYPES,
     SHARD_BYTES,
     VARWIDTH_MODEL_TYPE,
@@ -59,7 +60,7 @@ def resolve_device(name: str | None) -> str:
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """'reference' names the bundled reference model; anything else is a directory."""
-    from moetrim.reference import resolve_model_path as resolve
+    from moetrim.assets import resolve_model_path as resolve
 
     return resolve(str(name_or_path))
 
@@ -99,7 +100,7 @@ def load_model(
     raw = _read_config(path)
     dtype = resolve_dtype(dtype)
     if device_map is not None and not meta:
-        from moetrim.placement import check_placement
+        from moetrim.checkpoint.placement import check_placement
 
         check_placement(device_map, max_memory, offload_folder, device)
         return _load_placed(path, raw, dtype, trust_remote_code, device_map, max_memory, offload_folder)
@@ -162,8 +163,8 @@ def _from_pretrained(path: Path, dtype, trust_remote_code: bool, **placement) ->
 
 
 def _load_placed(path: Path, raw: dict, dtype, trust_remote_code: bool, device_map, max_memory, offload_folder) -> nn.Module:
-    """load_model with a device map: accelerate places every part (see moetrim.placement)."""
-    from moetrim.placement import dispatch
+    """load_model with a device map: accelerate places every part (see moetrim.checkpoint.placement)."""
+    from moetrim.checkpoint.placement import dispatch
 
     if offload_folder is not None:
         Path(offload_folder).mkdir(parents=True, exist_ok=True)

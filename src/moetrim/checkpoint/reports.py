@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moetrim.outputs import write_text
+from moetrim.checkpoint.atomic import write_text
 
 REPORT_KEY = "moetrim_report"
 

@@ -1,7 +1,8 @@
-"""Building replaced experts (LightMoE-style): group bases, low-rank corrections, expert clustering.
+"""Building replaced experts (LightMoE-style): group bases and low-rank corrections, from a replace plan.
 
 Pure functions over one `MoELayer`: `build_replaced` returns a `ReplacedExperts` module and changes
-nothing; `install_layer` (moetrim.model.replaced) puts it in the model and records it for saving.
+nothing; `install_layer` (moetrim.model.replaced) puts it in the model and records it for saving;
+`apply_replace_plan` does both for every layer a `ReplacePlan` (moetrim.plan.replace) names.
 
 - A group's base is the weighted average of its members' weights (uniform, usage, Fisher or
   Fisher·usage weights), each of gate, up and down.
@@ -12,10 +13,8 @@ nothing; `install_layer` (moetrim.model.replaced) puts it in the model and recor
   ‖(Δ − Δ')X‖ rather than ‖Δ − Δ'‖ spends the rank on the directions the member's tokens use.
 - `init="zero"` is naive replacing: the correction starts at zero (B = 0, A small and random as in
   LoRA, so it can still learn; A = B = 0 would receive no gradient at all).
-- `cluster_experts` groups experts by average-linkage agglomerative clustering of feature rows, on
-  cosine similarity (replace: mean routed outputs) or Euclidean distance (HC-SMoE's merge: every
-  expert's mean output over the same tokens, wazenmai/HC-SMoE `hcsmoe/merging/clustering.py`), never
-  above `max_group` members.
+
+Which experts share a base is the plan's decision (moetrim.plan.cluster groups them).
 """
 
 from __future__ import annotations
@@ -25,9 +24,13 @@ from typing import Sequence
 
 import torch
 
+from torch import nn
+
 from moetrim.errors import UsageError
-from moetrim.model.replaced import ReplacedExperts, check_layout, check_replaceable
-from moetrim.model.view import MoELayer, require_uniform_widths
+from moetrim.model.identity import model_fingerprint
+from moetrim.model.replaced import ReplacedExperts, check_layout, check_replaceable, install_layer
+from moetrim.model.view import MoELayer, find_moe_layers, require_uniform_widths
+from moetrim.plan.replace import ReplacePlan, profile_has
 
 INITS = ("svd", "zero")
 # Whitening adds this fraction of the Gram's mean diagonal before the Cholesky factorisation (GPTQ's
@@ -152,66 +155,24 @@ def _zero_init(delta: torch.Tensor, rank: int, gen: torch.Generator) -> tuple[to
     return a, torch.zeros(out_dim, rank, dtype=torch.float64)
 
 
-def mean_outputs(profile, layer: int) -> torch.Tensor:
-    """Each expert's mean output over its routed tokens, out_sum / count [E, H] (zero for an unused expert)."""
-    count = profile.get(layer, "count").double()
-    return profile.get(layer, "out_sum").double() / count.clamp(min=1)[:, None]
-
-
-def dense_mean_outputs(profile, layer: int) -> torch.Tensor:
-    """Each expert's mean output over every calibration token, dense_out_sum / tokens [E, H]: all experts
-    on the same tokens, so two experts' similarity depends on their weights, not on where the router
-    sent tokens (HC-SMoE's clustering features)."""
-    tokens = float(profile.get(layer, "tokens").reshape(()))
-    return profile.get(layer, "dense_out_sum").double() / max(tokens, 1.0)
-
-
-def cluster_experts(
-    features: torch.Tensor, experts: Sequence[int], *, max_group: int, num_groups: int | None = None, metric: str = "cosine"
-) -> list[list[int]]:
-    """Group `experts` (ids into the rows of features [E, H], e.g. `mean_outputs`) by average-linkage
-    agglomerative clustering, never above `max_group` members. metric "cosine": the average cosine
-    similarity between members; "euclidean": the average Euclidean distance (HC-SMoE's).
-
-    Merges the most similar pair of clusters whose union fits until `num_groups` remain (default: as
-    few as `max_group` allows, ⌈n / max_group⌉) or no pair fits; so the result may hold more groups than
-    asked. Deterministic: ties go to the lowest pair of cluster positions. Groups come back sorted,
-    each by id and all by first member. Under cosine a zero feature row (an unused expert) is similar
-    to nothing (0)."""
-    ids = [int(e) for e in experts]
-    n = len(ids)
-    if not isinstance(max_group, int) or max_group < 1:
-        raise UsageError(f"max_group must be a whole number >= 1, got {max_group!r}")
-    if len(set(ids)) != n or any(not 0 <= e < features.shape[0] for e in ids):
-        raise UsageError(f"experts to cluster must be distinct ids below {features.shape[0]}, got {ids}")
-    if n == 0:
-        return []
-    target = math.ceil(n / max_group) if num_groups is None else num_groups
-    if not isinstance(target, int) or not 1 <= target <= n:
-        raise UsageError(f"num_groups must be between 1 and the {n} experts to cluster, got {num_groups!r}")
-    if metric not in ("cosine", "euclidean"):
-        raise UsageError(f"unknown clustering metric {metric!r}; choose cosine or euclidean")
-    f = features[ids].double().cpu()
-    if metric == "cosine":
-        f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-30)
-        link = f @ f.T  # link[a, b]: Σ similarity over member pairs of clusters a and b
-    else:
-        link = -torch.cdist(f, f)  # a similarity: minus the distance, summed over member pairs the same way
-    members: list[list[int] | None] = [[i] for i in range(n)]
-    size = torch.ones(n, dtype=torch.float64)
-    alive = torch.ones(n, dtype=torch.bool)
-    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
-    for _ in range(n - target):
-        average = link / (size[:, None] * size[None, :])
-        ok = upper & alive[:, None] & alive[None, :] & (size[:, None] + size[None, :] <= max_group)
-        if not ok.any():
-            break
-        best = int(torch.where(ok, average, torch.tensor(-math.inf, dtype=torch.float64)).flatten().argmax())
-        a, b = divmod(best, n)
-        link[a] += link[b]
-        link[:, a] += link[:, b]
-        size[a] += size[b]
-        alive[b] = False
-        members[a] = members[a] + members[b]
-        members[b] = None
-    return sorted((sorted(ids[i] for i in m) for m in members if m is not None), key=lambda g: g[0])
+def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.Module:
+    """Build every planned layer's `ReplacedExperts` from the model's own weights and install it (in place)."""
+    if plan.model_fingerprint != model_fingerprint(model):
+        raise UsageError("this plan was made for another model (its fingerprint differs); plan again on this model")
+    layers = {l.index: l for l in find_moe_layers(model)}
+    for lp in plan.layers:
+        if not lp.groups:
+            continue
+        layer = layers.get(lp.layer)
+        if layer is None or layer.num_experts != lp.experts_before:
+            raise UsageError(f"plan layer {lp.layer} does not match the model's MoE layers")
+        gram = mid_gram = None
+        if lp.whiten:
+            if profile is None or not profile_has(profile, [layer], "in_gram") or not profile_has(profile, [layer], "mid_gram"):
+                raise UsageError("this plan whitens its corrections: give the profile with the experts' input Grams (calibrate --whiten)")
+            gram, mid_gram = profile.get(lp.layer, "in_gram"), profile.get(lp.layer, "mid_gram")
+        weights = {int(e): w for e, w in lp.base_weights.items()}
+        new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, mid_gram=mid_gram,
+                             seed=plan.seed)
+        install_layer(model, layer, new)
+    return model

@@ -1,61 +1,29 @@
-"""Plan and apply from the checkpoint on disk, never holding the whole model: for models larger
+"""Apply a plan from the checkpoint on disk, never holding the whole model: for models larger
 than memory.
 
-`DiskModel` is the model built on the meta device (shapes only) with its routers read (the plan's
-fingerprint hashes them); anything else is read one module at a time from the safetensors shards
-(`moetrim.shards`). `apply_streaming` applies a plan one decoder layer at a time: read the layer,
-slice it with the same code the in-memory `apply_plan` runs, hand its tensors to a shard writer,
-put it back on meta. Peak memory is one decoder layer plus one output shard, whatever the depth,
+The model comes as a `DiskModel` (moetrim.checkpoint.disk: the meta model with its routers read,
+anything else read one module at a time from the safetensors shards). `apply_streaming` applies a
+plan one decoder layer at a time: read the layer, slice it with the same code the in-memory
+`apply_plan` runs, hand its tensors to a shard writer, put it back on meta. Peak memory is one decoder layer plus one output shard, whatever the depth,
 and the tensors written equal the in-memory path's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from moetrim.apply import VARWIDTH_KEY, ApplyResult, apply_layer, finish_apply, prepare_apply, varwidth_record
-from moetrim.errors import UsageError
-from moetrim.model.view import MoELayer, find_moe_layers
+from moetrim.build.slicing import ApplyResult, apply_layer, finish_apply, prepare_apply, varwidth_record
+from moetrim.checkpoint.disk import DiskModel
+from moetrim.checkpoint.shards import module_name, named_decoder_layers, outside_layers
+from moetrim.model.varwidth import VARWIDTH_KEY
 from moetrim.plan import Plan
 from moetrim.progress import progress_bar
-from moetrim.shards import ModuleLoader, module_name, named_decoder_layers, outside_layers
 
 STREAM_SHARD_BYTES = 1024**3  # the output shard held in memory while it fills
-
-
-class DiskModel:
-    """A checkpoint's model on the meta device, its routers in memory, everything else on disk."""
-
-    def __init__(self, path: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False):
-        from moetrim.checkpoint import load_model, resolve_model_path
-        from moetrim.own_formats import format_name
-
-        self.path = resolve_model_path(path)
-        self.model = load_model(self.path, dtype=dtype, meta=True, trust_remote_code=trust_remote_code)
-        fmt = format_name(self.model)
-        if fmt != "standard":
-            raise UsageError(f"{path} is a {fmt} checkpoint written by moetrim; streaming works on the original model")
-        self.dtype = next(self.model.parameters()).dtype
-        self.loader = ModuleLoader(self.model, self.path, self.dtype)
-        # no MoELayer views are kept: they would hold on to experts modules that applying replaces
-        for layer in find_moe_layers(self.model):
-            self.loader.load(module_name(self.model, layer.router))
-
-    @contextlib.contextmanager
-    def layer_weights(self, layer: MoELayer) -> Iterator[MoELayer]:
-        """The layer's expert weights in memory for the duration (weight criteria read them)."""
-        name = module_name(self.model, layer.experts)
-        self.loader.load(name)
-        try:
-            yield layer
-        finally:
-            self.loader.release(name)
 
 
 def _tied(model: nn.Module) -> set[str]:
@@ -84,7 +52,7 @@ def apply_streaming(
     The DiskModel's model is compressed on the way (as apply_plan compresses a model): open a new
     DiskModel to apply another plan."""
     from moetrim.checkpoint import make_recipe, save_checkpoint
-    from moetrim.own_formats import SHARD_BYTES, ShardWriter, write_moetrim_config
+    from moetrim.checkpoint.formats import SHARD_BYTES, ShardWriter, write_moetrim_config
 
     model = disk.model
     job = prepare_apply(model, plan)

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moetrim
+from moetrim.assets.tiny import FAMILIES, tiny_model
 from moetrim.calibrate import calibrate
 from moetrim.model.view import find_moe_layers
 from moetrim.plan import make_plan
-from moetrim.tiny import FAMILIES, tiny_model
 
 from helpers import auto_equals_moetrim_load, masked_model_logits, plain_transformers_error, run_logits
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from moetrim.errors import MoetrimError, UsageError
 from moetrim.model.identity import model_fingerprint
-from moetrim.model.varwidth import VariableWidthExperts
+from moetrim.model.varwidth import VARWIDTH_KEY, VariableWidthExperts
 from moetrim.model.view import (
     EXPERT_COUNT_KEYS,
     EXPERT_WIDTH_KEYS,
@@ -30,16 +30,15 @@ from moetrim.model.view import (
     find_moe_layers,
     make_activation,
     require_uniform_widths,
+    resize_expert_tensors,
 )
 from moetrim.plan import LayerPlan, Plan
 from moetrim.plan.schema import check_plan
 
-VARWIDTH_KEY = "moetrim_varwidth"
-
 
 @dataclass
 class ApplyResult:
-    format: str  # "standard" or "varwidth"
+    format: str  # "standard", "varwidth" (or "replaced", from moetrim.build.apply_plan)
     note: str = ""
 
 
@@ -58,7 +57,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
 @dataclass
 class ApplyJob:
     """What applying a plan to a model will do, decided from shapes and routers only (no expert
-    weights read): the streaming path (moetrim.stream) applies it one layer at a time."""
+    weights read): the streaming path (moetrim.build.streaming) applies it one layer at a time."""
 
     plan: Plan
     layers: list[MoELayer]
@@ -152,24 +151,6 @@ def _dims(p: LayerPlan, width: int) -> list[torch.Tensor]:
 
 
 # -- router ---------------------------------------------------------------------------------
-def resize_expert_tensors(layer: MoELayer, keep: list[int] | None, n: int) -> None:
-    """Give every expert-indexed tensor around the router (its weight, biases, correction biases,
-    expert-bias buffers) `n` experts: the rows `keep`, or (keep=None) empty meta tensors to load into."""
-    old = layer.num_experts
-    for module, name, axis in layer.expert_indexed_tensors():
-        t = getattr(module, name)
-        if keep is not None:
-            new = t.detach().index_select(axis, torch.tensor(keep, dtype=torch.long, device=t.device)).clone()
-        else:
-            shape = list(t.shape)
-            shape[axis] = n
-            new = torch.empty(shape, dtype=t.dtype, device="meta")
-        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
-    for m in [*layer.router.modules(), layer.block]:
-        if getattr(m, "num_experts", None) == old:
-            m.num_experts = n
-
-
 def _slice_router(layer: MoELayer, p: LayerPlan) -> None:
     resize_expert_tensors(layer, p.kept_experts, len(p.kept_experts))
     layer.router.top_k = p.top_k

@@ -1,0 +1,37 @@
+"""Build: a plan becomes real modules. Slicing (dims and experts plans) cuts the experts' tensors and
+routers to smaller ones, in memory or streamed from the files one decoder layer at a time; replacing
+(replace, naive, merge and d2 plans) builds shared bases and low-rank corrections. It stands on plan/
+(what to build) and model/ (the runtime modules it installs), below checkpoint I/O's callers.
+
+slicing    apply_plan: dims and experts plans, in memory
+streaming  apply_streaming: the same slicing from the checkpoint on disk
+replace    build_replaced, apply_replace_plan: replaced experts from a ReplacePlan
+"""
+
+from moetrim.build.slicing import ApplyResult
+from moetrim.build.slicing import apply_plan as apply_sliced_plan
+
+__all__ = ["ApplyResult", "apply_plan", "apply_sliced_plan"]
+
+
+def apply_plan(model, plan, profile=None, **options) -> ApplyResult:
+    """Apply any plan in place, so that `make_plan` + `apply_plan` serve every granularity: a dims or
+    experts `Plan` slices tensors (options: check_fingerprint, force_varwidth); a `ReplacePlan`
+    (replace, naive, merge, d2) builds replaced experts from the model's own weights, and needs the
+    profile when the plan whitens its corrections. The result names the checkpoint format
+    save writes: standard, varwidth or replaced.
+
+    >>> plan = moetrim.make_plan(model, profile, granularity="merge", ratio=0.25)
+    >>> moetrim.apply_plan(model, plan, profile).format
+    'replaced'
+    """
+    from moetrim.plan.replace import ReplacePlan
+
+    if isinstance(plan, ReplacePlan):
+        from moetrim.build.replace import apply_replace_plan
+
+        if options:
+            raise TypeError(f"apply_plan with a {plan.granularity} plan takes no {', '.join(options)}")
+        apply_replace_plan(model, plan, profile)
+        return ApplyResult("replaced")
+    return apply_sliced_plan(model, plan, **options)
