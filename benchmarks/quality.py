@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
-from moetrim.build.slicing import apply_plan, shared_copy  # noqa: E402
+from moetrim.apply.slicing import apply_plan, shared_copy  # noqa: E402
 from moetrim.calibrate import calibrate  # noqa: E402
 from moetrim.data.tasks import DOMAINS, calibration_texts  # noqa: E402
 from moetrim.errors import MoetrimError  # noqa: E402

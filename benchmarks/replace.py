@@ -42,8 +42,8 @@ sys.path.insert(0, str(HERE))
 from report import bundled_model, for_model, save_figure, section, update_section, versions, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
-from moetrim.build.replace import apply_replace_plan  # noqa: E402
-from moetrim.build.slicing import apply_plan, shared_copy  # noqa: E402
+from moetrim.apply.replace import apply_replace_plan  # noqa: E402
+from moetrim.apply.slicing import apply_plan, shared_copy  # noqa: E402
 from moetrim.data.tasks import calibration_texts, get_items, to_sft_records  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.evaluate.throughput import compare_throughput  # noqa: E402

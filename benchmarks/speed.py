@@ -83,7 +83,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrim.build.slicing import apply_plan, shared_copy
+from moetrim.apply.slicing import apply_plan, shared_copy
 from moetrim.evaluate.summary import weight_bytes
 from moetrim.evaluate.throughput import prefill_seconds
 from moetrim.model.kv_cache import cache_kwargs, cache_of

@@ -56,7 +56,7 @@ def test_sigterm_during_save_removes_the_temporary(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         from moetrim.checkpoint.atomic import atomic_dir, raise_on_termination
-        from moetrim.cli_common import handled
+        from moetrim.cli.common import handled
         import typer
         raise_on_termination()
         @handled
@@ -82,7 +82,7 @@ _AFTER_RENAME = """
     from moetrim.checkpoint import atomic
     from moetrim.checkpoint.atomic import atomic_dir, raise_on_termination, write_text
     from moetrim.checkpoint.outputs import check_output
-    from moetrim.cli_common import handled
+    from moetrim.cli.common import handled
     raise_on_termination()
     real = os.replace
     def replace_then_term(src, dst):  # SIGTERM lands right after a rename: blocked until the swap is done, then raised
@@ -118,7 +118,7 @@ def test_sigterm_after_the_final_rename_says_the_output_is_complete(tmp_path, na
 
 
 def test_ctrl_c_once_the_report_is_written_exits_0(tiny_dirs, tmp_path, monkeypatch):
-    import moetrim.cli_eval as cli_eval
+    from moetrim.cli import evaluate as cli_eval
 
     real = cli_eval.write_report
 
@@ -181,7 +181,7 @@ def test_too_little_space_is_refused_before_work(tiny_dirs, plan_file, tmp_path,
 def test_interrupted_demo_leaves_nothing_and_can_rerun(tiny_dirs, tmp_path, monkeypatch):
     """Ctrl-C during the demo's evaluation: the message is true (nothing was written), and the same
     command then runs."""
-    import moetrim.evaluate.tasks_eval as tasks_eval
+    from moetrim.evaluate import tasks_eval
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -601,7 +601,7 @@ CASES = [
 
 
 def _compressed(ws: Path) -> None:
-    from moetrim.build.slicing import apply_plan
+    from moetrim.apply.slicing import apply_plan
     from moetrim.checkpoint import load_model, load_tokenizer, save_checkpoint
     from moetrim.plan import load_plan
 
@@ -645,7 +645,7 @@ def _numeric_options():
     import inspect
     import typing
 
-    from moetrim.cli_ranges import option_names
+    from moetrim.cli.ranges import option_names
 
     for info in app.registered_commands:
         fn = inspect.unwrap(info.callback)
@@ -677,7 +677,7 @@ NUMERIC = list(_numeric_options())
 
 
 def test_every_numeric_option_has_a_range():
-    from moetrim.cli_ranges import RANGES
+    from moetrim.cli.ranges import RANGES
 
     assert len(NUMERIC) > 50
     assert [(c, f) for c, f, _, _ in NUMERIC if f not in RANGES] == []
@@ -687,7 +687,7 @@ def test_every_numeric_option_has_a_range():
 def test_every_numeric_option_is_checked(command, flag, kind, fn, tmp_path):
     """nan and ±inf for every float option, and one past each end of every option's range: exit 2, one
     line naming the option, before any work (nothing written)."""
-    from moetrim.cli_ranges import RANGES
+    from moetrim.cli.ranges import RANGES
 
     bounds = RANGES[flag]
     bad = ["nan", "inf", "-inf"] if kind is float else []

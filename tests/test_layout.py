@@ -25,7 +25,7 @@ def _varwidth(model, profile):
 
 
 def _replaced(model, profile):
-    from moetrim.build.replace import apply_replace_plan
+    from moetrim.apply.replace import apply_replace_plan
     from moetrim.plan.replace import make_replace_plan
 
     plan = make_replace_plan(model, profile, method="merge", ratio=0.25)

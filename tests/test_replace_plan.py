@@ -15,13 +15,13 @@ import torch
 import moetrim
 from moetrim import criteria
 from moetrim.assets.tiny import tiny_model, tiny_tokenizer
-from moetrim.build.replace import apply_replace_plan
+from moetrim.apply.replace import apply_replace_plan
 from moetrim.calibrate.profile import load_profile
 from moetrim.model.replaced import ReplacedExperts
 from moetrim.model.view import find_moe_layers
 from moetrim.plan.replace import ReplacePlan, make_replace_plan
 from moetrim.train import finetune
-from moetrim.train.recover import Recovery, parse_anneal
+from moetrim.train.recovery import Recovery, parse_anneal
 
 from helpers import run_logits
 
@@ -213,7 +213,7 @@ def test_d2_whitens_the_down_corrections_by_down_projs_own_inputs(base, prof):
     """SVD-LLM whitening of every matrix, down_proj included: the down correction's error on the
     intermediate activations the profile saw is the least any rank-r matrix can have (Eckart-Young on
     Δ·S, S Sᵀ the damped Gram Σ h hᵀ of down_proj's inputs)."""
-    from moetrim.build.replace import WHITEN_DAMP
+    from moetrim.apply.replace import WHITEN_DAMP
 
     plan = make_replace_plan(base, prof, method="d2", ratio=0.4)
     model = _applied(base, plan, prof)

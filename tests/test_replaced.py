@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 import moetrim
 from moetrim.assets.tiny import tiny_model
-from moetrim.build.replace import build_replaced, low_rank
+from moetrim.apply.replace import build_replaced, low_rank
 from moetrim.model.replaced import REPLACED_KEY, ReplacedExperts, install_layer, replaced_param_count
 from moetrim.model.view import find_moe_layers
 from moetrim.plan.cluster import cluster_experts, mean_outputs

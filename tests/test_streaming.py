@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from moetrim.assets import resolve_model_path
 from moetrim.assets.tiny import FAMILIES
-from moetrim.build.slicing import apply_plan
-from moetrim.build.streaming import apply_streaming
+from moetrim.apply.slicing import apply_plan
+from moetrim.apply.streaming import apply_streaming
 from moetrim.calibrate import calibrate
 from moetrim.calibrate.sequential import calibrate_sequential
 from moetrim.checkpoint import load_model, load_tokenizer, make_recipe, save_checkpoint

@@ -73,7 +73,7 @@ def test_backward_through_varwidth_matches_masked_stock():
 
 
 def test_shared_copy_compresses_without_touching_the_original():
-    from moetrim.build.slicing import shared_copy
+    from moetrim.apply.slicing import shared_copy
 
     base = tiny_model("qwen2_moe")
     before = {n: p.clone() for n, p in base.named_parameters()}

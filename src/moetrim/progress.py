@@ -21,3 +21,15 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
     with Progress(*columns, console=console, transient=False, disable=False) as prog:
         task = prog.add_task(label, total=total)
         yield lambda n: prog.advance(task, n)
+
+
+@contextlib.contextmanager
+def status(label: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner with `label` on stderr while the block runs (work with no count to show)."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(label):
+        yield

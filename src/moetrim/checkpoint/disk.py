@@ -1,7 +1,7 @@
 """A checkpoint opened on disk, never loaded whole: the model on the meta device (shapes only) with
 its routers read (a plan's fingerprint hashes them); anything else is read one module at a time
 from the safetensors shards (moetrim.checkpoint.shards). Planning and applying from the files
-(moetrim.build.streaming) start here, for models larger than memory."""
+(moetrim.apply.streaming) start here, for models larger than memory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Task suite (training, calibration and evaluation data) for moetrim."""
+"""Data, the first stage: the task suite moetrim trains, calibrates and evaluates on (a module per
+domain: dates, people, skills, units, ... gathered by `tasks`), and text files read into
+calibration sequences and fine-tuning records (`text`). Nothing here knows a model."""
 
 from moetrim.data.tasks import (
     DOMAINS,

@@ -15,13 +15,12 @@ from typing import Callable
 
 import torch
 
-from moetrim.build.slicing import apply_plan
 from moetrim.calibrate import calibrate
 from moetrim.checkpoint import load_model, load_tokenizer, make_recipe, save_checkpoint
 from moetrim.checkpoint.atomic import atomic_dir
 from moetrim.evaluate.summary import weight_bytes
 from moetrim.evaluate.throughput import compare_throughput
-from moetrim.plan import make_plan
+from moetrim.pipeline.compress import compress
 
 
 def run_demo(
@@ -55,12 +54,12 @@ def _run(work: Path, out_dir: Path, model: str, ratio: float, criterion: str, al
     log(f"calibrating on {calib_per_domain} items of each domain ({', '.join(domains)})")
     texts = calibration_texts(domains, n_per_domain=calib_per_domain, seed=seed)
     profile = calibrate(dense, texts, tokenizer=tok, seq_len=256, batch_size=8, seed=seed, progress=True)
-    plan = make_plan(dense, profile, granularity="dims", criterion=criterion, ratio=ratio, allocation=allocation, seed=seed)
     compressed = copy.deepcopy(dense)
-    result = apply_plan(compressed, plan)
+    done = compress(compressed, texts, "dims", ratio, tok, profile=profile, criterion=criterion, allocation=allocation, seed=seed)
+    plan, fmt = done.plan, done.report["format"]
     shown_model = str(out_dir / Path(model).relative_to(work)) if fallback else str(model)
     save_checkpoint(compressed, work / "compressed", tokenizer=tok, plan=plan, profile=profile,
-                    recipe=make_recipe(plan, profile, shown_model, result.format))
+                    recipe=make_recipe(plan, profile, shown_model, fmt))
     models = {"dense": dense, "compressed": compressed}
     results: dict = {}
     for name, m in models.items():
@@ -85,7 +84,7 @@ def _run(work: Path, out_dir: Path, model: str, ratio: float, criterion: str, al
         "ratio": ratio,
         "allocation": allocation,
         "removed_fraction": round(plan.removed_fraction, 6),
-        "checkpoint_format": result.format,
+        "checkpoint_format": fmt,
         "calibration_tokens": profile.tokens,
         "eval_items_per_domain": eval_items,
         "throughput_threads": 1,

@@ -27,6 +27,7 @@ from moetrim.checkpoint.outputs import is_checkpoints_folder
 from moetrim.errors import MoetrimError, UsageError
 
 TRAINER_STATE = "trainer_state.json"
+STATE_FILE = "moetrim_state.safetensors"  # moetrim's own training state in each checkpoint (the engine writes it)
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -89,7 +90,6 @@ def resume_step(checkpoint: Path) -> int:
     from safetensors import safe_open
     from transformers import TrainerState
 
-    from moetrim.train.engine import STATE_FILE
 
     checkpoint = Path(checkpoint)
     state_file = checkpoint / TRAINER_STATE

@@ -58,7 +58,7 @@ class FinetuneConfig:
     def check(self) -> None:
         if self.method not in METHODS and self.method != RECOVER:
             raise UsageError(f"unknown --method '{self.method}'; choose {', '.join(METHODS)}")
-        for f in fields(self):  # the CLI checks its options' ranges (cli_ranges); Python callers get this
+        for f in fields(self):  # the CLI checks its options' ranges (moetrim.cli.ranges); Python callers get this
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"{f.name} must be a finite number, got {value}")

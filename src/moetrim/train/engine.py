@@ -25,6 +25,7 @@ from torch import nn
 from moetrim.checkpoint.atomic import save_safetensors
 from moetrim.errors import MoetrimError, UsageError
 from moetrim.model.view import find_moe_layers
+from moetrim.train.checkpoints import STATE_FILE
 from moetrim.train.config import FinetuneConfig
 from moetrim.train.data import ExampleDataset, PadCollator, load_examples, pad_id
 
@@ -34,7 +35,6 @@ class FinetuneResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-STATE_FILE = "moetrim_state.safetensors"
 BIAS_STATE_FILE = "moetrim_bias_state.safetensors"  # the bias controller's sums (train/bias.py)
 
 
@@ -289,7 +289,7 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
         report["experts_run_per_token_in_training"] = layers[0].num_experts
     recovery = None
     if cfg.method == "recover":
-        from moetrim.train.recover import Recovery, parse_anneal
+        from moetrim.train.recovery import Recovery, parse_anneal
 
         recovery = Recovery(model, layers, teacher, anneal=parse_anneal(cfg.anneal), steps=steps,
                             blend_fraction=cfg.blend_fraction, kd_weight=cfg.kd_weight, lora=bool(cfg.lora))

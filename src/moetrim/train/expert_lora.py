@@ -22,7 +22,7 @@ class ExpertLoRA:
     """Swaps stock experts for LoRA-carrying ones; `merge()` folds the corrections back and restores them."""
 
     def __init__(self, layers: list[MoELayer], rank: int, seed: int = 0):
-        from moetrim.build.replace import build_replaced
+        from moetrim.apply.replace import build_replaced
 
         self.swapped: list[tuple[MoELayer, nn.Module, nn.Module, str]] = []  # layer, stock, lora, attribute
         for layer in layers:

@@ -38,7 +38,7 @@ from moetrim.plan.schema import check_plan
 
 @dataclass
 class ApplyResult:
-    format: str  # "standard", "varwidth" (or "replaced", from moetrim.build.apply_plan)
+    format: str  # "standard", "varwidth" (or "replaced", from moetrim.apply.apply_plan)
     note: str = ""
 
 
@@ -57,7 +57,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
 @dataclass
 class ApplyJob:
     """What applying a plan to a model will do, decided from shapes and routers only (no expert
-    weights read): the streaming path (moetrim.build.streaming) applies it one layer at a time."""
+    weights read): the streaming path (moetrim.apply.streaming) applies it one layer at a time."""
 
     plan: Plan
     layers: list[MoELayer]

@@ -1,4 +1,5 @@
-"""What every `moetrim` command shares: consoles, one-line errors and exit codes, option declarations.
+"""What every `moetrim` command shares: consoles, one-line errors and exit codes, option declarations,
+checks made before anything loads, and loading a model and its tokenizer quietly.
 
 Exit codes: 0 done; 2 a usage mistake (bad option, bad input file, an --out that would touch an
 input); 1 a failure (bad checkpoint, disk full, a bug); 130 interrupted; 143 terminated, with nothing
@@ -9,6 +10,7 @@ Every error is one line on stderr; `MOETRIM_DEBUG=1` shows the traceback of unex
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from typer.core import TyperGroup, TyperOption
 
 from moetrim.checkpoint import outputs
 from moetrim.checkpoint.atomic import Terminated, describe_os_error
-from moetrim.cli_ranges import check_numbers, option_names
+from moetrim.cli.ranges import check_numbers, option_names
 from moetrim.errors import MoetrimError, UsageError
 
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -91,7 +93,7 @@ def _fail(message: str, code: int) -> None:
 
 def handled(fn):
     """Turn every failure into a one-line message and the right exit code; never a traceback. Every
-    numeric option is checked against its range (cli_ranges) before the command runs."""
+    numeric option is checked against its range (moetrim.cli.ranges) before the command runs."""
     names = option_names(fn)
 
     @functools.wraps(fn)
@@ -154,6 +156,10 @@ MaxMemoryOpt = typer.Option(None, "--max-memory", help="with --device-map auto/b
 OffloadFolderOpt = typer.Option(None, "--offload-folder", help="folder for the weights --device-map offloads to disk")
 GradCheckpointOpt = typer.Option(False, "--grad-checkpoint", help="Fisher: recompute each decoder layer in backward "
                                  "(the memory of a forward pass, for about one more forward of time; same profile)")
+RankOpt = typer.Option(16, "--rank", help="replace/naive: rank of each replaced expert's corrections (d2 picks its own)")
+MaxGroupOpt = typer.Option(8, "--max-group", help="replace: most replaced experts sharing one base")
+WeightingOpt = typer.Option("usage", "--base-weighting", help="how members weigh in their base: usage, uniform, fisher or fisher_usage")
+WhitenOpt = typer.Option(False, "--whiten", help="replace/d2: whiten the corrections' SVD by each matrix's inputs (SVD-LLM, D²-MoE)")
 
 
 def placement(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[Path], device: str,
@@ -228,13 +234,12 @@ def parse_exponents(text: Optional[str]) -> Optional[list[float]]:
 
 
 def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> str:
-    """Fail before any expensive work on a bad method choice; returns the criterion (its default filled in)."""
-    from moetrim.plan import GRANULARITIES
+    """Fail before any expensive work on a bad dims or experts method; returns the criterion (its default filled in)."""
+    from moetrim.pipeline.compress import METHODS
     from moetrim.plan.allocate import check_method
-    from moetrim.plan.replace import METHODS
 
-    if granularity not in (*GRANULARITIES, *METHODS):  # check_method knows only the granularities make_plan plans
-        raise UsageError(f"unknown granularity '{granularity}' (--granularity); choose from {', '.join([*GRANULARITIES, *METHODS])}")
+    if granularity not in METHODS:  # check_method knows only the granularities it plans
+        raise UsageError(f"unknown granularity '{granularity}' (--granularity); choose from {', '.join(METHODS)}")
     return check_method(granularity, criterion, ratio, allocation).name
 
 
@@ -266,3 +271,43 @@ def check_sequential(place: dict, grad_checkpoint: bool, grad_magnitude: bool, d
         raise UsageError("--sequential runs on the CPU: drop --device")
     if env_world_size() > 1:
         raise UsageError("--sequential runs in one process: drop torchrun/accelerate launch")
+
+
+# -- loading ----------------------------------------------------------------------------------
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load(model_path: str, dtype: str, device: str, trust_remote_code: bool, **place):
+    """The model, on --device (under torchrun: this process's GPU), or spread by `place` (placement)."""
+    from moetrim.calibrate.distributed import rank_device
+    from moetrim.checkpoint import load_model
+
+    quiet_transformers()
+    with err.status(f"loading {model_path}"):
+        return load_model(model_path, dtype=dtype, device=rank_device(device), trust_remote_code=trust_remote_code,
+                          **offload_scratch(place))
+
+
+def calibration_tokenizer(model, model_path: str, seq_len: Optional[int], trust_remote_code: bool):
+    """The tokenizer calibration reads text with; warns when --seq-len is longer than the model's context."""
+    from moetrim.calibrate.run import model_context
+    from moetrim.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    context = model_context(model)
+    if seq_len is not None and context and seq_len > context:
+        err.print(f"warning: --seq-len {seq_len} is longer than the model's context ({context} tokens); its statistics "
+                  "describe positions the model never saw in training")
+    return tokenizer
+
+
+def read_json(path: Path):
+    """A file's JSON, or None when it is not JSON (the reader that needs it then says what is wrong)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

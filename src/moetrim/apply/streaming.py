@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrim.build.slicing import ApplyResult, apply_layer, finish_apply, prepare_apply, varwidth_record
+from moetrim.apply.slicing import ApplyResult, apply_layer, finish_apply, prepare_apply, varwidth_record
 from moetrim.checkpoint.disk import DiskModel
 from moetrim.checkpoint.shards import module_name, named_decoder_layers, outside_layers
 from moetrim.model.varwidth import VARWIDTH_KEY

@@ -2,7 +2,7 @@
 
 One table, by option name, so that `--lr nan`, `--epochs inf`, `--seed -1` or `--n 1000000000`
 end in one line and exit 2 whichever command they are given to, before a model loads. `handled`
-(cli_common) applies it to each command's arguments; a test checks that every int and float option
+(moetrim.cli.common) applies it to each command's arguments; a test checks that every int and float option
 of the app has a row here. typer's own `min=`/`max=` would not do: its float accepts nan and inf.
 """
 

@@ -1,6 +1,7 @@
-"""`moetrim finetune`: one command for every fine-tuning method, on one CPU, one GPU or many processes.
+"""`moetrim finetune` (one command for every fine-tuning method, on one CPU, one GPU or many
+processes) and `moetrim recover` (train what compression created, annealed from the original).
 
-Under `torchrun` / `accelerate launch` every process runs this command; the Trainer shards the data,
+Under `torchrun` / `accelerate launch` every process runs finetune; the Trainer shards the data,
 and only the main process measures routing and writes the output."""
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Optional
 
 import typer
 
-from moetrim.cli_common import (
-    DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, offload_scratch,
-    out, placement,
-)
 from moetrim.checkpoint.outputs import bytes_of_weights, check_output
+from moetrim.cli.common import (
+    DeviceMapOpt, MaxMemoryOpt, OffloadFolderOpt, OverwriteOpt, SeedOpt, TrustOpt, data_files, err, handled, model_dir, offload_scratch,
+    out, placement, quiet_transformers,
+)
 from moetrim.errors import UsageError
 from moetrim.train.checkpoints import check_resume, checkpoints_folder, latest, remove_checkpoints
 from moetrim.train.config import FinetuneConfig
@@ -55,6 +56,7 @@ def _trainable_placement(device_map: dict) -> None:
                          "that holds the whole model on GPUs, or drop --device-map")
 
 
+@handled
 def finetune_cmd(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference'); moetrim-compressed models too"),
     data: str = typer.Option(..., "--data", help=".jsonl (prompt/response, messages or text records) or .txt"),
@@ -100,7 +102,6 @@ def finetune_cmd(
 ):
     """Fine-tune an MoE model on your data with one method, keeping what its rarely used experts know."""
     from moetrim.checkpoint import load_model, load_tokenizer, save_checkpoint
-    from moetrim.cli import _quiet_transformers
     from moetrim.train import finetune
 
     cfg = FinetuneConfig(
@@ -136,7 +137,7 @@ def finetune_cmd(
     if place and routing_tokens:
         err.print("note: with --device-map, routing is not measured before and after (--routing-tokens 0)")
         routing_tokens = 0
-    _quiet_transformers()
+    quiet_transformers()
     with err.status(f"loading {model_path}"):
         model = load_model(model_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, **offload_scratch(place))
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
@@ -192,5 +193,61 @@ def finetune_cmd(
     out.print(f"saved to {out_dir} (report: {out_dir / 'finetune.json'})")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("finetune")(handled(finetune_cmd))
+@handled
+def recover_cmd(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="a compressed checkpoint (replaced, merged, pruned or trimmed)"),
+    data: str = typer.Option(..., "--data", help=".jsonl (prompt/response, messages, text) or .txt training data; keep it apart from evaluation data"),
+    out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
+    steps: int = typer.Option(2000, "--steps", help="optimizer steps"),
+    teacher_path: Optional[str] = typer.Option(None, "--teacher", help="the uncompressed model (default: the source recorded in MODEL's config)"),
+    anneal: str = typer.Option("blend,kd", "--anneal", help="blend (outputs blend in from the original), kd (distillation fading out), both, or none"),
+    blend_fraction: float = typer.Option(0.4, "--blend-fraction", help="share of the steps over which replaced outputs blend in"),
+    kd_weight: float = typer.Option(1.0, "--kd-weight", help="initial weight of KL(teacher || student), falling to 0"),
+    lr: float = typer.Option(1e-4, "--lr", help="peak learning rate"),
+    batch_size: int = typer.Option(8, "--batch-size", help="examples per micro-batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
+    seq_len: int = typer.Option(1024, "--seq-len", help="longest example in tokens"),
+    lora: int = typer.Option(0, "--lora", help="also train LoRA adapters of this rank (the only option for pruned or trimmed models)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    seed: int = SeedOpt,
+    overwrite: bool = OverwriteOpt,
+    trust_remote_code: bool = TrustOpt,
+):
+    """Recover a compressed model: train only what compression created, annealed from the original model."""
+    from moetrim.checkpoint import load_model, load_tokenizer, save_checkpoint
+    from moetrim.train import recover
+    from moetrim.train.recovery import parse_anneal
+
+    settings = dict(lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lora=lora, seed=seed,
+                    anneal=anneal, blend_fraction=blend_fraction, kd_weight=kd_weight, progress=not quiet)
+    FinetuneConfig(method="recover", **settings).check()
+    wants_teacher = bool(parse_anneal(anneal))
+    files = data_files(data)
+    if len(files) != 1:
+        raise UsageError("--data takes one file for recovery")
+    src = model_dir(model_path)
+    recipe = {}
+    try:
+        recipe = json.loads((src / "config.json").read_text()).get("moetrim") or {}
+    except (OSError, ValueError):
+        pass
+    if teacher_path is None and wants_teacher:
+        teacher_path = recipe.get("source")
+        if not teacher_path or not model_dir(teacher_path).is_dir():
+            raise UsageError(f"{model_path} does not record the model it was compressed from; give --teacher MODEL or --anneal none")
+    inputs = [src, *files] + ([model_dir(teacher_path)] if teacher_path else [])
+    check_output(out_dir, kind="checkpoint", inputs=inputs, overwrite=overwrite, need_bytes=bytes_of_weights(model_path))
+    quiet_transformers()
+    with err.status(f"loading {model_path}"):
+        model = load_model(model_path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        teacher = load_model(teacher_path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code) if wants_teacher else None
+    result = recover(model, tokenizer, str(files[0]), teacher=teacher, **settings)
+    new_recipe = dict(recipe)
+    new_recipe["recover"] = {"steps": steps, "data": str(files[0]), "anneal": anneal, "lr": lr, "lora": lora,
+                             "teacher": None if teacher_path is None else str(teacher_path)}
+    save_checkpoint(result.model, out_dir, tokenizer=tokenizer, recipe=new_recipe, overwrite=overwrite,
+                    extra_files={"recover.json": json.dumps(result.report, indent=2) + "\n"})
+    rep = result.report
+    out.print(f"recovered in {rep['steps']} steps ({rep['seconds']:.1f} s), final loss {rep['final_loss']:.4f}; "
+              f"trained {rep['trainable_parameters']:,} parameters; saved [bold]{out_dir}[/]")

@@ -1,15 +1,16 @@
-"""Build: a plan becomes real modules. Slicing (dims and experts plans) cuts the experts' tensors and
-routers to smaller ones, in memory or streamed from the files one decoder layer at a time; replacing
-(replace, naive, merge and d2 plans) builds shared bases and low-rank corrections. It stands on plan/
-(what to build) and model/ (the runtime modules it installs), below checkpoint I/O's callers.
+"""Apply: a plan becomes real modules (the stage `moetrim apply` runs). Slicing (dims and experts
+plans) cuts the experts' tensors and routers to smaller ones, in memory or streamed from the files
+one decoder layer at a time; replacing (replace, naive, merge and d2 plans) builds shared bases and
+low-rank corrections. It reads plans (moetrim.plan), installs the runtime modules of moetrim.model,
+and writes through moetrim.checkpoint when streaming.
 
-slicing    apply_plan: dims and experts plans, in memory
-streaming  apply_streaming: the same slicing from the checkpoint on disk
+slicing    dims and experts plans, in memory
+streaming  the same slicing from the checkpoint on disk (apply_streaming)
 replace    build_replaced, apply_replace_plan: replaced experts from a ReplacePlan
 """
 
-from moetrim.build.slicing import ApplyResult
-from moetrim.build.slicing import apply_plan as apply_sliced_plan
+from moetrim.apply.slicing import ApplyResult
+from moetrim.apply.slicing import apply_plan as apply_sliced_plan
 
 __all__ = ["ApplyResult", "apply_plan", "apply_sliced_plan"]
 
@@ -28,7 +29,7 @@ def apply_plan(model, plan, profile=None, **options) -> ApplyResult:
     from moetrim.plan.replace import ReplacePlan
 
     if isinstance(plan, ReplacePlan):
-        from moetrim.build.replace import apply_replace_plan
+        from moetrim.apply.replace import apply_replace_plan
 
         if options:
             raise TypeError(f"apply_plan with a {plan.granularity} plan takes no {', '.join(options)}")
