@@ -233,14 +233,11 @@ def parse_exponents(text: Optional[str]) -> Optional[list[float]]:
     return vals
 
 
-def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> str:
-    """Fail before any expensive work on a bad dims or experts method; returns the criterion (its default filled in)."""
-    from moetrim.pipeline.compress import METHODS
-    from moetrim.plan.allocate import check_method
+def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> Optional[str]:
+    """Fail before any expensive work on a bad method choice; returns the criterion (its default filled in)."""
+    from moetrim.pipeline.compress import check_method
 
-    if granularity not in METHODS:  # check_method knows only the granularities it plans
-        raise UsageError(f"unknown granularity '{granularity}' (--granularity); choose from {', '.join(METHODS)}")
-    return check_method(granularity, criterion, ratio, allocation).name
+    return check_method(granularity, criterion, ratio, allocation)
 
 
 def data_files(data: str) -> list[Path]:

@@ -70,8 +70,7 @@ def compress(
         raise UsageError(f"--granularity {granularity} builds on one device in one process: drop --device-map/--grad-checkpoint, "
                          "or calibrate with them and then `moetrim plan` + `moetrim apply`")
     if is_replace_granularity(granularity):
-        if criterion is not None:
-            criteria.get_criterion(criterion, "expert")
+        resolve_method(granularity, criterion, ratio, allocation)  # the criterion, if named
         files = data_files(data)
         extra = [Path(recover_data)] if recover_data else []
         for f in extra:

@@ -176,7 +176,14 @@ def routing_health(
     strings), JSON-ready: token share and mean router probability (softmax of the logits) per expert,
     normalised entropy, Gini, dead experts, top-10% share; with `base` (same MoE layers and experts) on
     the same tokens, the mean per-token KL(p_model || p_base) of the router softmax and the mean top-k
-    overlap |S_model ∩ S_base| / k. ``summary`` holds the means over layers (dead: the total)."""
+    overlap |S_model ∩ S_base| / k. ``summary`` holds the means over layers (dead: the total).
+    What `moetrim routing` prints: whether fine-tuning or compressing left experts idle or the
+    routing collapsed, before any task score shows it.
+
+    >>> report = moetrim.routing_health(tuned, tok, "data.txt", base=original)
+    >>> report["summary"]["dead"], report["summary"]["kl_to_base"]
+    (0, 0.0123)
+    """
     layers = _moe_layers(model, "the model")
     base_layers = None
     if base is not None:
