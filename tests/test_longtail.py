@@ -103,11 +103,12 @@ def test_sampler_gives_each_skill_its_share_of_the_tokens(bpe) -> None:
 
 
 def test_first_models_recipe_is_the_one_that_made_it() -> None:
-    """`--model reference` trains today's recipe: its hyperparameters and tokenizer are the bundled model's."""
+    """`--model reference` trains today's recipe: its hyperparameters (with the continued run's overrides,
+    REFERENCE_CONTINUED) and tokenizer are the bundled model's."""
     from transformers import AutoTokenizer
 
     recorded = json.loads((REFERENCE_DIR / "training.json").read_text())["hyperparameters"]
-    recipe = json.loads(json.dumps(recipes.REFERENCE))
+    recipe = json.loads(json.dumps({**recipes.REFERENCE, **recipes.REFERENCE_CONTINUED}))
     assert {k: v for k, v in recorded.items() if k != "threads"} == {k: v for k, v in recipe.items() if k in recorded and k != "threads"}
     assert recipes.skills(recipes.REFERENCE) == list(DOMAINS)
     built = recipes.build_tokenizer(dict(recipes.REFERENCE))
