@@ -66,6 +66,10 @@ weights carry no importance signal to rank by; see --width-spread).
 
     python benchmarks/speed.py --quick            # about 6 minutes on 2 CPU cores
     python benchmarks/speed.py --device cuda --dtype bfloat16 --out benchmarks/results/speed-gpu.json
+
+A missed target is an error: the results and tables are written, then the missed targets are listed
+on stderr and the exit status is 1 (`--no-fail` lists them and exits 0). `--report-only` checks the
+same way.
 """
 
 from __future__ import annotations

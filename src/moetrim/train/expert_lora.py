@@ -24,18 +24,21 @@ from moetrim.model.view import MoELayer, stock_expert_weights
 from moetrim.train.fused import FACTORS, factors_of, routed
 
 
-def _init_factors(rank: int, hidden: int, width: int, experts: int, seed: int) -> dict[str, torch.Tensor]:
-    """B = 0 and A uniform in ±1/√in (peft's LoRA initialisation), drawn in float64 per expert in the
-    order gate, up, down: the draws of the earlier module-swapping version, so a seed trains the same."""
+def _init_factors(experts: nn.Module, rank: int, hidden: int, width: int, seed: int, like: torch.Tensor) -> None:
+    """Register B = 0 and A uniform in ±1/√in (peft's LoRA initialisation) on the module, drawn in
+    float64 per expert in the order gate, up, down: the draws of the earlier module-swapping version,
+    so a seed trains the same. Written expert by expert into the final tensors (no float64 stack)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
-    out = {f"{n}_{s}": [] for n in shapes for s in "ab"}
-    for _ in range(experts):
-        for name, (out_dim, in_dim) in shapes.items():
-            bound = 1.0 / math.sqrt(in_dim)
-            out[f"{name}_a"].append((torch.rand(rank, in_dim, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
-            out[f"{name}_b"].append(torch.zeros(out_dim, rank, dtype=torch.float64))
-    return {k: torch.stack(v) for k, v in out.items()}
+    E = experts.num_experts
+    for name, (out_dim, in_dim) in shapes.items():
+        experts.register_parameter(f"{name}_a", nn.Parameter(torch.empty(E, rank, in_dim, dtype=like.dtype, device=like.device)))
+        experts.register_parameter(f"{name}_b", nn.Parameter(torch.zeros(E, out_dim, rank, dtype=like.dtype, device=like.device)))
+    with torch.no_grad():
+        for e in range(E):
+            for name, (_, in_dim) in shapes.items():
+                bound = 1.0 / math.sqrt(in_dim)
+                getattr(experts, f"{name}_a")[e].copy_((torch.rand(rank, in_dim, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
 
 
 def _lora_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -55,12 +58,9 @@ class ExpertLoRA:
             if getattr(experts, "is_moetrim_varwidth", False) or getattr(experts, "is_moetrim_replaced", False):
                 continue
             check_replaceable(layer)  # gated, no biases, no post-expert norm: what `routed` computes
-            ref = layer.expert(0).up
-            init = _init_factors(rank, layer.hidden_size, layer.widths[0], layer.num_experts, seed)
             for p in experts.parameters():
                 p.requires_grad_(False)
-            for name in FACTORS:
-                experts.register_parameter(name, nn.Parameter(init[name].to(device=ref.device, dtype=ref.dtype)))
+            _init_factors(experts, rank, layer.hidden_size, layer.widths[0], seed, like=layer.expert(0).up)
             experts.moetrim_lora = True
             experts.forward = types.MethodType(_lora_forward, experts)  # the instance's forward: module calls and hooks go through it
             self.modules.append(experts)

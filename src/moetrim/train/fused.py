@@ -78,19 +78,18 @@ class Groups:
         return self._ends
 
 
+_GROUPED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
+
+
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `F.grouped_mm` takes x [S, in] @ w [E, in, out]: its dtypes and devices, 16-byte rows."""
-    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+    """Whether `F.grouped_mm` takes x [S, in] @ w [E, in, out]: its dtypes per device (CUDA: SM80 and
+    later), rows of a multiple of 16 bytes, 16-byte aligned data."""
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or x.dtype not in _GROUPED_DTYPES.get(x.device.type, ()):
         return False
-    if x.device.type == "cpu":
-        ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    elif x.device.type == "cuda":
-        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    else:
-        ok = False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
     size = x.element_size()
-    return ok and (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0 and x.data_ptr() % 16 == 0 \
-        and w.data_ptr() % 16 == 0
+    return all(n * size % 16 == 0 for n in w.shape[1:]) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def _contiguous_grad(y: torch.Tensor) -> torch.Tensor:
