@@ -187,7 +187,9 @@ def memory_main(args, one_layer) -> int:
     for r in rows:
         lines.append(f"| {r['shape']} | {r['impl']} | {r['model_bytes'] / gib:.2f} | {(r['factor_bytes'] + r['optimizer_bytes']) / gib:.3f} | "
                      f"{r['peak_bytes'] / gib:.2f} | {r['ratio']:.3f} |")
-    lines += ["", f"![expert LoRA peak memory](results/{out.with_suffix('.png').name})", ""]
+    lines += ["", "What a peak holds beyond that is the factors' gradients (as large as the factors) and the step's activations, "
+              "which grow with the tokens; `copy` and `peft` hold a second expert-sized tensor (the copy; W + ΔW).", "",
+              f"![expert LoRA peak memory](results/{out.with_suffix('.png').name})", ""]
     table = "\n".join(lines)
     print(table)
     if out.resolve() == OUT.resolve():
