@@ -88,6 +88,7 @@ def measure(name: str, spec, tokens: int, rank: int, repeats: int) -> dict:
         gc.collect()
         times = step_seconds(model, ids, repeats)
         row[impl] = {"seconds": statistics.median(times), "trainable": trainable}
+        row["stock_experts_implementation"] = getattr(model.config, "_experts_implementation", None)
         print(f"{name} {impl:8s}: {row[impl]['seconds']:.3f} s/step, {trainable:,} trainable", file=sys.stderr, flush=True)
         del model
         gc.collect()
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     rows = [measure(name, spec, tokens, args.rank, args.repeats) for name, spec in SHAPES.items()]
     result = {"meta": {"quick": args.quick, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
                        "device": "cpu", "dtype": "float32"}, "rows": rows}
-    write_json(args.out, result)
+    write_json(args.out, result, experts_implementation=rows[0].get("stock_experts_implementation"))
     lines = [f"### LoRA on fused experts: peft vs moetrim's experts module (cpu float32, {tokens} tokens, rank {args.rank})", "",
              f"`python benchmarks/lora_experts.py{' --quick' if args.quick else ''}` ({result['meta']['seconds']:.0f} s); one layer at "
              "the family's expert shapes, forward + backward of one step (median of "

@@ -93,7 +93,8 @@ def child(impl: str, shape: str, tokens: int, rank: int, dtype: torch.dtype, one
     peak = (_rss_kib("VmHWM") - before) * 1024
     state = _bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     held = model_bytes + _bytes(factors) + state
-    return {"impl": impl, "shape": shape, "tokens": tokens, "rank": rank, "dtype": str(dtype).replace("torch.", ""),
+    stock = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    return {"impl": impl, "stock_experts_implementation": stock, "shape": shape, "tokens": tokens, "rank": rank, "dtype": str(dtype).replace("torch.", ""),
             "peak_bytes": peak, "model_bytes": model_bytes, "factor_bytes": _bytes(factors), "optimizer_bytes": state,
             "ratio": peak / held}
 
@@ -174,7 +175,8 @@ def memory_main(args, one_layer) -> int:
                   f"ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
     out = OUT if args.out.name == "lora_experts.json" else args.out
     write_json(out, {"meta": {"tokens": args.tokens, "rank": args.rank, "dtype": args.dtype, "threads": args.threads,
-                              "target_ratio": TARGET}, "rows": rows})
+                              "target_ratio": TARGET}, "rows": rows},
+               experts_implementation=next((r["stock_experts_implementation"] for r in rows if r["impl"] == "peft"), None))
     plot(rows, out.with_suffix(".png"))
     gib = 2**30
     lines = [f"### LoRA on fused experts: peak memory of a training step ({args.dtype}, {args.tokens} tokens, rank {args.rank})", "",
