@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         "memory_ratio_fisher": peaks["calibrate_fisher"] / max(peaks["forward_backward"], 1),
     }
     out = args.out or HERE / "results" / ("calibration_cost-gpu.json" if args.device.startswith("cuda") else "calibration_cost.json")
-    write_json(out, result)
+    write_json(out, result, experts_implementation=args.impl)
     lines = [f"### calibration cost ({args.model} shapes, {args.layers} layer(s), batch {args.batch}x{args.seq_len}, {args.device} {args.dtype})", "",
              f"`python benchmarks/calibration_cost.py{' --quick' if args.quick else ''}`; plain passes use the stock `{args.impl}` experts; "
              "a plain forward+backward computes every weight gradient, as training does.", "",

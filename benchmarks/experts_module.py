@@ -260,7 +260,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "shared_weights": True,
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     out = args.out or HERE / "results" / "experts_module.json"
-    write_json(out, {"meta": meta, "rows": rows})
+    write_json(out, {"meta": meta, "rows": rows}, experts_implementation={f"{r['model']} {r['regime']}": r["fastest_stock"] for r in rows})
     table = (f"### experts module at 0% ({meta['device']}, {meta['dtype']}, {'quick' if args.quick else 'full'})\n\n"
              "Fastest stock implementation's time / `VariableWidthExperts`' time on the same uncompressed layer "
              "(>= 1: ours at least as fast; target >= 0.97): median over rounds for decode and prefill, each side's "

@@ -7,8 +7,10 @@ family's real expert shapes, both ways at the same rank.
 
     python benchmarks/lora_experts.py --quick     # OLMoE-1B-7B and Qwen1.5-MoE-A2.7B shapes, 256 tokens
     python benchmarks/lora_experts.py             # the same with 1024 tokens
+    python benchmarks/lora_experts.py --memory    # peak memory of training steps, OLMoE and Qwen3-30B-A3B shapes
 
-Writes benchmarks/results/lora_experts.json and a table in benchmarks/README.md.
+Writes benchmarks/results/lora_experts.json and a table in benchmarks/README.md; `--memory` writes
+lora_experts_memory.json and .png (`lora_memory.py` measures, each run in a process of its own).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from lora_memory import memory_main  # noqa: E402
 from report import update_section, write_json  # noqa: E402
 
 from moetrim.model.view import find_moe_layers  # noqa: E402
@@ -44,6 +47,8 @@ def one_layer(family: str, hidden: int, width: int, experts: int, top_k: int):
               num_experts_per_tok=top_k)
     if family == "olmoe":
         kw.update(intermediate_size=width, num_experts=experts)
+    elif family == "qwen3_moe":
+        kw.update(moe_intermediate_size=width, num_experts=experts, decoder_sparse_step=1, mlp_only_layers=[], head_dim=hidden // 16)
     else:
         kw.update(moe_intermediate_size=width, num_experts=experts, shared_expert_intermediate_size=width * 4,
                   decoder_sparse_step=1, mlp_only_layers=[], intermediate_size=width * 4)
@@ -83,6 +88,7 @@ def measure(name: str, spec, tokens: int, rank: int, repeats: int) -> dict:
         gc.collect()
         times = step_seconds(model, ids, repeats)
         row[impl] = {"seconds": statistics.median(times), "trainable": trainable}
+        row["stock_experts_implementation"] = getattr(model.config, "_experts_implementation", None)
         print(f"{name} {impl:8s}: {row[impl]['seconds']:.3f} s/step, {trainable:,} trainable", file=sys.stderr, flush=True)
         del model
         gc.collect()
@@ -97,14 +103,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--memory", action="store_true", help="measure peak memory of training steps instead of time")
+    ap.add_argument("--memory-child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per step in --memory")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights' dtype in --memory (bfloat16 on CPU adds oneDNN's kernel caches to the resident set)")
     args = ap.parse_args(argv)
+    if args.memory or args.memory_child:
+        return memory_main(args, one_layer)
     torch.set_num_threads(args.threads)
     tokens = 256 if args.quick else 1024
     t0 = time.perf_counter()
     rows = [measure(name, spec, tokens, args.rank, args.repeats) for name, spec in SHAPES.items()]
     result = {"meta": {"quick": args.quick, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
                        "device": "cpu", "dtype": "float32"}, "rows": rows}
-    write_json(args.out, result)
+    write_json(args.out, result, experts_implementation=rows[0].get("stock_experts_implementation"))
     lines = [f"### LoRA on fused experts: peft vs moetrim's experts module (cpu float32, {tokens} tokens, rank {args.rank})", "",
              f"`python benchmarks/lora_experts.py{' --quick' if args.quick else ''}` ({result['meta']['seconds']:.0f} s); one layer at "
              "the family's expert shapes, forward + backward of one step (median of "

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                        "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
               "dense": dense, "rows": rows}
-    write_json(args.out, result)
+    write_json(args.out, result, experts_implementation=getattr(base.config, "_experts_implementation", None))
     png = plot(result, args.out.with_suffix(".png"))
     table = markdown(result, png)
     print(table)

@@ -43,7 +43,36 @@ def versions() -> dict[str, str]:
             "moetrim": getattr(moetrim, "__version__", "unknown")}
 
 
-def write_json(path: Path, obj) -> None:
+def machine() -> dict:
+    """Where a result was measured: cores this process may use (and the machine's), CPU model, GPU if any."""
+    import torch
+
+    cpu = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.lower().startswith("model name")), None)
+    except OSError:
+        pass
+    if not cpu:
+        import platform
+
+        cpu = platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cores": cores, "cpu_count": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch_threads": torch.get_num_threads()}
+
+
+def stack(experts_implementation=None) -> dict:
+    """The stack a result was measured on: versions, the stock experts implementation it was compared
+    against (None where no stock experts are compared), and the machine. `write_json` records it."""
+    return {**versions(), "experts_implementation": experts_implementation, "machine": machine()}
+
+
+def write_json(path: Path, obj, *, experts_implementation=None) -> None:
+    """Write a result as JSON; a dict gets `stack` (versions, stock experts implementation, machine)
+    unless it has one already, so every benchmark records what produced it from this one place."""
+    if isinstance(obj, dict) and "stack" not in obj:
+        obj = {**obj, "stack": stack(experts_implementation)}
     write_text_atomic(path, json.dumps(obj, indent=1))
 
 

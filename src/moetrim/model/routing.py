@@ -132,12 +132,25 @@ class RouterPatch:
     def bias_active(self) -> bool:
         return bool(self._read("moetrim_bias", lambda b: bool(b.any())))
 
+    def bias_flag(self) -> torch.Tensor | None:
+        """Whether the bias is non-zero, as a tensor on its device (no host read), or None without a bias."""
+        return self._read("moetrim_bias", lambda b: b.any())
+
     def __call__(self, router: nn.Module, args, output):
         logits, weights = output[0], output[1]
         bias = getattr(router, "moetrim_bias", None)
         cond = self.condensers()
-        active = self.bias_active()
         hidden = args[0].reshape(-1, self.layer.hidden_size)
+        # While the trainer observes (the bias moves every step), whether the bias is zero is never read
+        # back: the rewritten output is chosen over the stock one on the device (`torch.where` below).
+        # Without an observer it is read once per change of the bias (cached), and a zero bias leaves the
+        # router untouched.
+        flag = None
+        if cond is None and self.observer is not None:
+            flag = self.bias_flag()
+            active = flag is not None
+        else:
+            active = self.bias_active()
         if cond is None and not active and self.observer is None:
             return None  # nothing to change: the stock output, bit for bit
         raw = logits.float()
@@ -167,6 +180,9 @@ class RouterPatch:
                     top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         elif self.normalise:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if flag is not None:  # a zero bias gives the stock output, bit for bit, without a host read
+            return (torch.where(flag, biased.to(logits.dtype), logits), torch.where(flag, top_w.to(weights.dtype), weights),
+                    torch.where(flag, top_i, output[2]))
         return biased.to(logits.dtype), top_w.to(weights.dtype), top_i
 
     def remove(self) -> None:

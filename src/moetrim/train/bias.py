@@ -105,13 +105,17 @@ class BiasController:
             zero = torch.zeros(E, dtype=torch.float32, device=bias.device)
             u = zero if self.usage[index] is None else self.usage[index].to(bias.device, torch.float32)
             prob = zero if self.prob[index] is None else self.prob[index].to(bias.device, torch.float32)
-            n = torch.as_tensor(self.tokens[index], dtype=torch.float32).to(bias.device).reshape(1)
+            tokens = self.tokens[index]  # a tensor on the device, or a Python count (made there: no copy from the host)
+            n = tokens.to(bias.device, torch.float32).reshape(1) if torch.is_tensor(tokens) else \
+                torch.full((1,), float(tokens), dtype=torch.float32, device=bias.device)
             both = torch.cat([u, prob, n])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(both)  # one collective per layer
             u, prob, n = both[:E], both[E : 2 * E], both[2 * E :]
-            self.last_mean[index] = (prob / n.clamp(min=1.0)).cpu()
-            self.total[index] = self.total.get(index, 0) + u.cpu()
+            # both stay on the device: they are read only at the condenser switch and in checkpoints
+            self.last_mean[index] = prob / n.clamp(min=1.0)
+            prev = self.total.get(index)
+            self.total[index] = u if prev is None else prev.to(u.device) + u  # prev is on the CPU after a resume
             self.tokens[index] = 0.0
             direction = torch.sign(u - u.mean())
             if self.sign == "balance":
@@ -123,7 +127,7 @@ class BiasController:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What a resumed run needs besides the bias buffers (saved with the weights): the summed usage
         that breaks ties when the condensers are chosen, the update count, the bias at the switch."""
-        state = {f"total.{i}": t.float() for i, t in self.total.items()}
+        state = {f"total.{i}": t.float().cpu() for i, t in self.total.items()}
         state.update({f"bias_at_switch.{i}": torch.tensor(v, dtype=torch.float32) for i, v in self.bias_at_switch.items()})
         state["updates"] = torch.tensor([self.updates], dtype=torch.int64)
         return state

@@ -6,7 +6,8 @@ While training, each MoE block's output becomes
 
 over *all* experts e. Its value is exactly the sparse output; the experts get gradients only from
 the tokens that selected them (through y_sparse), and the router gets the gradient it would get if
-every expert ran (through y_dense). Every expert runs on every token, which is what DenseMixer costs.
+every expert ran (through y_dense). Every expert runs on every token, which is what DenseMixer costs: on
+stock fused experts as one batched computation over the fused tensors (`all_experts`).
 In eval mode nothing changes.
 
 The dense weights w are the ones the sparse pass would give every expert (yaof20/DenseMixer,
@@ -29,7 +30,28 @@ from torch import nn
 
 from moetrim.errors import UsageError
 from moetrim.model.routing import softmax_topk_renormalises
-from moetrim.model.view import MoELayer
+from moetrim.model.view import MoELayer, _is_fused_stock
+from moetrim.train.fused import dense, factors_of
+
+CHUNK_ELEMENTS = 1 << 26  # the dense pass's widest intermediate [E, tokens, max(2I, H)] per chunk of tokens
+
+
+def all_experts(experts: nn.Module, hidden: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Every expert's output on every token [E, T, H] at routing weight 1 (no gradient is taken through it).
+
+    A stock fused module (with its LoRA factors while `ExpertLoRA` trains it) is one batched computation
+    over its fused tensors per chunk of tokens; moetrim's own modules (variable-width, replaced) are
+    called once per expert with every token routed to it."""
+    t = hidden.shape[0]
+    if _is_fused_stock(experts):
+        up = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
+        widest = max(up.shape[1], up.shape[2], experts.down_proj.shape[1], experts.down_proj.shape[2])
+        step = max(1, CHUNK_ELEMENTS // (num_experts * widest))
+        factors = factors_of(experts)
+        return torch.cat([dense(experts, hidden[i : i + step], factors) for i in range(0, t, step)], dim=1)
+    one = torch.ones(t, 1, dtype=hidden.dtype, device=hidden.device)
+    return torch.stack([experts.forward(hidden, torch.full((t, 1), e, dtype=torch.long, device=hidden.device), one)
+                        for e in range(num_experts)])  # .forward skips the hooks (DenseMixer's included)
 
 
 def dense_weights(logits: torch.Tensor, top_i: torch.Tensor, normalise: bool) -> torch.Tensor:
@@ -73,15 +95,9 @@ class DenseMixer:
             w = self.weights.pop(index, None)
             if w is None:
                 return None
-            hidden = args[0]
-            t = hidden.shape[0]
-            one = torch.ones(t, 1, dtype=hidden.dtype, device=hidden.device)
             with torch.no_grad():
-                outs = torch.stack([
-                    experts.forward(hidden.detach(), torch.full((t, 1), e, dtype=torch.long, device=hidden.device), one)
-                    for e in range(num_experts)
-                ], dim=1)  # [T, E, H]; .forward skips the hooks (this one included)
-            dense = torch.einsum("te,teh->th", w.to(outs.dtype), outs)
+                outs = all_experts(experts, args[0].detach(), num_experts)  # [E, T, H]
+            dense = torch.einsum("te,eth->th", w.to(outs.dtype), outs)
             return output + (dense - dense.detach())
         return hook
 

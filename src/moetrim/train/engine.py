@@ -57,7 +57,7 @@ def total_steps(n_examples: int, cfg: FinetuneConfig) -> int:
 
 def _lora(model: nn.Module, cfg: FinetuneConfig, layers) -> nn.Module:
     """LoRA on attention projections and on fused expert tensors: through peft's target_parameters,
-    or (`lora_experts="moetrim"`, already swapped in by the caller) in moetrim's experts module."""
+    or (`lora_experts="moetrim"`, already installed by the caller: train/expert_lora.py) on the stock experts in place."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

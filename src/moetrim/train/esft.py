@@ -28,28 +28,41 @@ def expert_relevance(model: nn.Module, layers: list[MoELayer], batches, *, score
     """Per MoE layer, each expert's relevance (summing to 1 over the layer) on these batches."""
     if score not in SCORES:
         raise UsageError(f"unknown ESFT score {score!r}; choose {', '.join(SCORES)}")
-    sums = {l.index: torch.zeros(l.num_experts, dtype=torch.float64) for l in layers}
+    # sums stay on the model's device until the end: reading them back per layer and batch would sync each time
+    sums: dict[int, torch.Tensor] = {}
     state = {"mask": None}
     handles = []
     for layer in layers:
-        def hook(router, args, output, index=layer.index, k=layer.top_k):
+        def hook(router, args, output, index=layer.index, k=layer.top_k, n=layer.num_experts):
             weights, top_i = output[1][:, :k], output[2][:, :k]
+            acc = sums.get(index)
+            if acc is None:
+                acc = sums[index] = torch.zeros(n, dtype=_sum_dtype(top_i.device), device=top_i.device)
             m = state["mask"]
-            m = torch.ones(top_i.shape[0]) if m is None or m.numel() != top_i.shape[0] else m.float()
-            vals = (torch.full(top_i.shape, 1.0 / k) if score == "token" else weights.float().cpu()) * m[:, None]
-            sums[index].index_add_(0, top_i.reshape(-1).cpu(), vals.reshape(-1).double())
+            m = torch.ones(top_i.shape[0], device=top_i.device) if m is None or m.numel() != top_i.shape[0] else m.to(top_i.device).float()
+            vals = (torch.full(top_i.shape, 1.0 / k, device=top_i.device) if score == "token" else weights.float()) * m[:, None]
+            acc.index_add_(0, top_i.reshape(-1), vals.reshape(-1).to(acc.dtype))
         handles.append(layer.router.register_forward_hook(hook))
     was = model.training
     model.eval()
     try:
         for batch in batches:
-            state["mask"] = batch["attention_mask"].reshape(-1).cpu()
+            state["mask"] = batch["attention_mask"].reshape(-1)
             model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device))
     finally:
         for h in handles:
             h.remove()
         model.train(was)
-    return {i: (s / s.sum()).float() if s.sum() > 0 else s.float() for i, s in sums.items()}
+    out = {}
+    for layer in layers:
+        s = sums.get(layer.index, torch.zeros(layer.num_experts)).double().cpu()  # once per layer, after every batch
+        out[layer.index] = (s / s.sum()).float() if s.sum() > 0 else s.float()
+    return out
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (MPS has not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def select_experts(relevance: dict[int, torch.Tensor], threshold: float) -> dict[int, list[int]]:
@@ -69,6 +82,17 @@ def select_experts(relevance: dict[int, torch.Tensor], threshold: float) -> dict
     return chosen
 
 
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted expert ids as [start, end) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for e in ids:
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs
+
+
 class ExpertMask:
     """Freezes everything but the selected experts' slices; keeps frozen slices bit-identical."""
 
@@ -80,6 +104,7 @@ class ExpertMask:
         for p in model.parameters():
             p.requires_grad_(False)
         self.tensors: list[tuple[nn.Parameter, torch.Tensor]] = []  # (expert tensor, [E] bool mask of trained experts)
+        self.runs: list[tuple[nn.Parameter, list[tuple[int, int]]]] = []  # (expert tensor, [start, end) runs of trained experts)
         self.handles = []
         for layer in layers:
             keep = torch.zeros(layer.num_experts, dtype=torch.bool)
@@ -92,6 +117,7 @@ class ExpertMask:
                 p.requires_grad_(True)
                 m = keep.to(p.device)
                 self.tensors.append((p, m))
+                self.runs.append((p, _runs(sorted(set(chosen.get(layer.index, []))))))
                 shape = (-1,) + (1,) * (p.ndim - 1)
                 self.handles.append(p.register_hook(lambda g, m=m, shape=shape: g * m.view(shape).to(g.dtype)))
 
@@ -100,8 +126,9 @@ class ExpertMask:
         if weight_decay == 0 or lr == 0:
             return
         with torch.no_grad():
-            for p, m in self.tensors:
-                p[m] *= 1 - lr * weight_decay
+            for p, runs in self.runs:  # slices from host-side ids: a boolean mask would read its nonzero entries back each step
+                for start, end in runs:
+                    p[start:end] *= 1 - lr * weight_decay
 
     def params(self) -> list[nn.Parameter]:
         return [p for p, _ in self.tensors]
