@@ -5,7 +5,8 @@ training.json records), at 30% and 50% of routed-expert parameters removed (base
 low-rank factors counted against the budget):
 
 - replace: REAP-selected experts, clustered by mean output into groups (at most 8) with a
-  usage-weighted base each and whitened-SVD rank-16 corrections;
+  usage-weighted base each and whitened-SVD corrections at the rank of `--ranks` (4, 8, 16, 32)
+  that the budget reaches with the lowest calib-split answer loss (chosen per ratio, never on eval);
 - naive: the same selection, one base per layer, corrections starting at zero, no annealing;
 - merge: HC-SMoE (every expert's mean output over the same tokens, average-linkage Euclidean
   clustering, usage-weighted merge, members' routing weights summed);
@@ -45,7 +46,7 @@ import moetrim  # noqa: E402
 from moetrim.apply.replace import apply_replace_plan  # noqa: E402
 from moetrim.apply.slicing import apply_plan, shared_copy  # noqa: E402
 from moetrim.data.tasks import calibration_texts, get_items, to_sft_records  # noqa: E402
-from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
+from moetrim.evaluate.tasks_eval import _encode_pairs, answer_nll, evaluate_tasks, pad_id  # noqa: E402
 from moetrim.evaluate.throughput import compare_throughput  # noqa: E402
 from moetrim.model.view import find_moe_layers  # noqa: E402
 from moetrim.plan import make_plan  # noqa: E402
@@ -61,6 +62,42 @@ MODEL, DOMAINS = "reference", ["math", "knowledge", "code", "strings"]
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def calib_loss(model, tok, n: int = 48) -> float:
+    """Mean answer NLL per token on the calib split of every domain: what a configuration is chosen by (never eval)."""
+    pairs = [pr for d in DOMAINS for pr in _encode_pairs(tok, get_items(d, "calib", n, seed=0))]
+    with torch.inference_mode():
+        total, count = answer_nll(model.eval(), pairs, pad_id(tok))
+    return total / max(count, 1)
+
+
+def build_chosen(method: str, ratio: float, base, profile, tok, ranks: list[int]):
+    """Build ``method`` at ``ratio``; replace and naive try every rank of the grid that the budget reaches and
+    keep the one with the lowest calib-split loss. Returns (model, removed, choice), or raises UsageError
+    (with every reason) when no rank reaches the ratio."""
+    from moetrim.errors import UsageError
+
+    if method not in ("replace", "naive"):
+        model, removed = build(method, ratio, base, profile, ranks[0])
+        return model, removed, {}
+    tried, best = {}, None
+    for r in ranks:
+        try:
+            model, removed = build(method, ratio, base, profile, r)
+        except UsageError as exc:
+            tried[r] = f"unreachable: {exc}"
+            continue
+        loss = calib_loss(model, tok)
+        tried[r] = round(loss, 4)
+        if best is None or loss < best[0]:
+            best = (loss, r, model, removed)
+        else:
+            del model
+    if best is None:
+        raise UsageError(f"no rank of {ranks} reaches {ratio:.0%}: " + "; ".join(f"{r}: {w}" for r, w in tried.items()))
+    log(f"{ratio:.0%} {method}: rank by calib loss {tried} -> {best[1]}")
+    return best[2], best[3], {"rank_grid": tried, "rank_chosen": best[1]}
 
 
 def build(method: str, ratio: float, base, profile, rank: int):
@@ -94,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="recovery steps (default 300, quick 100)")
     ap.add_argument("--items", type=int, default=None, help="eval items per domain (default 256, quick 128)")
     ap.add_argument("--lr", type=float, default=5e-5, help="recovery learning rate (2e-4 already costs the dense model accuracy here)")
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16, help="the rank of --curve")
+    ap.add_argument("--ranks", default="4,8,16,32", help="replace/naive: rank grid, chosen per ratio by calib-split loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -119,11 +157,19 @@ def main(argv=None) -> int:
     dense_acc = evaluate_tasks(base, tok, list(DOMAINS), n=n_items)["accuracy"]
     dense = {"accuracy": dense_acc, "mean": mean(dense_acc), **stored(base)}
     log(f"dense: mean {dense['mean']:.3f} ({time.perf_counter() - t0:.0f}s)")
-    rows = []
+    from moetrim.errors import UsageError
+
+    ranks = [int(r) for r in args.ranks.split(",") if r]
+    rows, skipped = [], []
     built = {}
     for ratio in RATIOS:
         for method in methods:
-            model, removed = build(method, ratio, base, profile, args.rank)
+            try:
+                model, removed, choice = build_chosen(method, ratio, base, profile, tok, ranks)
+            except UsageError as exc:
+                skipped.append({"method": method, "ratio": ratio, "why": str(exc)})
+                log(f"{ratio:.0%} {method}: skipped ({exc})")
+                continue
             acc = evaluate_tasks(model, tok, list(DOMAINS), n=n_items)["accuracy"]
             teacher, _ = moetrim.reference_model(MODEL)
             cfg = FinetuneConfig(method="recover", lr=args.lr, max_steps=steps, batch_size=16, seq_len=128, lora=8,
@@ -131,7 +177,7 @@ def main(argv=None) -> int:
             res = finetune(model, tok, records, cfg, teacher=teacher)
             rec_acc = evaluate_tasks(res.model, tok, list(DOMAINS), n=n_items)["accuracy"]
             row = {"method": method, "ratio": ratio, "removed_fraction": round(removed, 4), **stored(res.model),
-                   "accuracy": acc, "mean": mean(acc), "recovered_accuracy": rec_acc, "recovered_mean": mean(rec_acc),
+                   **choice, "accuracy": acc, "mean": mean(acc), "recovered_accuracy": rec_acc, "recovered_mean": mean(rec_acc),
                    "recover_seconds": res.report["seconds"], "recover_trainable": res.report["trainable_parameters"]}
             rows.append(row)
             built[f"{method}@{ratio}"] = res.model
@@ -151,10 +197,10 @@ def main(argv=None) -> int:
     dense["decode_tokens_per_s"] = speeds["dense"]["decode_tokens_per_s"]
     for r in rows:
         r["decode_tokens_per_s"] = speeds[f"{r['method']}@{r['ratio']}"]["decode_tokens_per_s"]
-    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "lr": args.lr, "rank": args.rank, "items_per_domain": n_items,
+    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "lr": args.lr, "rank_grid": ranks, "items_per_domain": n_items,
                        "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
-              "dense": dense, "rows": rows}
+              "dense": dense, "rows": rows, "skipped": skipped}
     write_json(args.out, result, experts_implementation=getattr(base.config, "_experts_implementation", None))
     png = plot(result, args.out.with_suffix(".png"))
     table = markdown(result, png)
@@ -254,7 +300,7 @@ def markdown(result: dict, png: Path) -> str:
     meta, dense = result["meta"], result["dense"]
     doms = list(DOMAINS)
     lines = [f"### Replacing vs merging vs pruning at equal parameters ({'quick' if meta['quick'] else 'full'}: "
-             f"{meta['recover_steps']} recovery steps, lr {meta['lr']}, rank {meta['rank']}, {meta['items_per_domain']} eval items, seed {meta['seed']})",
+             f"{meta['recover_steps']} recovery steps, lr {meta['lr']}, {meta['items_per_domain']} eval items, seed {meta['seed']})",
              "", "`python benchmarks/replace.py" + (" --quick" if meta["quick"] else "") + ("" if MODEL == "reference" else f" --model {MODEL}")
              + f"` ({meta['seconds']:.0f} s). Accuracy per domain "
              "as built → after recovery (dense: → after the same training, LoRA on attention); routed parameters as stored (bases and "
@@ -265,7 +311,8 @@ def markdown(result: dict, png: Path) -> str:
              + f" | {dense['mean']:.3f} | {dense['trained_mean']:.3f} | "
              f"{dense['routed_params']:,} | {dense['weight_bytes'] / 2**20:.1f} | {dense['decode_tokens_per_s']:.0f} |"]
     for r in result["rows"]:
-        lines.append(f"| {r['removed_fraction']:.1%} | {r['method']} | "
+        name = r["method"] + (f" (rank {r['rank_chosen']})" if "rank_chosen" in r else "")
+        lines.append(f"| {r['removed_fraction']:.1%} | {name} | "
                      + " | ".join(f"{r['accuracy'][d]:.2f} → {r['recovered_accuracy'][d]:.2f}" for d in doms)
                      + f" | {r['mean']:.3f} | {r['recovered_mean']:.3f} | {r['routed_params']:,} | {r['weight_bytes'] / 2**20:.1f} | "
                      f"{r['decode_tokens_per_s']:.0f} |")
@@ -277,6 +324,8 @@ def markdown(result: dict, png: Path) -> str:
             lines.append(f"- {ratio:.0%} removed, {label}: " + ", ".join(f"{r['method']} {r[key]:.3f}" for r in ranked) + ".")
     lines.append(f"- The same training on the dense model moves its mean from {dense['mean']:.3f} to {dense['trained_mean']:.3f}: "
                  "the recovery data (the task suite's train split, which the reference model was trained on) has little left to teach it.")
+    for sk in result.get("skipped", []):
+        lines.append(f"- {sk['ratio']:.0%} {sk['method']}: not built ({sk['why']}).")
     lines.append("- One seed and 128–256 items per domain: differences under about 0.03 are within noise.")
     lines.append("")
     return "\n".join(lines)

@@ -135,10 +135,15 @@ HEAD_TO_HEAD = ("dims-50%-global", "dims-50%-uniform-vw")  # both on moetrim's m
 # The target group holds varwidth-0% too, so the target variants are measured against the same module side
 # by side; "-vw" is uniform trimming run on moetrim's module (force_varwidth), the plain uniform variants are
 # the stock transformers experts users of a standard checkpoint get.
+# Replaced experts (LightMoE's replace and D²-MoE) at 50% of routed weights removed, against dense: the target
+# is decode at least as fast as dense at batch 1 and 8, since what they store (and read) is smaller.
+REPLACED_TARGETS = ("replace-50%", "d2-50%")
 GROUPS = (("varwidth-0%", *HEAD_TO_HEAD), ("dims-50%-uniform", "dims-25%-uniform"), ("dims-25%-global", "dims-25%-uniform-vw"),
-          ("experts-25%", "experts-50%"))
+          ("experts-25%", "experts-50%"), REPLACED_TARGETS)
 VARIANTS = ("dense", "varwidth-0%", "dims-25%-global", "dims-50%-global", "dims-25%-uniform-vw", "dims-50%-uniform-vw",
-            "dims-25%-uniform", "dims-50%-uniform", "experts-25%", "experts-50%")
+            "dims-25%-uniform", "dims-50%-uniform", "experts-25%", "experts-50%", *REPLACED_TARGETS)
+REPLACE_RANK, REPLACE_MAX_GROUP = 16, 8
+ROUND_TO: int | None = None  # set by --round-to
 
 
 # Matrices larger than this many elements repeat one random block of it (an odd length, so rows of any
@@ -194,7 +199,8 @@ def global_plan(model: nn.Module, ratio: float, spread: float, seed: int):
     for _ in range(20):  # clip to [8, width] and renormalise
         w = w.clamp(8, width)
         w = w * target / w.sum()
-    widths = torch.round(w).long().clamp(8, width).tolist()
+    step = ROUND_TO or 1  # --round-to: widths in multiples (as `make_plan(round_to=...)` gives them)
+    widths = (torch.round(w / step).long() * step).clamp(max(8, step), width).tolist()
     i = 0
     for lp in plan.layers:
         lp.kept_experts = list(range(lp.experts_before))
@@ -206,9 +212,54 @@ def global_plan(model: nn.Module, ratio: float, spread: float, seed: int):
     return plan
 
 
+def replaced_layout(layer, ratio: float, method: str) -> tuple[list[int], list[list[int]], int]:
+    """(kept, groups, rank) of a layer at `ratio` of its routed weights removed, priced as the replace plans
+    price them: replace keeps the most experts the budget allows (at least top-k) and groups the rest, at
+    most 8 a group, at rank 16; D²-MoE has one base and every expert a delta at the largest rank that fits.
+    Which experts are kept does not matter for speed: random weights route about uniformly."""
+    from moetrim.model.replaced import replaced_param_count
+
+    E, H, I, k = layer.num_experts, layer.hidden_size, layer.widths[0], layer.top_k
+    budget = (1 - ratio) * E * 3 * H * I
+    if method == "d2":
+        rank = min(int((budget - 3 * H * I) // (E * 3 * (H + I))), H, I)
+        return [], [list(range(E))], max(1, rank - rank % 8 if rank >= 16 else rank)  # as the plan rounds it
+    for kept in range(E - 1, k - 1, -1):
+        replaced = E - kept
+        groups = -(-replaced // REPLACE_MAX_GROUP)
+        if replaced_param_count(H, I, kept, groups, replaced, REPLACE_RANK) <= budget:
+            members = list(range(kept, E))
+            return list(range(kept)), [members[g::groups] for g in range(groups)], REPLACE_RANK
+    raise ValueError(f"{ratio:.0%} is out of reach for replace at rank {REPLACE_RANK} with {E} experts")
+
+
+def replaced_variant(dense: nn.Module, ratio: float, method: str, seed: int) -> tuple[nn.Module, float]:
+    """`dense` with every MoE layer's experts replaced (random weights of the plan's shapes)."""
+    from moetrim.model.replaced import ReplacedExperts, install_layer
+
+    m = shared_copy(dense)
+    gen = torch.Generator(device=next(dense.parameters()).device).manual_seed(seed)
+    before = after = 0
+    for layer in find_moe_layers(m):
+        kept, groups, rank = replaced_layout(layer, ratio, method)
+        p = next(layer.experts.parameters())
+        new = ReplacedExperts(layer.num_experts, layer.hidden_size, layer.widths[0], kept, groups, rank, layer.activation(),
+                              dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            for q in new.parameters():
+                fill_normal(q, 0.02, gen)
+        before += layer.routed_params()
+        after += new.param_count()
+        install_layer(m, layer, new)
+    return m.eval(), 1 - after / before
+
+
 def make_variant(dense: nn.Module, name: str, spread: float, seed: int) -> tuple[nn.Module, float]:
     if name == "dense":
         return dense, 0.0
+    if name in REPLACED_TARGETS:
+        kind, pct = name.split("-")
+        return replaced_variant(dense, int(pct.rstrip("%")) / 100, kind, seed)
     m = shared_copy(dense)
     if name == "varwidth-0%":
         plan = make_plan(m, None, granularity="dims", criterion="random", ratio=0.0, allocation="global", seed=seed)
@@ -490,7 +541,7 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         built = [(v, *make_variant(dense, v, args.width_spread, args.seed)) for v in group]
         seconds = {"build": time.perf_counter() - t_group}
         models = [dense] + [m for _, m, _ in built]
-        target = any(v in TARGET_VARIANTS for v in group)
+        target = any(v in TARGET_VARIANTS + REPLACED_TARGETS for v in group)
         # prefill rounds cost the most (Mixtral: seconds each) and only varwidth-0% has a prefill target
         n_rounds = {"decode": args.repeats if target else max(1, args.repeats - 3)}
         n_rounds["decode_b8"] = n_rounds["decode"]
@@ -533,7 +584,8 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
             for j, ((v, m, removed), row) in enumerate(zip(built, group_rows), start=1):
                 vs = fastest([r[j] for r in rounds])
                 # removed share of the routed weights the run touched, against dense on the same inputs
-                touched = 1.0 - touched_width(m, vs[key_c]) / touched_width(dense, d[key_c])
+                # (replaced experts keep every expert's width: their saving is the removed fraction as stored)
+                touched = removed if v in REPLACED_TARGETS else 1.0 - touched_width(m, vs[key_c]) / touched_width(dense, d[key_c])
                 bound = 1.0 / ((1 - s) + s * (1 - touched))
                 pairs = round_ratios(rounds, 0, j, layers, full)
                 # the median of the rounds' own ratios: each round's two measurements ran side by side
@@ -582,7 +634,10 @@ def run_model(name: str, spec: dict, args) -> list[dict]:
         dense.set_experts_implementation("grouped_mm")
         return group_rows
 
+    wanted = set(args.variants.split(",")) if args.variants else None
     for group in GROUPS:
+        if wanted is not None and not wanted & set(group):
+            continue
         rows += measure_group(group)
         gc.collect()  # the group's variants are gone with measure_group's frame
     del dense
@@ -674,11 +729,17 @@ def targets(rows: list[dict]) -> dict:
                     t[f"{k}_uniform_stock_vs_dense"] = stock[f"{k}_speedup"]
         if v0:
             t["varwidth_0_slowest_vs_dense"] = min(v0[f"{k}_speedup"] for k in ("prefill", "decode", "decode_b8"))
+        for v in REPLACED_TARGETS:
+            if v in by:
+                for k in ("decode", "decode_b8"):
+                    t[f"{k}_{v}_vs_dense"] = by[v][f"{k}_speedup"]
+                    t[f"{k}_{v}_vs_bound"] = by[v][f"{k}_vs_bound"]
         for k, label in (("decode", "met_b1"), ("decode_b8", "met_b8")):
             t[label] = bool(
                 (not g or (abs(t["weight_bytes_vs_arithmetic"] - 1) <= 0.01 and t[f"{k}_vs_bound_v0"] >= 0.9
                            and t[f"{k}_global_vs_uniform_vw_direct"] >= 0.95))
                 and (not v0 or t["varwidth_0_slowest_vs_dense"] >= 0.97)
+                and all(t[f"{k}_{v}_vs_dense"] >= 1.0 for v in REPLACED_TARGETS if f"{k}_{v}_vs_dense" in t)
             )
         t["met"] = t["met_b1"] and t["met_b8"]
         out[model] = t
@@ -698,6 +759,10 @@ def missed(checks: dict) -> list[str]:
                 why.append(f"{label} global / bound {t.get(f'{k}_vs_bound_v0', nan):.2f} (target >= 0.9)")
             if f"{k}_global_vs_uniform_vw_direct" in t and not t[f"{k}_global_vs_uniform_vw_direct"] >= 0.95:
                 why.append(f"{label} global / uniform-vw {t[f'{k}_global_vs_uniform_vw_direct']:.2f} (target >= 0.95)")
+        for v in REPLACED_TARGETS:
+            for k, label in (("decode", "b1"), ("decode_b8", "b8")):
+                if f"{k}_{v}_vs_dense" in t and not t[f"{k}_{v}_vs_dense"] >= 1.0:
+                    why.append(f"{label} {v} / dense {t[f'{k}_{v}_vs_dense']:.2f} (target >= 1.0)")
         if "varwidth_0_slowest_vs_dense" in t and not t["varwidth_0_slowest_vs_dense"] >= 0.97:
             why.append(f"varwidth-0% slowest regime / dense {t['varwidth_0_slowest_vs_dense']:.2f} (target >= 0.97)")
         if why or not t.get("met", True):
@@ -740,6 +805,18 @@ def write(out: Path, meta: dict, rows: list[dict], update_readme: bool) -> list[
                   f"{'yes' if t['met_b1'] else 'no'} | {'yes' if t['met_b8'] else 'no'} | "
                   f"x{t.get('decode_global_vs_dense', nan):.2f}, x{t.get('decode_b8_global_vs_dense', nan):.2f} | "
                   f"x{t.get('decode_uniform_stock_vs_dense', nan):.2f}, x{t.get('decode_b8_uniform_stock_vs_dense', nan):.2f} |\n")
+    replaced = [r for r in rows if r["variant"] in REPLACED_TARGETS]
+    if replaced:
+        table += ("\nReplaced experts (random weights of the plan's shapes: replace keeps the most experts the budget allows "
+                  f"and groups the rest, at most {REPLACE_MAX_GROUP} a group, at rank {REPLACE_RANK}; D²-MoE one base per layer "
+                  "and a delta per expert at the largest rank that fits). Target: decode >= 1.0x dense at batch 1 and 8. "
+                  "bound = the Amdahl limit from the stored fraction removed.\n\n"
+                  "| model | variant | removed | weight bytes | decode b1 vs dense (/ bound) | decode b8 vs dense (/ bound) | prefill vs dense |\n"
+                  "|---|---|---|---|---|---|---|\n")
+        for r in replaced:
+            table += (f"| {r['model']} | {r['variant']} | {r['removed_fraction']:.1%} | {r['weight_bytes_ratio']:.3f} | "
+                      f"x{r['decode_speedup']:.2f} ({r['decode_vs_bound']:.2f}) | x{r['decode_b8_speedup']:.2f} "
+                      f"({r['decode_b8_vs_bound']:.2f}) | x{r['prefill_speedup']:.2f} |\n")
     print(table)
     if update_readme:  # experiments written elsewhere leave the README alone
         update_section("speed-gpu" if meta["device"] != "cpu" else "speed", table)
@@ -768,6 +845,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="decode rounds per group for the groups the targets read (default 4 quick, 6 full; varwidth-0%% prefill one more where a dense prompt takes <= PREFILL_CHEAP_S, else two fewer; other groups 3 fewer of each, at least 1)")
     ap.add_argument("--width-spread", type=float, default=0.5, help="log-normal sigma of global-variant widths")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--round-to", type=int, default=None, help="global variants' widths in multiples of this (few distinct "
+                    "widths: equal-width runs the module groups)")
+    ap.add_argument("--variants", default=None, help="measure only the groups holding these variants (comma-separated; "
+                    "e.g. replace-50%%); the README is left alone")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report-only", action="store_true", help="measure nothing: recompute targets and tables from the JSON")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a target is missed (they are still listed)")
@@ -781,6 +862,11 @@ def main(argv=None) -> int:
             print(f"error: cannot read results from {out} ({type(e).__name__}); run the benchmark first", file=sys.stderr)
             return 2
         return fail_on(write(out, meta, rows, update_readme=args.out is None), args.no_fail)
+    if args.variants and args.out is None:
+        print("error: --variants measures part of the run: give --out so the committed results stay whole", file=sys.stderr)
+        return 2
+    global ROUND_TO
+    ROUND_TO = args.round_to
     args.dtype = getattr(torch, args.dtype)
     args.steps = args.steps or (8 if args.quick else 32)
     args.steps_b8 = args.steps_b8 or (6 if args.quick else 16)
@@ -810,6 +896,7 @@ def main(argv=None) -> int:
         "decode_steps_b8": args.steps_b8,
         "repeats": args.repeats,
         "width_spread": args.width_spread,
+        "round_to": args.round_to,
         "seconds": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
         "note": "speed-ups and weight ratios extrapolated to full depth from per-part timings; *_measured_depth at the built depth",

@@ -154,15 +154,20 @@ def train(hp: dict, out_dir: Path, ckpt: Path, resume: bool, init_from: Path | N
     session_start = time.time()
     names = skills(hp)
 
-    tokenizer = build_tokenizer(hp)
-    model = build_model(tokenizer, hp)
-    if init_from is not None:  # continue training given weights (same architecture and tokenizer)
+    if init_from is not None:  # continue training given weights (same architecture, and their tokenizer)
         from moetrim.assets import resolve_model_path
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # The weights' own tokenizer, not one rebuilt from the recipe: a BPE's merges follow the corpus mixture,
+        # so a continuation with other token shares would otherwise renumber every token under trained weights.
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(init_from)))
+        model = build_model(tokenizer, hp)
         src = AutoModelForCausalLM.from_pretrained(resolve_model_path(str(init_from)), dtype=torch.float32)
         model.load_state_dict(src.state_dict(), strict=True)
         del src
+    else:
+        tokenizer = build_tokenizer(hp)
+        model = build_model(tokenizer, hp)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[model] {model.config.model_type}, {n_params / 1e6:.2f}M parameters, {hp['threads']} threads", flush=True)
     pools = training_pools(tokenizer, hp)

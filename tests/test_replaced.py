@@ -81,12 +81,13 @@ def test_merged_group_is_the_weighted_average_and_runs_once_with_summed_weight()
     ])
 
     class Count(TorchFunctionMode):
-        rows: list[int] = []  # rows of x in each base gate/up product
+        rows: list[int] = []  # rows each base gate/up product computes (a grouped GEMM computes up to its last offset)
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.linear and args[1].data_ptr() == mod.base_gate_up[0].data_ptr():
-                self.rows.append(args[0].shape[0])
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            if func in (F.grouped_mm, torch._grouped_mm) and args[1].data_ptr() == mod.base_gate_up.data_ptr():
+                self.rows.append(int(kwargs["offs"][-1]))
+            return func(*args, **kwargs)
 
     with torch.no_grad(), Count() as count:
         out = mod(x, index, weights)
@@ -260,3 +261,43 @@ def test_bad_options_and_biased_families_are_refused():
     with pytest.raises(moetrim.MoetrimError, match="biases") as info:
         build_replaced(gpt, KEPT, GROUPS, 2)
     assert type(info.value) is moetrim.MoetrimError
+
+
+def _slot_sum(mod: ReplacedExperts, x, index, weights):
+    """Σ over a token's slots of w · expert_e(x), each expert from its effective weights W_base + BA."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(index[t].tolist(), weights[t].tolist()):
+            ew = mod.expert_weights(e)
+            out[t] += w * (ew.down @ (F.silu(ew.gate @ x[t]) * (ew.up @ x[t])))
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # 40 tokens x top-2 = 80 rows: past the gathered-bmm size
+@pytest.mark.parametrize("kept,groups,rank,hidden,width", [
+    (KEPT, GROUPS, 4, 64, 32),          # grouped GEMMs (16-byte aligned)
+    ([], [[0, 1, 2, 3, 4, 5, 6, 7]], 4, 64, 32),  # D²-MoE: one base, every expert a delta
+    ([0, 1, 2, 3], [[4, 5], [6, 7]], 0, 64, 32),  # merge: no factors
+    (KEPT, GROUPS, 3, 66, 30),          # misaligned: the fallbacks
+])
+def test_grouped_forward_equals_each_slot_computed_alone_and_never_reads_the_host(tokens, kept, groups, rank, hidden, width):
+    """The forward equals Σ w·expert_e(x) per slot whatever the layout and token count, and reads no value
+    back to the host (no .tolist/.item/unique/nonzero): decode stays on the device, graph-capturable."""
+    from test_train_waste import _SyncCounter
+
+    gen = torch.Generator().manual_seed(3)
+    mod = ReplacedExperts(8, hidden, width, kept, groups, rank, lambda g, u: F.silu(g) * u)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn(tokens, hidden, generator=gen)
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(tokens)])
+    index[0] = torch.tensor([4, 5])  # two members of one group (or of the one base) on a token
+    weights = torch.rand(tokens, 2, generator=gen)
+    counter = _SyncCounter()
+    with torch.no_grad(), counter:
+        out = mod(x, index, weights)
+    torch.testing.assert_close(out, _slot_sum(mod, x, index, weights), rtol=1e-4, atol=1e-5)
+    aligned = hidden % 4 == 0 and width % 4 == 0 and (rank == 0 or rank % 4 == 0)
+    if aligned or tokens * 2 <= 64:
+        assert counter.count == 0

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moetrim
 from moetrim.assets.tiny import FAMILIES, tiny_model
@@ -269,8 +270,9 @@ def test_views_cached_in_inference_mode_train_frozen_experts():
 
 @pytest.mark.parametrize("widths,calls", [([8] * 6, 2), ([8, 8, 12, 16, 16], 4), ([6, 6, 6], 0), ([3, 5, 7], 0)])
 def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
-    """Where decode uses grouped GEMMs (CUDA), runs of equal widths go through one grouped GEMM per
-    projection (16-byte strides needed); the rest through per-expert matmuls. On CPU none."""
+    """Runs of equal widths go through one grouped GEMM per projection (16-byte strides needed), the rest
+    through per-expert matmuls: on CUDA always, on CPU where the run's experts average fewer rows than
+    the weight-major products want (here 18 slots over 3-6 experts: 3-6 rows each)."""
     import torch.nn.functional as F
 
     import moetrim.model.varwidth as vw
@@ -280,10 +282,17 @@ def test_grouped_gemm_runs_where_widths_allow(widths, calls, monkeypatch):
     monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: seen.append(1) or real(*a, **k))
     ex = _module(widths)
     x, idx, w = _routing(6, len(widths), 3)
+    monkeypatch.setattr(vw, "_WEIGHT_MAJOR_MIN_ROWS", 1)  # every expert has enough rows: weight-major, no grouping
     with torch.no_grad():
         ex(x, idx, w)
-    assert seen == []  # CPU: per-expert weight-major products
-    monkeypatch.setattr(vw, "_GROUPED_DECODE_DEVICES", ("cpu",))
+    assert seen == []
+    monkeypatch.setattr(vw, "_WEIGHT_MAJOR_MIN_ROWS", 7)
+    with torch.no_grad():
+        ex(x, idx, w)
+    assert len(seen) == calls
+    seen.clear()
+    monkeypatch.setattr(vw, "_WEIGHT_MAJOR_MIN_ROWS", 1)
+    monkeypatch.setattr(vw, "_GROUPED_DECODE_DEVICES", ("cpu",))  # as on CUDA: whatever the rows
     with torch.no_grad():
         ex(x, idx, w)
     assert len(seen) == calls
@@ -304,6 +313,7 @@ def test_cpu_products_run_weight_major_in_fp32(path, monkeypatch):
     against the token-major result."""
     import moetrim.model.varwidth as vw
 
+    monkeypatch.setattr(vw, "_WEIGHT_MAJOR_MIN_ROWS", 2)  # (the row threshold has a test of its own)
     if path == "prefill":
         monkeypatch.setattr(vw, "_SMALL_DISPATCH", 0)
     ex = _module([8, 8, 12, 16])
@@ -323,6 +333,26 @@ def test_cpu_products_run_weight_major_in_fp32(path, monkeypatch):
     monkeypatch.setattr(VariableWidthExperts, "_weight_major_runner", VariableWidthExperts._runner)
     with torch.no_grad():
         assert torch.allclose(ex(x, idx, w), out, atol=1e-5, rtol=1e-5)
+
+
+def test_few_rows_multiply_token_major_and_many_weight_major(monkeypatch):
+    """CPU fp32: an expert with 2 to _WEIGHT_MAJOR_MIN_ROWS - 1 rows multiplies x @ W^T (token-major ran
+    twice as fast there on torch 2.13), one with more W @ x^T; both give the same result."""
+    import moetrim.model.varwidth as vw
+
+    ex = _module([8, 12, 16])  # no equal widths: no grouped GEMMs
+    for tokens in (2, 3, 5, 6, 9):
+        x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens))
+        idx, w = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)  # every token on expert 0
+        shapes = _record_mm(monkeypatch)
+        with torch.no_grad():
+            out = ex(x, idx, w)
+        token_major = tokens < vw._WEIGHT_MAJOR_MIN_ROWS
+        assert shapes[0][0] == ((tokens, 32) if token_major else (16, 32)), tokens  # x first, or gate_up [2*8, H]
+        monkeypatch.undo()
+        ref = ex.expert_weights(0)
+        expect = (F.silu(x @ ref.gate.T) * (x @ ref.up.T)) @ ref.down.T
+        assert torch.allclose(out, expect, atol=1e-5, rtol=1e-5)
 
 
 def test_one_token_down_product_pairs_short_rows(monkeypatch):

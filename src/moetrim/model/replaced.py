@@ -158,65 +158,127 @@ class ReplacedExperts(nn.Module):
         return ExpertWeights(gate, up, down)
 
     # -- compute ----------------------------------------------------------------------------
-    def _tables(self, device: torch.device) -> torch.Tensor:
-        """unit of every expert id as a tensor on `device`, built once per device (not a buffer: a
-        checkpoint holds weights only, the record rebuilds the rest)."""
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit, factor row) of every expert id as tensors on `device` (factor row R for kept experts), built
+        once per device (not buffers: a checkpoint holds weights only, the record rebuilds the rest)."""
         cache = self.__dict__.setdefault("_table_cache", {})
         if device not in cache:
-            cache[device] = torch.tensor(self.unit_of_expert, dtype=torch.long, device=device)
+            R = len(self.replaced)
+            cache[device] = (torch.tensor(self.unit_of_expert, dtype=torch.long, device=device),
+                             torch.tensor([m if m >= 0 else R for m in self.member_of_expert], dtype=torch.long, device=device))
         return cache[device]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes and no host sync: every step is a sort, a gather or a grouped GEMM over all T*k slots,
+        with the rows past each call's last offset computed by no kernel and masked out (as the stock
+        grouped experts do). A unit (kept expert or group base) runs once per (token, unit) pair."""
+        x = hidden_states
         T, k = top_k_index.shape
-        E = self.num_experts
+        S, dev = T * k, x.device
+        K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
+        unit_of, member_of = self._tables(dev)
         flat = top_k_index.reshape(-1)
-        unit = self._tables(flat.device)[flat]
-        token = torch.arange(flat.numel(), device=flat.device) // k
-        # slots sorted by unit, then expert, then token: every unit's slots are one run, every member's a sub-run
-        order = torch.argsort((unit * E + flat) * T + token)
-        counts = torch.bincount(unit, minlength=len(self.kept) + len(self.groups)).tolist()
-        expert_of_slot, token_of_slot = flat[order], token[order]
-        weight_of_slot = top_k_weights.reshape(-1)[order].to(hidden_states.dtype)
-        out = torch.zeros_like(hidden_states)
-        start = 0
-        for u, n in enumerate(counts):
-            if n:
-                s = slice(start, start + n)
-                self._run_unit(u, hidden_states, expert_of_slot[s], token_of_slot[s], weight_of_slot[s], out)
-                start += n
+        unit, member = unit_of[flat], member_of[flat]
+        rows = torch.arange(S, device=dev)
+        token = rows // k
+        weight = top_k_weights.reshape(-1).to(x.dtype)
+        # (unit, token) pairs in unit-then-token order; pair ids 0..P-1, the rows past P are padding (unit K+G)
+        key_sorted, order = torch.sort(unit * T + token)
+        first = torch.ones(S, dtype=torch.bool, device=dev)
+        first[1:] = key_sorted[1:] != key_sorted[:-1]
+        pair_rank = first.cumsum(0) - 1
+        pair_of_slot = torch.empty_like(pair_rank).scatter_(0, order, pair_rank)
+        pair_unit = torch.full((S,), K + G, dtype=torch.long, device=dev).scatter_(0, pair_rank, unit[order])
+        pair_token = torch.zeros(S, dtype=torch.long, device=dev).scatter_(0, pair_rank, token[order])
+        ends = _ends(pair_unit, K + G)
+        gu = self._units(x.index_select(0, pair_token), ends, self.kept_gate_up, self.base_gate_up)
+        gu = gu.index_select(0, pair_of_slot)
+        gate, up = gu[:, :I], gu[:, I:]
+        if r and R:  # the replaced slots' corrections, grouped by factor row (kept slots sort last, masked)
+            m_sorted, m_order = torch.sort(member)
+            m_ends = _ends(m_sorted, R)
+            padding = (rows >= m_ends[-1])[:, None]  # in member order: the kept slots
+            back = torch.empty_like(m_order).scatter_(0, m_order, rows)  # slot -> its row in member order
+            xs = x.index_select(0, token[m_order])
+
+            def corr(a: torch.Tensor, b: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+                return _gmm(_gmm(inp, a.transpose(1, 2), m_ends), b.transpose(1, 2), m_ends).masked_fill_(padding, 0)
+
+            gate = gate + corr(self.gate_a, self.gate_b, xs).index_select(0, back)
+            up = up + corr(self.up_a, self.up_b, xs).index_select(0, back)
+        h = self.activation(gate, up) * weight[:, None]
+        # each unit's down product once per pair, on the pair's summed Σ_e w_e h_e (linear, so exact)
+        acc = h.new_zeros(S, I).index_add_(0, pair_of_slot, h)
+        down = self._units(acc, ends, self.kept_down, self.base_down)
+        out = x.new_zeros(T, x.shape[1]).index_add_(0, pair_token, down.masked_fill_((rows >= ends[-1])[:, None], 0))
+        if r and R:
+            out.index_add_(0, token[m_order], corr(self.down_a, self.down_b, h.index_select(0, m_order)))
         return out
 
-    def _run_unit(self, u: int, x_all: torch.Tensor, experts: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
-                  out: torch.Tensor) -> None:
-        """Add unit u's routed outputs into `out` (its slots: expert, token and routing weight, sorted by
-        expert then token). Base products run once per distinct token."""
-        gate_up_w, down_w = self._unit_weights(u)
-        I, act = self.width, self.activation
-        if u < len(self.kept):  # one expert: each token once
-            uniq, pos = tokens, None
-        else:
-            uniq, pos = torch.unique(tokens, return_inverse=True)
-        x = x_all.index_select(0, uniq)
-        gu = F.linear(x, gate_up_w)
-        if pos is None or not self.rank:  # kept expert or merge: one intermediate activation per token
-            w = weights if pos is None else weights.new_zeros(uniq.numel()).index_add(0, pos, weights)
-            h = act(gu[:, :I], gu[:, I:]) * w[:, None]
-            out.index_add_(0, uniq, F.linear(h, down_w))
-            return
-        acc = gu.new_zeros(uniq.numel(), I)  # Σ_e w_e h_e per token, for the one base down product
-        ids, runs = torch.unique_consecutive(experts, return_counts=True)
-        start = 0
-        for e, n in zip(ids.tolist(), runs.tolist()):
-            m, s = self.member_of_expert[e], slice(start, start + n)
-            start += n
-            p = pos[s]
-            xe = x.index_select(0, p)
-            gate = gu[p, :I] + F.linear(F.linear(xe, self.gate_a[m]), self.gate_b[m])
-            up = gu[p, I:] + F.linear(F.linear(xe, self.up_a[m]), self.up_b[m])
-            h = act(gate, up) * weights[s, None]
-            acc.index_add_(0, p, h)
-            out.index_add_(0, tokens[s], F.linear(F.linear(h, self.down_a[m]), self.down_b[m]))
-        out.index_add_(0, uniq, F.linear(acc, down_w))
+    def _units(self, x: torch.Tensor, ends: torch.Tensor, kept: torch.Tensor | None, bases: torch.Tensor | None) -> torch.Tensor:
+        """Rows of `x` (pairs sorted by unit: kept experts first, then group bases) times their unit's matrix
+        ([U, out, in] stacks); rows past the last pair are undefined. The base rows are rotated to the front
+        for their grouped call by a gather, not a slice, so no count leaves the device."""
+        K = len(self.kept)
+        if bases is None:
+            return _gmm(x, kept.transpose(1, 2), ends)
+        if kept is None:
+            return _gmm(x, bases.transpose(1, 2), ends)
+        S = x.shape[0]
+        rows = torch.arange(S, device=x.device)
+        n_kept = ends[K - 1].long()
+        y_kept = _gmm(x, kept.transpose(1, 2), ends[:K])
+        y_base = _gmm(x.index_select(0, (rows + n_kept) % S), bases.transpose(1, 2), ends[K:] - ends[K - 1])
+        return torch.where((rows < n_kept)[:, None], y_kept, y_base.index_select(0, (rows - n_kept) % S))
+
+
+def _ends(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped-GEMM offsets (int32 cumulative ends) of rows sorted by group; ids >= `groups` are padding."""
+    counts = torch.zeros(groups + 1, dtype=torch.int32, device=group_of_row.device)
+    counts.scatter_add_(0, group_of_row.clamp(max=groups), torch.ones_like(group_of_row, dtype=torch.int32))
+    return counts[:groups].cumsum(0, dtype=torch.int32)
+
+
+# Where grouped GEMMs do not apply: at most this many rows, and weights this small once gathered per row, take
+# one bmm (no sync); more take one matmul per group.
+_GATHER_ROWS, _GATHER_ELEMENTS = 64, 1 << 20
+
+
+def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes x [S, in] @ w [G, in, out]: CPU fp32/bf16/fp16 or CUDA bf16 on SM80+,
+    16-byte strides and pointers."""
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif x.device.type == "cuda":
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    else:
+        ok = False
+    size = x.element_size()
+    return ok and all(n * size % 16 == 0 for n in (w.shape[1], w.shape[2])) and x.data_ptr() % 16 == 0 \
+        and w.data_ptr() % 16 == 0 and x.stride(1) == 1 and x.stride(0) * size % 16 == 0
+
+
+def _gmm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [S, in] rows sorted by group, w [G, in, out], ends [G] cumulative row ends -> [S, out]; rows past
+    ends[-1] are undefined. torch's grouped GEMM where it applies, else a gathered bmm for a few rows
+    (still no sync) or one matmul per group."""
+    if _grouped_ok(x, w):
+        if torch.is_grad_enabled() and x.requires_grad:  # its backward leaves the padding rows' input gradient
+            x = torch.where((torch.arange(x.shape[0], device=x.device) < ends[-1])[:, None], x, 0)  # undefined: cut them
+        return F.grouped_mm(x, w, offs=ends)
+    S, G = x.shape[0], w.shape[0]
+    if S <= _GATHER_ROWS and S * w.shape[1] * w.shape[2] <= _GATHER_ELEMENTS:
+        group = torch.searchsorted(ends, torch.arange(S, device=x.device, dtype=ends.dtype), right=True).clamp(max=G - 1)
+        return torch.bmm(x[:, None, :], w.index_select(0, group)).squeeze(1)
+    out = x.new_zeros(S, w.shape[2])
+    start = 0
+    for g, end in enumerate(ends.tolist()):  # a fallback (misaligned shapes, CUDA fp32): it syncs once
+        if end > start:
+            out[start:end] = x[start:end] @ w[g]
+        start = end
+    return out
 
 
 def _check_spec(key: str, spec, layer) -> None:

@@ -50,6 +50,12 @@ _WEIGHT_MAJOR = (("cpu", torch.float32),)
 # columns ([[h, 0], [0, h]]^T): short rows made MKL's matrix-vector product read the weights at 5-7 GB/s
 # at widths 128-512 (H 2048) against 9-12 GB/s paired, level from 768 on.
 _PAIRED_DOWN_BELOW = 768
+# ... but an expert with 2 to this many rows less one multiplies token-major (x @ W^T): with torch 2.13's MKL,
+# 2-3 rows read the weights weight-major at half the token-major speed (64 experts at OLMoE, Qwen3 and
+# Mixtral shapes: 107-123 ms against 52-64 ms), 4-5 rows were level or token-major slightly ahead, and from
+# 6-8 rows weight-major leads again (111 ms against 127-161 ms at 8). Batch-8 decode gives most experts 1-3
+# rows, which is where the stock grouped GEMMs (token-major) had pulled ahead by 25-35%.
+_WEIGHT_MAJOR_MIN_ROWS = 6
 
 Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 LAYOUTS = ("by_width", "by_expert")
@@ -298,14 +304,14 @@ class VariableWidthExperts(nn.Module):
         return run
 
     def _weight_major_runner(self, views: list[tuple]) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """run(b, x [n, H]) like `_runner`, multiplying weight-major: with two or more tokens (and no
-        biases) W [rows*I_b, H] @ x^T, then the down block [H, I_b] @ h, giving the output as a
-        transposed view. On CPU in fp32 (MKL, 2 threads) x @ W^T with 2-3 rows read the weights at a
-        third to a half of the speed of the weight-major product, with 8-16 rows at about three
-        quarters (measured at Qwen3 and OLMoE widths), and at prefill's 16-128 rows the whole expert
-        ran 1.25-1.9x as fast weight-major. One row keeps `_runner`'s products (matrix-vector
-        products either way, and there the token-major form was as fast or faster), but for the down
-        product of a block narrower than `_PAIRED_DOWN_BELOW`."""
+        """run(b, x [n, H]) like `_runner`, multiplying weight-major: with `_WEIGHT_MAJOR_MIN_ROWS` or more
+        tokens (and no biases) W [rows*I_b, H] @ x^T, then the down block [H, I_b] @ h, giving the output
+        as a transposed view. At prefill's 16-128 rows the whole expert ran 1.25-1.9x as fast weight-major
+        (CPU fp32, MKL, 2 threads). Which orientation wins at 2-5 rows moved with the stack: under an
+        earlier torch weight-major read the weights 2-3x as fast there; under torch 2.13 token-major does
+        (see `_WEIGHT_MAJOR_MIN_ROWS`), so those keep `_runner`'s products. One row keeps them too
+        (matrix-vector products either way), but for the down product of a block narrower than
+        `_PAIRED_DOWN_BELOW`."""
         token_major = self._runner(views)
         if self.has_bias:
             return token_major
@@ -313,8 +319,9 @@ class VariableWidthExperts(nn.Module):
         paired = hidden % 2 == 0
 
         def run(e: int, x: torch.Tensor) -> torch.Tensor:
-            w, one = widths[e], x.shape[0] == 1
-            if one and (not paired or w >= _PAIRED_DOWN_BELOW):
+            w, rows = widths[e], x.shape[0]
+            one = rows == 1
+            if (one and (not paired or w >= _PAIRED_DOWN_BELOW)) or 1 < rows < _WEIGHT_MAJOR_MIN_ROWS:
                 return token_major(e, x)
             gate_up_t, _, down_t, _ = views[e]
             if one:
@@ -390,13 +397,16 @@ class VariableWidthExperts(nn.Module):
         # Few tokens (decode): one gather, per-expert slices, one unsort and a sum over k (in slot order,
         # so deterministic on every device). A per-expert index_add_ costs ~40 us on CPU at these sizes.
         x = hidden_states.index_select(0, token_of_slot)
-        grouped = x.device.type in _GROUPED_DECODE_DEVICES and self._grouped_ok(x)
+        grouped = self._grouped_ok(x)
+        always = x.device.type in _GROUPED_DECODE_DEVICES
         run = self._runner_for(views, x)
         ys = []
         start = 0
         for i, ((first, count, w), rv) in enumerate(zip(self.runs, run_views)):
-            if grouped and self._run_is_grouped(i, x.element_size()):  # equal widths: one grouped GEMM per projection
-                n = sum(counts[first : first + count])
+            n = sum(counts[first : first + count])
+            # equal widths: one grouped GEMM per projection (token-major; on CPU where its experts average
+            # fewer rows than the weight-major products want)
+            if grouped and self._run_is_grouped(i, x.element_size()) and (always or n < _WEIGHT_MAJOR_MIN_ROWS * count):
                 if n:
                     ys.append(self._grouped(x[start : start + n], counts[first : first + count], w, rv))
                     start += n
