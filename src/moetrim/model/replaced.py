@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrim.errors import MoetrimError, UsageError
+from moetrim.model.grouped import grouped_mm_supports
 from moetrim.model.view import ExpertWeights
 
 REPLACED_KEY = "moetrim_replaced"
@@ -245,19 +246,11 @@ _GATHER_ROWS, _GATHER_ELEMENTS = 64, 1 << 20
 
 
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM takes x [S, in] @ w [G, in, out]: CPU fp32/bf16/fp16 or CUDA bf16 on SM80+,
+    """Whether torch's grouped GEMM takes x [S, in] @ w [G, in, out]: a kernel for the device and dtype,
     16-byte strides and pointers."""
-    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
-        return False
-    if x.device.type == "cpu":
-        ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    elif x.device.type == "cuda":
-        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    else:
-        ok = False
     size = x.element_size()
-    return ok and all(n * size % 16 == 0 for n in (w.shape[1], w.shape[2])) and x.data_ptr() % 16 == 0 \
-        and w.data_ptr() % 16 == 0 and x.stride(1) == 1 and x.stride(0) * size % 16 == 0
+    return x.dtype == w.dtype and grouped_mm_supports(x) and all(n * size % 16 == 0 for n in (w.shape[1], w.shape[2])) \
+        and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and x.stride(1) == 1 and x.stride(0) * size % 16 == 0
 
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrim.model.grouped import grouped_mm_supports
 from moetrim.model.varwidth_grad import VariableWidthFunction
 from moetrim.model.view import ExpertWeights
 
@@ -265,15 +266,9 @@ class VariableWidthExperts(nn.Module):
         """Whether `torch.nn.functional.grouped_mm` takes this call: no biases (its bias is one per call,
         not per group), CPU in fp32/bf16/fp16, or CUDA in bf16 on SM80 and later; 16-byte aligned (each
         run's width is checked where it is used)."""
-        if self.has_bias or not hasattr(F, "grouped_mm") or len(self.runs) == self.num_experts:
+        if self.has_bias or len(self.runs) == self.num_experts or not grouped_mm_supports(x):
             return False
-        if x.device.type == "cpu":
-            ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        elif x.device.type == "cuda":
-            ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-        else:
-            ok = False
-        return ok and self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
+        return self.gate_up.data_ptr() % 16 == 0 and self.down_blocks.data_ptr() % 16 == 0 and (self.hidden_dim * x.element_size()) % 16 == 0
 
     def _run_is_grouped(self, run: int, element_size: int) -> bool:
         """Whether `runs[run]` goes through grouped GEMMs where `_grouped_ok` holds: two or more blocks, and
