@@ -22,7 +22,7 @@ retention is over its nine skills.
 
     python benchmarks/finetune.py --quick     # 300 steps, 128 eval items per domain, 3 seeds (about 16 min on 2 cores)
     python benchmarks/finetune.py             # 600 steps, 256 eval items per domain, 3 seeds
-    python benchmarks/finetune.py --quick --model longtail --methods full --seeds 0
+    python benchmarks/finetune.py --quick --model longtail   # 9 skills, new domain dates (1224 s idle on 2 cores)
 
 Writes benchmarks/results/finetune.json (finetune-longtail.json), the PNG beside it and a table in
 benchmarks/README.md.
