@@ -223,7 +223,7 @@ def replaced_layout(layer, ratio: float, method: str) -> tuple[list[int], list[l
     budget = (1 - ratio) * E * 3 * H * I
     if method == "d2":
         rank = min(int((budget - 3 * H * I) // (E * 3 * (H + I))), H, I)
-        return [], [list(range(E))], max(1, rank - rank % 8 if rank >= 16 else rank)  # as the plan rounds it
+        return [], [list(range(E))], max(1, rank - rank % 8 if rank >= 128 else rank)  # as the plan rounds it
     for kept in range(E - 1, k - 1, -1):
         replaced = E - kept
         groups = -(-replaced // REPLACE_MAX_GROUP)

@@ -194,14 +194,14 @@ def make_replace_plan(
         budget = (1 - ratio) * E * P - P
         r = int(budget // (E * factor_params(layers[0], 1))) if budget > 0 else 0
         r = min(r, layers[0].widths[0])
-        if r >= 16:  # a multiple of 8: the grouped GEMMs need 16-byte strides in bf16 (at most 7 ranks, < 1/2 of r, given up)
+        if r >= 128:  # a multiple of 8 where it costs under 6% of the rank: grouped GEMMs need 16-byte strides in bf16
             r -= r % 8
         if r < 1:
             raise UsageError(f"--ratio {ratio} is unreachable with D²-MoE: one shared base per layer alone keeps {1 / E:.0%} "
                              "of the routed parameters and leaves no room for any delta; lower --ratio")
         weighting = "fisher" if profile.has_gradients else "usage"
         plan_layers = [_layer(l, [], [list(range(l.num_experts))], r, profile, weighting, "svd", whiten) for l in layers]
-        notes.append(f"D²-MoE delta rank {r}: the largest the budget allows (rounded down to a multiple of 8 from 16 up, "
+        notes.append(f"D²-MoE delta rank {r}: the largest the budget allows (from 128 up rounded down to a multiple of 8, "
                      "so the replaced experts run on grouped GEMMs)")
         return _finish(method, "-", ratio, r, max_group, weighting, seed, model, profile, layers, plan_layers, before, notes)
 
