@@ -218,12 +218,12 @@ def replaced_layout(layer, ratio: float, method: str) -> tuple[list[int], list[l
     most 8 a group, at rank 16; D²-MoE has one base and every expert a delta at the largest rank that fits.
     Which experts are kept does not matter for speed: random weights route about uniformly."""
     from moetrim.model.replaced import replaced_param_count
+    from moetrim.plan.replace import d2_rank
 
     E, H, I, k = layer.num_experts, layer.hidden_size, layer.widths[0], layer.top_k
     budget = (1 - ratio) * E * 3 * H * I
     if method == "d2":
-        rank = min(int((budget - 3 * H * I) // (E * 3 * (H + I))), H, I)
-        return [], [list(range(E))], max(1, rank - rank % 8 if rank >= 128 else rank)  # as the plan rounds it
+        return [], [list(range(E))], max(1, d2_rank(layer, ratio))  # the rank the plan gives
     for kept in range(E - 1, k - 1, -1):
         replaced = E - kept
         groups = -(-replaced // REPLACE_MAX_GROUP)
@@ -862,6 +862,9 @@ def main(argv=None) -> int:
             print(f"error: cannot read results from {out} ({type(e).__name__}); run the benchmark first", file=sys.stderr)
             return 2
         return fail_on(write(out, meta, rows, update_readme=args.out is None), args.no_fail)
+    if args.round_to is not None and args.round_to < 1:
+        print(f"error: --round-to must be a width of at least 1, got {args.round_to}", file=sys.stderr)
+        return 2
     if args.variants and args.out is None:
         print("error: --variants measures part of the run: give --out so the committed results stay whole", file=sys.stderr)
         return 2

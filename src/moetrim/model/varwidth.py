@@ -398,14 +398,15 @@ class VariableWidthExperts(nn.Module):
         ys = []
         start = 0
         for i, ((first, count, w), rv) in enumerate(zip(self.runs, run_views)):
-            n = sum(counts[first : first + count])
             # equal widths: one grouped GEMM per projection (token-major; on CPU where its experts average
             # fewer rows than the weight-major products want)
-            if grouped and self._run_is_grouped(i, x.element_size()) and (always or n < _WEIGHT_MAJOR_MIN_ROWS * count):
-                if n:
-                    ys.append(self._grouped(x[start : start + n], counts[first : first + count], w, rv))
-                    start += n
-                continue
+            if grouped and self._run_is_grouped(i, x.element_size()):
+                n = sum(counts[first : first + count])
+                if always or n < _WEIGHT_MAJOR_MIN_ROWS * count:
+                    if n:
+                        ys.append(self._grouped(x[start : start + n], counts[first : first + count], w, rv))
+                        start += n
+                    continue
             for e in range(first, first + count):
                 n = counts[e]
                 if n:

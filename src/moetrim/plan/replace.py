@@ -143,6 +143,16 @@ def check_replace_options(method: str, ratio: float, rank: int, max_group: int, 
         raise UsageError(f"unknown base weighting '{weighting}'; choose {', '.join(BASE_WEIGHTINGS)}")
 
 
+def d2_rank(layer: MoELayer, ratio: float) -> int:
+    """D²-MoE's delta rank at `ratio`: the largest with one base + E rank-r deltas per layer under the budget
+    (0 where none fits), from 128 up a multiple of 8 (under 6% of the rank): grouped GEMMs need 16-byte
+    strides in bf16."""
+    P, E = expert_params(layer), layer.num_experts
+    budget = (1 - ratio) * E * P - P
+    r = min(int(budget // (E * factor_params(layer, 1))) if budget > 0 else 0, layer.widths[0])
+    return r - r % 8 if r >= 128 else r
+
+
 def make_replace_plan(
     model: nn.Module,
     profile,
@@ -189,13 +199,8 @@ def make_replace_plan(
         return _finish(method, "output_similarity", ratio, 0, max_group, base_weighting, seed, model, profile, layers, plan_layers, before, notes)
 
     if method == "d2":
-        P = expert_params(layers[0])
         E = layers[0].num_experts
-        budget = (1 - ratio) * E * P - P
-        r = int(budget // (E * factor_params(layers[0], 1))) if budget > 0 else 0
-        r = min(r, layers[0].widths[0])
-        if r >= 128:  # a multiple of 8 where it costs under 6% of the rank: grouped GEMMs need 16-byte strides in bf16
-            r -= r % 8
+        r = d2_rank(layers[0], ratio)
         if r < 1:
             raise UsageError(f"--ratio {ratio} is unreachable with D²-MoE: one shared base per layer alone keeps {1 / E:.0%} "
                              "of the routed parameters and leaves no room for any delta; lower --ratio")
