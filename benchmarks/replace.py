@@ -148,6 +148,13 @@ def main(argv=None) -> int:
     steps = args.steps or (100 if args.quick else 300)
     n_items = args.items or (128 if args.quick else 256)
     methods = [m for m in args.methods.split(",") if m]
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        print(f"error: --ranks must be whole numbers of at least 1, comma-separated (e.g. 4,8,16), got {args.ranks!r}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     base, tok = moetrim.reference_model(MODEL)
@@ -159,7 +166,6 @@ def main(argv=None) -> int:
     log(f"dense: mean {dense['mean']:.3f} ({time.perf_counter() - t0:.0f}s)")
     from moetrim.errors import UsageError
 
-    ranks = [int(r) for r in args.ranks.split(",") if r]
     rows, skipped = [], []
     built = {}
     for ratio in RATIOS:
