@@ -20,7 +20,7 @@ t-interval that excludes 0; the rest are ties.
 ``training.json`` names (``dates``, date word problems that need its rare calendar skill) and
 retention is over its nine skills.
 
-    python benchmarks/finetune.py --quick     # 300 steps, 128 eval items per domain, 3 seeds (about 16 min on 2 cores)
+    python benchmarks/finetune.py --quick     # 250 steps, 128 eval items per domain, 3 seeds (about 16 min on 2 cores)
     python benchmarks/finetune.py             # 600 steps, 256 eval items per domain, 3 seeds
     python benchmarks/finetune.py --quick --model longtail   # 9 skills, new domain dates (1224 s idle on 2 cores)
 
@@ -50,9 +50,20 @@ from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.train import FinetuneConfig, finetune  # noqa: E402
 
 METHODS = ("full", "auxfree", "esft", "densemixer", "condenser")
+FULL_GRID = (3e-5, 1e-4, 3e-4, 1e-3)  # the protocol's grid: the condenser authors' scale (1e-5 .. 1e-4) up to ours
+RARE_SHARE = 0.03  # a skill with at most this share of the training tokens is a rare one (the long tail)
 DEFAULT_OUT = HERE / "results" / "finetune.json"
 # Set by --model from the model's training.json: the domains it was trained on and the one it never saw.
 MODEL, DOMAINS, NEW = "reference", ["math", "knowledge", "code", "strings"], "units"
+RARE: list[str] = []  # the model's rare skills (the long tail), from its training.json token shares
+
+
+def rare_skills(key: str) -> list[str]:
+    """Skills given at most RARE_SHARE of the model's training tokens (none for the first model's even mixture)."""
+    from moetrim.assets import BUNDLED, training_record
+
+    shares = (training_record(BUNDLED[key]) or {}).get("hyperparameters", {}).get("token_shares", {})
+    return [d for d in DOMAINS if d in shares and shares[d] <= RARE_SHARE]
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -65,19 +76,26 @@ def measure(model, tok, n_items: int, general: list[str], base=None) -> dict:
     acc = evaluate_tasks(model, tok, [NEW, *DOMAINS], n=n_items)
     health = routing_health(model, tok, general, base=base, max_tokens=20000)
     accuracy = dict(acc["accuracy"])
+    common = [d for d in DOMAINS if d not in RARE]
     return {"accuracy": accuracy, "retention": sum(accuracy[d] for d in DOMAINS) / len(DOMAINS),
+            "retention_common": sum(accuracy[d] for d in common) / len(common),
+            "retention_rare": sum(accuracy[d] for d in RARE) / len(RARE) if RARE else None,
             "routing": health["summary"], "routing_layers": [
                 {k: l.get(k) for k in ("layer", "entropy", "gini", "dead", "token_share")} for l in health["layers"]]}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="300 steps and 128 eval items per domain")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 600, quick 300)")
+    ap.add_argument("--quick", action="store_true", help="250 steps and 128 eval items per domain")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 600, quick 250)")
     ap.add_argument("--items", type=int, default=None, help="eval items per domain (default 256, quick 128)")
     ap.add_argument("--train-items", type=int, default=4000, help="units training items (the same for every method and seed)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for every method")
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate for every method when no grid is searched")
+    ap.add_argument("--lrs", default=None, help="learning-rate grid (comma-separated): each method's lr is the one whose seed-0 "
+                    "run scores best on the calib split (new domain and retention), never on eval; default: the one --lr "
+                    f"with --quick, else {','.join(map(str, FULL_GRID))}")
+    ap.add_argument("--calib-items", type=int, default=64, help="calib items per domain for choosing the lr")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -85,17 +103,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/finetune.json, finetune-longtail.json, ...)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and PNG from an existing --out JSON, run nothing")
     args = ap.parse_args(argv)
-    global MODEL, DOMAINS, NEW
+    global MODEL, DOMAINS, NEW, RARE
     MODEL, DOMAINS, NEW = bundled_model(args.model)
+    RARE = rare = rare_skills(MODEL)
     args.out = args.out or for_model(DEFAULT_OUT, MODEL)
     if args.report_only:
         import json
 
         return report(json.loads(args.out.read_text()), args.out)
-    steps = args.steps or (300 if args.quick else 600)
+    steps = args.steps or (250 if args.quick else 600)
     n_items = args.items or (128 if args.quick else 256)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
+    try:
+        grid = sorted(float(v) for v in args.lrs.split(",") if v.strip()) if args.lrs else ([args.lr] if args.quick else list(FULL_GRID))
+    except ValueError:
+        ap.error(f"--lrs: {args.lrs!r} is not a comma-separated list of numbers, e.g. 1e-4,3e-4")
+    if not grid or any(v <= 0 for v in grid):
+        ap.error("--lrs: give at least one learning rate, all > 0")
+    if 0 not in seeds:
+        seeds = [0, *seeds] if len(grid) > 1 else seeds
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -104,15 +131,36 @@ def main(argv=None) -> int:
     base_model, tok = moetrim.reference_model(MODEL)
     base = measure(base_model, tok, n_items, general)
     log(f"reference: {NEW} {base['accuracy'][NEW]:.3f}, original domains {base['retention']:.3f}")
+    def train(method: str, lr: float, seed: int):
+        model, _ = moetrim.reference_model(MODEL)
+        cfg = FinetuneConfig(method=method, lr=lr, max_steps=steps, batch_size=args.batch_size, seq_len=128,
+                             warmup=0.1, seed=seed, progress=False, logging_steps=max(1, steps // 10))
+        return finetune(model, tok, records, cfg)
+
+    # the lr of each method: seed 0 over the grid, scored on the calib split; that run is kept as seed 0's
+    chosen, search, kept = {}, {}, {}
+    for method in methods:
+        if len(grid) == 1:
+            chosen[method] = grid[0]
+            continue
+        search[method] = []
+        for lr in grid:
+            res = train(method, lr, 0)
+            cal = evaluate_tasks(res.model, tok, [NEW, *DOMAINS], n=args.calib_items, split="calib")["accuracy"]
+            entry = {"lr": lr, "new": cal[NEW], "retention": sum(cal[d] for d in DOMAINS) / len(DOMAINS)}
+            entry["score"] = (entry["new"] + entry["retention"]) / 2
+            search[method].append(entry)
+            log(f"lr search {method:10s} lr {lr:g}: calib {NEW} {entry['new']:.3f}  retention {entry['retention']:.3f}  "
+                f"score {entry['score']:.3f}  ({time.perf_counter() - t0:.0f}s)")
+            if method not in chosen or entry["score"] > max(e["score"] for e in search[method][:-1]):
+                chosen[method], kept[method] = lr, res
+            del res
     runs = []
     for seed in seeds:
         for method in methods:
-            model, _ = moetrim.reference_model(MODEL)
-            cfg = FinetuneConfig(method=method, lr=args.lr, max_steps=steps, batch_size=args.batch_size, seq_len=128,
-                                 warmup=0.1, seed=seed, progress=False, logging_steps=max(1, steps // 10))
-            res = finetune(model, tok, records, cfg)
+            res = kept.pop(method) if seed == 0 and method in kept else train(method, chosen[method], seed)
             rep = res.report
-            row = {"method": method, "seed": seed, **measure(res.model, tok, n_items, general, base=base_model),
+            row = {"method": method, "seed": seed, "lr": chosen[method], **measure(res.model, tok, n_items, general, base=base_model),
                    "seconds_per_step": rep["seconds_per_step"], "active_experts_per_token": rep["active_experts_per_token"],
                    "trainable_parameters": rep["trainable_parameters"], "final_loss": rep["final_loss"],
                    "condensers": rep.get("condensers"), "esft_trained_fraction": rep.get("esft", {}).get("trained_expert_fraction")}
@@ -121,9 +169,14 @@ def main(argv=None) -> int:
             log(f"seed {seed} {method:10s}: {NEW} {row['accuracy'][NEW]:.3f}  retention {row['retention']:.3f}  "
                 f"entropy {row['routing']['entropy']:.3f}  KL {row['routing'].get('kl_to_base', 0):.3f}  "
                 f"{rep['seconds_per_step']:.3f} s/step  ({time.perf_counter() - t0:.0f}s)")
-            del model, res
+            del res
     summary = summarise(runs, methods)
-    result = {"meta": {"model": MODEL, "new_domain": NEW, "domains": DOMAINS, "quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "train_items": args.train_items,
+    for entry in summary:
+        entry["lr_grid"], entry["lr_chosen"] = grid, chosen[entry["method"]]
+        entry["lr_search"] = search.get(entry["method"], [])
+    result = {"meta": {"model": MODEL, "new_domain": NEW, "domains": DOMAINS, "quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr if len(grid) == 1 else None, "lr_grid": grid,
+                       "lr_chosen_on": "calib split, seed 0, mean of new-domain accuracy and retention" if len(grid) > 1 else None,
+                       "calib_items": args.calib_items, "rare_skills": rare, "train_items": args.train_items,
                        "items_per_domain": n_items, "seeds": seeds, "seconds": round(time.perf_counter() - t0, 1),
                        "top_k": base_model.config.num_experts_per_tok, "torch_threads": torch.get_num_threads(), "defaults": FinetuneConfig().__dict__,
                        "versions": versions()},
@@ -152,10 +205,14 @@ def summarise(runs: list[dict], methods: list[str]) -> list[dict]:
             continue
         entry = {"method": m, "seeds": [r["seed"] for r in rs]}
         for key, get in (("new", lambda r: r["accuracy"][NEW]), ("retention", lambda r: r["retention"]), ("score", lambda r: r["score"]),
+                         ("retention_common", lambda r: r.get("retention_common", r["retention"])),
+                         ("retention_rare", lambda r: r.get("retention_rare")),
                          ("entropy", lambda r: r["routing"]["entropy"]), ("gini", lambda r: r["routing"]["gini"]),
                          ("dead", lambda r: r["routing"]["dead"]), ("kl", lambda r: r["routing"].get("kl_to_base", 0.0)),
                          ("overlap", lambda r: r["routing"].get("topk_overlap", 1.0)), ("seconds_per_step", lambda r: r["seconds_per_step"])):
             vals = [get(r) for r in rs]
+            if any(v is None for v in vals):
+                continue
             entry[key], entry[key + "_ci95"] = interval(vals)
             entry[key + "_per_seed"] = vals
         entry["per_domain"] = {d: interval([r["accuracy"][d] for r in rs])[0] for d in DOMAINS}
@@ -195,19 +252,29 @@ def plot(result: dict, path: Path) -> Path:
 def markdown(result: dict, png: Path) -> str:
     meta, ref = result["meta"], result["reference"]
     doms = list(DOMAINS)
+    grid = meta.get("lr_grid") or [meta["lr"]]
+    lr_text = f"lr {grid[0]}" if len(grid) == 1 else f"lr per method chosen on the calib split from {', '.join(map(str, grid))}"
+    rare = meta.get("rare_skills") or []
+    tail_head = " common | rare |" if rare else ""
+    tail_rule = "---|---|" if rare else ""
+
+    def tail(src: dict) -> str:
+        return f" {src.get('retention_common', src['retention']):.3f} | {src.get('retention_rare') or 0:.3f} |" if rare else ""
     lines = [f"### Fine-tuning {'' if MODEL == 'reference' else MODEL + ' '}on a new domain ({'quick' if meta['quick'] else 'full'}: {meta['steps']} steps of {meta['batch_size']}, "
-             f"lr {meta['lr']}, {meta['items_per_domain']} eval items per domain, seeds {', '.join(map(str, meta['seeds']))})", "",
+             f"{lr_text}, {meta['items_per_domain']} eval items per domain, seeds {', '.join(map(str, meta['seeds']))})", "",
              "`python benchmarks/finetune.py" + (" --quick" if meta["quick"] else "") + ("" if MODEL == "reference" else f" --model {MODEL}")
              + f"` ({meta['seconds']:.0f} s). `{NEW}` is the new domain; retention is the mean accuracy on the {len(doms)} original domains; routing is measured on "
-             "the original domains' calib text. Mean over seeds, ± half-width of the 95% t-interval.", "",
-             f"| method | {NEW} | " + " | ".join(doms) + " | retention | score | entropy | Gini | dead | KL vs ref | top-k overlap | experts/token | s/step |",
-             "|---|---|" + "---|" * len(doms) + "---|---|---|---|---|---|---|---|---|",
-             f"| reference (before) | {ref['accuracy'][NEW]:.3f} | " + " | ".join(f"{ref['accuracy'][d]:.3f}" for d in doms)
-             + f" | {ref['retention']:.3f} | {(ref['accuracy'][NEW] + ref['retention']) / 2:.3f} | {ref['routing']['entropy']:.3f} | "
+             "the original domains' calib text. Mean over seeds, ± half-width of the 95% t-interval."
+             + (f" Rare skills (at most {RARE_SHARE:.0%} of the training tokens): {', '.join(rare)}." if rare else ""), "",
+             f"| method | lr | {NEW} | " + " | ".join(doms) + f" | retention |{tail_head} score | entropy | Gini | dead | KL vs ref | top-k overlap | experts/token | s/step |",
+             "|---|---|---|" + "---|" * len(doms) + tail_rule + "---|---|---|---|---|---|---|---|---|",
+             f"| reference (before) | - | {ref['accuracy'][NEW]:.3f} | " + " | ".join(f"{ref['accuracy'][d]:.3f}" for d in doms)
+             + f" | {ref['retention']:.3f} |{tail(ref)} {(ref['accuracy'][NEW] + ref['retention']) / 2:.3f} | {ref['routing']['entropy']:.3f} | "
              f"{ref['routing']['gini']:.3f} | {ref['routing']['dead']:.1f} | - | - | {meta.get('top_k', 2)} | - |"]
     for s in result["summary"]:
-        lines.append(f"| {s['method']} | {s['new']:.3f} ± {s['new_ci95']:.3f} | " + " | ".join(f"{s['per_domain'][d]:.3f}" for d in doms)
-                     + f" | {s['retention']:.3f} ± {s['retention_ci95']:.3f} | {s['score']:.3f} ± {s['score_ci95']:.3f} | {s['entropy']:.3f} | "
+        lines.append(f"| {s['method']} | {s.get('lr_chosen', grid[0]):g} | {s['new']:.3f} ± {s['new_ci95']:.3f} | "
+                     + " | ".join(f"{s['per_domain'][d]:.3f}" for d in doms)
+                     + f" | {s['retention']:.3f} ± {s['retention_ci95']:.3f} |{tail(s)} {s['score']:.3f} ± {s['score_ci95']:.3f} | {s['entropy']:.3f} | "
                      f"{s['gini']:.3f} | {s['dead']:.1f} | {s['kl']:.3f} | {s['overlap']:.3f} | {s['active_experts_per_token']} | "
                      f"{s['seconds_per_step']:.3f} |")
     lines += ["", f"![fine-tuning]({'results/' + png.name})", "", "**What this run shows** (computed from the JSON):", ""]

@@ -72,6 +72,28 @@ def calib_loss(model, tok, n: int = 48) -> float:
     return total / max(count, 1)
 
 
+def parse_ranks(text: str) -> list[int] | None:
+    """--ranks as whole numbers of at least 1; None (after one error line) otherwise."""
+    try:
+        ranks = [int(r) for r in text.split(",") if r]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        print(f"error: --ranks must be whole numbers of at least 1, comma-separated (e.g. 4,8,16), got {text!r}", file=sys.stderr)
+        return None
+    return ranks
+
+
+def prepare(seed: int):
+    """(model, tokenizer, the calibration profile every method plans from, the recovery records: the train
+    split of every skill, disjoint from calib and eval)."""
+    base, tok = moetrim.reference_model(MODEL)
+    profile = moetrim.calibrate(base, calibration_texts(list(DOMAINS), n_per_domain=64, seed=seed), tokenizer=tok,
+                                seq_len=256, batch_size=8, seed=seed, whiten=True, dense_outputs=True)
+    records = [r for d in DOMAINS for r in to_sft_records(get_items(d, "train", n=1000, seed=seed + 1))]
+    return base, tok, profile, records
+
+
 def build_chosen(method: str, ratio: float, base, profile, tok, ranks: list[int]):
     """Build ``method`` at ``ratio``; replace and naive try every rank of the grid that the budget reaches and
     keep the one with the lowest calib-split loss. Returns (model, removed, choice), or raises UsageError
@@ -148,19 +170,12 @@ def main(argv=None) -> int:
     steps = args.steps or (100 if args.quick else 300)
     n_items = args.items or (128 if args.quick else 256)
     methods = [m for m in args.methods.split(",") if m]
-    try:
-        ranks = [int(r) for r in args.ranks.split(",") if r]
-    except ValueError:
-        ranks = []
-    if not ranks or min(ranks) < 1:
-        print(f"error: --ranks must be whole numbers of at least 1, comma-separated (e.g. 4,8,16), got {args.ranks!r}", file=sys.stderr)
+    ranks = parse_ranks(args.ranks)
+    if ranks is None:
         return 2
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    base, tok = moetrim.reference_model(MODEL)
-    profile = moetrim.calibrate(base, calibration_texts(list(DOMAINS), n_per_domain=64, seed=args.seed), tokenizer=tok,
-                                seq_len=256, batch_size=8, seed=args.seed, whiten=True, dense_outputs=True)
-    records = [r for d in DOMAINS for r in to_sft_records(get_items(d, "train", n=1000, seed=args.seed + 1))]
+    base, tok, profile, records = prepare(args.seed)
     dense_acc = evaluate_tasks(base, tok, list(DOMAINS), n=n_items)["accuracy"]
     dense = {"accuracy": dense_acc, "mean": mean(dense_acc), **stored(base)}
     log(f"dense: mean {dense['mean']:.3f} ({time.perf_counter() - t0:.0f}s)")
@@ -196,6 +211,7 @@ def main(argv=None) -> int:
                                                           lora=8, aux_coef=0.0, seed=args.seed, progress=False))
     ctl_acc = evaluate_tasks(ctl.model, tok, list(DOMAINS), n=n_items)["accuracy"]
     dense["trained_accuracy"], dense["trained_mean"] = ctl_acc, mean(ctl_acc)
+    dense["trained_with"] = {"lora_rank": 8, "lora_on": "attention", "steps": steps, "lr": args.lr}  # LightMoE's LoRA comparison
     log(f"dense trained the same way: {dense['trained_mean']:.3f}")
     log("decode speed, all models side by side (alternating, medians)")
     speeds = compare_throughput({"dense": base, **built}, vocab_size=base.config.vocab_size, prompt_len=64, decode_steps=32,
@@ -203,7 +219,7 @@ def main(argv=None) -> int:
     dense["decode_tokens_per_s"] = speeds["dense"]["decode_tokens_per_s"]
     for r in rows:
         r["decode_tokens_per_s"] = speeds[f"{r['method']}@{r['ratio']}"]["decode_tokens_per_s"]
-    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "lr": args.lr, "rank_grid": ranks, "items_per_domain": n_items,
+    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "recovery_steps": steps, "lr": args.lr, "rank_grid": ranks, "items_per_domain": n_items,
                        "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
               "dense": dense, "rows": rows, "skipped": skipped}

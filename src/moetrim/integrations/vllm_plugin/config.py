@@ -1,4 +1,5 @@
-"""The config side of the plugin: what `AutoConfig` returns for a `moetrim_varwidth` config.json.
+"""The config side of the plugin: what `AutoConfig` returns for a `moetrim_varwidth` config.json (and a
+`moetrim_replaced` one, served through the same model class; a `moetrim_routed` one is refused in one line).
 
 vLLM parses config.json through transformers' AutoConfig before any model code runs, and picks the
 model class from `config.architectures`. For a variable-width checkpoint we return an instance of a
@@ -15,7 +16,10 @@ import sys
 from transformers import PretrainedConfig
 
 from moetrim.integrations.vllm_plugin.families import family
+from moetrim.model.replaced import REPLACED_KEY, REPLACED_MODEL_TYPE
 from moetrim.model.varwidth import VARWIDTH_KEY
+
+ROUTED_MODEL_TYPE = "moetrim_routed"
 
 MODEL_TYPE = "moetrim_varwidth"
 BASE_KEY = "moetrim_base_model_type"
@@ -29,13 +33,45 @@ class MoetrimVarwidthConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        base = config_dict.get(BASE_KEY)
-        fam = family(base)  # an unsupported family fails here, in one line
-        if not isinstance(config_dict.get(VARWIDTH_KEY), dict):
-            raise ValueError(f"config.json says {MODEL_TYPE} but has no '{VARWIDTH_KEY}' record")
-        d = {k: v for k, v in config_dict.items() if k not in ("model_type", BASE_KEY)}
-        d["architectures"] = [fam.plugin_architecture]
-        return config_class(base).from_dict(d, **kwargs)
+        return _family_config(config_dict, MODEL_TYPE, VARWIDTH_KEY, **kwargs)
+
+
+def _family_config(config_dict: dict, model_type: str, record_key: str, **kwargs):
+    """The base family's config (a subclass carrying moetrim's record) naming the plugin's model class."""
+    base = config_dict.get(BASE_KEY)
+    fam = family(base)  # an unsupported family fails here, in one line
+    if not isinstance(config_dict.get(record_key), dict):
+        raise ValueError(f"config.json says {model_type} but has no '{record_key}' record")
+    d = {k: v for k, v in config_dict.items() if k not in ("model_type", BASE_KEY)}
+    d["architectures"] = [fam.plugin_architecture]
+    return config_class(base).from_dict(d, **kwargs)
+
+
+class MoetrimReplacedConfig(PretrainedConfig):
+    """Registered for model_type 'moetrim_replaced': the base family's config naming the plugin's model,
+    which rebuilds every replaced expert as stock weights at load (see `replaced.py`)."""
+
+    model_type = REPLACED_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        return _family_config(config_dict, REPLACED_MODEL_TYPE, REPLACED_KEY, **kwargs)
+
+
+class MoetrimRoutedConfig(PretrainedConfig):
+    """Registered for model_type 'moetrim_routed' so vLLM stops in one line that says what serves."""
+
+    model_type = ROUTED_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        raise ValueError(ROUTED_UNSUPPORTED)
+
+
+ROUTED_UNSUPPORTED = (
+    "moetrim: a rerouted checkpoint (condenser or aux-free fine-tuning with a routing bias) does not serve in vLLM yet; "
+    "vLLM serves moetrim's variable-width, expert-pruned and replaced checkpoints. Serve this one with transformers "
+    "(moetrim.load), or fine-tune with --method full / --bias none for a stock checkpoint")
 
 
 def config_class(base_type: str) -> type:
@@ -80,3 +116,5 @@ def register_config() -> None:
 
     register_auto_classes()
     AutoConfig.register(MODEL_TYPE, MoetrimVarwidthConfig, exist_ok=True)
+    AutoConfig.register(REPLACED_MODEL_TYPE, MoetrimReplacedConfig, exist_ok=True)
+    AutoConfig.register(ROUTED_MODEL_TYPE, MoetrimRoutedConfig, exist_ok=True)

@@ -26,6 +26,7 @@ import torch
 from vllm.logger import init_logger
 
 from moetrim.integrations.vllm_plugin.families import FAMILIES, Family, family
+from moetrim.integrations.vllm_plugin.replaced import per_expert_replaced, replaced_records
 from moetrim.integrations.vllm_plugin.unpack import (
     _PACKED,
     LayerLayout,
@@ -36,6 +37,7 @@ from moetrim.integrations.vllm_plugin.unpack import (
     unpack_down,
     unpack_gate_up,
 )
+from moetrim.model.varwidth import VARWIDTH_KEY
 
 logger = init_logger("vllm.moetrim")  # under vllm's logger, so its INFO lines show in vLLM's log
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -144,7 +146,13 @@ class _Varwidth:
 
         config = vllm_config.model_config.hf_config
         fam = family(config.model_type)
-        layouts = read_layouts(config)
+        layouts = read_layouts(config) if getattr(config, VARWIDTH_KEY, None) else {}
+        self.moetrim_replaced = replaced_records(config)
+        if self.moetrim_replaced:
+            logger.warning("moetrim: replaced experts in layers %s are served RECONSTRUCTED: each replaced expert is rebuilt "
+                           "as its base + low-rank correction into the family's stock fused MoE at load (exact, but the "
+                           "memory the shared bases save is not kept in vLLM; no native shared-base kernel yet)",
+                           sorted(self.moetrim_replaced))
         widths, mixed = served_widths(layouts)
         padded_by_request = os.environ.get(PADDED_ENV, "") not in ("", "0")
         align = group_alignment()
@@ -176,6 +184,8 @@ class _Varwidth:
     def load_weights(self, weights):
         fam = self.moetrim_family
         loaded: set[str] = set()
+        if self.moetrim_replaced:
+            weights = per_expert_replaced(weights, self.moetrim_replaced, fam.names)
         stock = super().load_weights(per_expert_tensors(
             self._moetrim_grouped_weights(weights, loaded), self.moetrim_layouts, fam.names, self.config.hidden_size,
             self.moetrim_pad_to, dict(fam.rename)))

@@ -158,10 +158,14 @@ def grouped_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     group_of / local_of [E] (long) from `group_plan`. run_group(g, rows [S, H], weights [S, 1], local ids
     [S, 1]) returns group g's top-1 output [S, H] with the weights applied (what a fused-MoE kernel of that
     group computes with top_k = 1). The slots of a group are taken in token order, and each row's result
-    is added into its token's row, so a token whose k slots fall in several groups sums them all."""
+    is added into its token's row, so a token whose k slots fall in several groups sums them all.
+    Batches of at most `sync_free_tokens()` tokens take the fixed-shape path (no host read, so CUDA
+    graphs capture it); larger ones count each group's slots on the host and run only those."""
     k = topk_ids.shape[-1]
     ids = topk_ids.reshape(-1).long()
     slot_group = group_of[ids]
+    if x.shape[0] <= sync_free_tokens():
+        return _grouped_forward_fixed(x, topk_weights, ids, slot_group, local_of, num_groups, run_group, k, topk_ids.dtype)
     order = torch.argsort(slot_group, stable=True)
     counts = torch.bincount(slot_group, minlength=num_groups).tolist()
     weights = topk_weights.reshape(-1, 1)
@@ -175,6 +179,39 @@ def grouped_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
         rows = torch.div(slots, k, rounding_mode="floor")
         y = run_group(g, x.index_select(0, rows), weights.index_select(0, slots),
                       local_of[ids.index_select(0, slots)].to(topk_ids.dtype).view(-1, 1))
+        out.index_add_(0, rows, y.to(out.dtype))
+    return out
+
+
+SYNC_FREE_ENV = "MOETRIM_VLLM_SYNC_FREE_TOKENS"
+_SYNC_FREE_TOKENS = 512  # vLLM's largest CUDA-graph capture size by default: every captured batch takes the fixed path
+
+
+def sync_free_tokens() -> int:
+    """Batches of at most this many tokens take `grouped_forward`'s fixed-shape path ($MOETRIM_VLLM_SYNC_FREE_TOKENS)."""
+    import os
+
+    value = os.environ.get(SYNC_FREE_ENV)
+    return int(value) if value and value.strip().lstrip("-").isdigit() else _SYNC_FREE_TOKENS
+
+
+def _grouped_forward_fixed(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor, slot_group: torch.Tensor,
+                           local_of: torch.Tensor, num_groups: int, run_group: GroupRunner, k: int,
+                           id_dtype: torch.dtype) -> torch.Tensor:
+    """The grouped computation with shapes fixed by the batch alone, so nothing is read back to the host and
+    a CUDA graph can capture it: every group gets all T*k slot rows, the slots routed elsewhere with weight 0
+    at local expert 0 (their rows add exactly 0). The extra rows all land on one expert per group, so a
+    decode step reads no more weights than the counted path; the extra arithmetic is why large batches
+    (prefill) keep the counted path."""
+    rows = torch.div(torch.arange(ids.numel(), device=x.device), k, rounding_mode="floor")
+    xs = x.index_select(0, rows)
+    weights = topk_weights.reshape(-1, 1)
+    local = local_of[ids]
+    out = torch.zeros_like(x)
+    for g in range(num_groups):
+        member = slot_group == g
+        w = torch.where(member[:, None], weights, torch.zeros_like(weights))
+        y = run_group(g, xs, w, torch.where(member, local, torch.zeros_like(local)).to(id_dtype).view(-1, 1))
         out.index_add_(0, rows, y.to(out.dtype))
     return out
 

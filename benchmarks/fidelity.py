@@ -1,0 +1,356 @@
+"""Does each paper's finding hold on the bundled models? One table, read off the committed results.
+
+Runs no model: it reads what quality.py, replace.py and finetune.py wrote under benchmarks/results/
+(quality.json, replace.json, finetune.json and their -longtail twins) and answers, per model
+("reference" and "longtail"):
+
+- a: dimension trimming beats whole-expert pruning at equal parameters (50% removed, task-agnostic);
+- b: a few critical dimensions (at most 16 removed, ranked by math-calibrated Fisher) carry a skill;
+- c1/c2: MAN/MSAN are the best expert criteria task-agnostic; frequency/gate-based ones task-specific;
+- d1/d2: replacing beats merging and expert pruning at 50%, and is about equal to LoRA at 30%;
+- e1/e2: condensers beat DenseMixer and ESFT on the new domain, and keep the long tail (retention).
+
+Decision rule (`decide`): with per-seed values, "holds" when the paired 95% t-interval of the
+difference excludes 0 in the finding's direction, "refuted" when it excludes 0 the other way, "tie"
+otherwise; with a single seed, point estimates within 0.01 are a tie. A finding against several
+methods holds only if it holds against each, and is refuted if it is refuted against any. A finding
+whose data is absent gets no cell: it is listed under `missing` with the reason.
+
+    python benchmarks/fidelity.py                       # reads benchmarks/results, writes fidelity.json + README section
+    python benchmarks/fidelity.py --results DIR --out F # elsewhere (the README is left alone)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from report import for_model, interval, paired_difference, section, update_section, write_json  # noqa: E402
+
+MODELS = ("reference", "longtail")
+SOURCES = ("quality", "replace", "finetune")
+TOL = 0.01  # single seed: point estimates closer than this are a tie
+RATIO = 0.5  # findings a and c are read at 50% removed
+FEW = 16  # "a few" critical dimensions: at most this many removed
+AGNOSTIC_PICKS = ("man", "msan")
+SPECIFIC_PICKS = ("frequency", "soft_frequency", "reap")  # frequency- and gate-based (as quality.py groups them)
+DEFAULT_RESULTS = HERE / "results"
+DEFAULT_OUT = DEFAULT_RESULTS / "fidelity.json"
+
+
+def decide(mine: list[float], other: list[float], *, equal: bool = False, tol: float = TOL) -> str:
+    """'holds', 'tie' or 'refuted' for "mine > other" (or "mine ≈ other" with equal): paired over seeds by
+    the 95% t-interval (report.paired_difference); one seed compares point estimates with `tol`, because
+    one draw has no interval and a tiny gap is no evidence."""
+    if not mine or len(mine) != len(other):
+        raise ValueError(f"decide needs paired values of one length, got {len(mine)} and {len(other)}")
+    if len(mine) == 1:
+        d = round(mine[0] - other[0], 12)
+        side = "a > b" if d > tol else "a < b" if d < -tol else "tie"
+    else:
+        side = paired_difference(mine, other)
+    if equal:
+        return "holds" if side == "tie" else "refuted"
+    return {"a > b": "holds", "a < b": "refuted", "tie": "tie"}[side]
+
+
+def combine(verdicts: list[str]) -> str:
+    """Beating several methods holds only against each of them; losing to any one refutes it."""
+    if "refuted" in verdicts:
+        return "refuted"
+    return "holds" if verdicts and all(v == "holds" for v in verdicts) else "tie"
+
+
+@dataclass
+class Comparison:
+    """What a finding compares: the favoured method's value per seed against each rival's."""
+    text: str
+    values: dict[str, float]
+    mine: dict[int, float]
+    others: dict[str, dict[int, float]]
+    equal: bool = False
+    protocol: str = ""
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def judge(c: Comparison) -> tuple[str, list[float] | None, str]:
+    """(verdict, 95% interval of the paired difference against the strongest rival or None for one seed,
+    the seeds phrase for the protocol)."""
+    verdicts, seeds = [], []
+    for series in c.others.values():
+        seeds = sorted(set(c.mine) & set(series))
+        if not seeds:
+            raise ValueError("no seed in common")
+        verdicts.append(decide([c.mine[s] for s in seeds], [series[s] for s in seeds], equal=c.equal))
+    strongest = max(c.others.values(), key=lambda s: mean(s.values()))
+    seeds = sorted(set(c.mine) & set(strongest))
+    if len(seeds) < 2:
+        return combine(verdicts), None, f"single seed {seeds[0]} (point estimates, tolerance {TOL})"
+    m, half = interval([c.mine[s] - strongest[s] for s in seeds])
+    return combine(verdicts), [round(m - half, 4), round(m + half, 4)], f"seeds {','.join(map(str, seeds))} (paired 95% t-interval)"
+
+
+# ---- quality.json: findings a, b, c ----
+
+def quality_protocol(d: dict) -> str:
+    m = d.get("meta", {})
+    return (f"{'quick' if m.get('quick') else 'full'}, {m.get('items_per_domain')} eval items/domain, "
+            f"{m.get('calib_items_per_domain')} calib items/domain")
+
+
+def experts_and_dims(d: dict, setting: str) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """Per criterion, mean accuracy per seed at RATIO removed: (dims criteria, expert criteria)."""
+    out: dict[str, dict[str, dict[int, float]]] = {"dims": {}, "experts": {}}
+    for r in d.get("summary") or []:
+        if r["setting"] == setting and abs(r["ratio"] - RATIO) < 1e-9 and r["granularity"] in out:
+            out[r["granularity"]][r["criterion"]] = dict(zip(r["seeds"], r["mean_accuracy_per_seed"]))
+    return out["dims"], out["experts"]
+
+
+def best(series: dict[str, dict[int, float]]) -> str:
+    return max(sorted(series), key=lambda k: mean(series[k].values()))
+
+
+def finding_a(d: dict) -> Comparison | str:
+    dims, experts = experts_and_dims(d, "task-agnostic")
+    if not dims or not experts:
+        return f"no task-agnostic dims and experts rows at {RATIO:.0%} in the grid summary"
+    bd, be = best(dims), best(experts)
+    md, me = mean(dims[bd].values()), mean(experts[be].values())
+    return Comparison(f"{bd} dims {md:.3f} vs {be} experts {me:.3f} (best of each, {RATIO:.0%} removed)",
+                      {f"dims:{bd}": round(md, 4), f"experts:{be}": round(me, 4)}, dims[bd],
+                      {f"experts:{k}": v for k, v in experts.items()}, protocol=quality_protocol(d))
+
+
+def finding_b(d: dict) -> Comparison | str:
+    crit = d.get("critical_dims") or []
+    ks = sorted({r["k"] for r in crit if r["ranking"] == "fisher" and r["k"] <= FEW}
+                & {r["k"] for r in crit if r["ranking"] == "random"})
+    if not ks:
+        return "no critical-dimensions experiment (Fisher and random rankings) in this JSON"
+    k = ks[-1]
+    acc = {r["ranking"]: r["accuracy"] for r in crit if r["k"] == k}
+    dense = d["dense"]["accuracy"]["math"]
+    seed = (d.get("meta", {}).get("seeds") or [0])[0]
+    drop_f, drop_r = dense - acc["fisher"]["math"], dense - acc["random"]["math"]
+    text = (f"k={k} dims removed: math {acc['fisher']['math']:.3f} by Fisher rank vs {acc['random']['math']:.3f} at random "
+            f"(dense {dense:.3f}; knowledge {acc['fisher']['knowledge']:.3f})")
+    return Comparison(text, {"k": k, "math_fisher": acc["fisher"]["math"], "math_random": acc["random"]["math"],
+                             "math_dense": dense, "knowledge_fisher": acc["fisher"]["knowledge"]},
+                      {seed: drop_f}, {"random": {seed: drop_r}},
+                      protocol=quality_protocol(d) + "; critical dims run on the first seed only")
+
+
+def expert_picks(d: dict, setting: str, picks: tuple[str, ...]) -> Comparison | str:
+    _, experts = experts_and_dims(d, setting)
+    mine = {k: v for k, v in experts.items() if k in picks}
+    rest = {k: v for k, v in experts.items() if k not in picks}
+    if not mine or not rest:
+        return f"no {setting} expert rows at {RATIO:.0%} for {'/'.join(picks)} and the others"
+    bm, br = best(mine), best(rest)
+    mm, mr = mean(mine[bm].values()), mean(rest[br].values())
+    return Comparison(f"best pick {bm} {mm:.3f} vs best other {br} {mr:.3f} ({setting}, {RATIO:.0%})",
+                      {bm: round(mm, 4), br: round(mr, 4)}, mine[bm], rest, protocol=quality_protocol(d))
+
+
+# ---- replace.json: finding d ----
+
+def replace_protocol(d: dict) -> str:
+    m = d.get("meta", {})
+    rank = f"rank grid {','.join(map(str, m['rank_grid']))}" if m.get("rank_grid") else f"rank {m.get('rank')}"
+    return (f"{'quick' if m.get('quick') else 'full'}, {m.get('recover_steps')} recovery steps, lr {m.get('lr')}, {rank}, "
+            f"{m.get('items_per_domain')} eval items/domain")
+
+
+def replace_rows(d: dict, ratio: float) -> dict[str, dict]:
+    return {r["method"]: r for r in d.get("rows", []) if abs(r["ratio"] - ratio) < 1e-9}
+
+
+def finding_d1(d: dict) -> Comparison | str:
+    rows = replace_rows(d, 0.5)
+    need = [m for m in ("replace", "merge", "reap") if m not in rows]
+    if need:
+        return f"no 50% row for {', '.join(need)}"
+    seed = d.get("meta", {}).get("seed", 0)
+    val = {m: r["recovered_mean"] for m, r in rows.items()}
+    rank = f" (rank {rows['replace']['rank_chosen']})" if "rank_chosen" in rows["replace"] else ""
+    outside = ", ".join(f"{m} {val[m]:.3f}" for m in ("d2", "dims") if m in val)
+    text = (f"replace{rank} {val['replace']:.3f} vs merge {val['merge']:.3f}, reap {val['reap']:.3f} after recovery"
+            + (f" (not in the claim: {outside})" if outside else ""))
+    return Comparison(text, {m: round(v, 4) for m, v in val.items()}, {seed: val["replace"]},
+                      {m: {seed: val[m]} for m in ("merge", "reap")}, protocol=replace_protocol(d))
+
+
+def finding_d2(d: dict) -> Comparison | str:
+    rows = replace_rows(d, 0.3)
+    if not rows:
+        return "no 30% ratio in replace rows: evidence missing"
+    val = {m: rows[m]["recovered_mean"] for m in rows if "lora" in m.lower()}
+    dense = d.get("dense", {})
+    if dense.get("trained_mean") is not None:  # replace.py's control: the dense model LoRA-tuned on the recovery data
+        val["dense+LoRA"] = dense["trained_mean"]
+    lora = sorted(val)
+    if not lora or "replace" not in rows:
+        return f"no LoRA row at 30% (methods there: {', '.join(rows)}): evidence missing"
+    seed = d.get("meta", {}).get("seed", 0)
+    val["replace"] = rows["replace"]["recovered_mean"]
+    return Comparison(f"replace {val['replace']:.3f} vs " + ", ".join(f"{m} {val[m]:.3f}" for m in lora) + " (30%)",
+                      {m: round(v, 4) for m, v in val.items()}, {seed: val["replace"]},
+                      {m: {seed: val[m]} for m in lora}, equal=True, protocol=replace_protocol(d))
+
+
+# ---- finetune.json: finding e ----
+
+RIVALS = ("densemixer", "esft")
+
+
+def finetune_protocol(d: dict, methods: tuple[str, ...]) -> str:
+    m = d.get("meta", {})
+    grid = m.get("lr_grid") or [m.get("lr")]
+    if len(grid) == 1:
+        lr = f"lr {grid[0]}"
+    else:
+        chosen = {s["method"]: s.get("lr_chosen") for s in d.get("summary", [])}
+        lr = f"lr grid {','.join(map(str, grid))}, chosen " + ", ".join(f"{x} {chosen.get(x)}" for x in methods)
+    return (f"{'quick' if m.get('quick') else 'full'}, {m.get('steps')} steps of {m.get('batch_size')}, {lr}, "
+            f"{m.get('items_per_domain')} eval items/domain")
+
+
+def finetune_series(d: dict, method: str, key: str) -> dict[int, float]:
+    """Per-seed values of `key` for a method: the summary's `key_per_seed` if present, else from the runs."""
+    for s in d.get("summary", []):
+        if s["method"] == method and s.get(key + "_per_seed") is not None:
+            return dict(zip(s["seeds"], s[key + "_per_seed"]))
+    new = d.get("meta", {}).get("new_domain", "units")
+    out = {}
+    for r in d.get("runs", []):
+        v = r["accuracy"].get(new) if key == "new" else r.get(key)
+        if r["method"] == method and v is not None:
+            out[r["seed"]] = v
+    return out
+
+
+def finetune_finding(d: dict, key: str, label: str) -> Comparison | str:
+    methods = ("condenser", *RIVALS)
+    series = {m: finetune_series(d, m, key) for m in methods}
+    if not all(series.values()):
+        return f"no {label} for " + ", ".join(m for m in methods if not series[m])
+    means = {m: mean(s.values()) for m, s in series.items()}
+    text = f"condenser {means['condenser']:.3f} vs " + ", ".join(f"{m} {means[m]:.3f}" for m in RIVALS) + f" ({label})"
+    return Comparison(text, {m: round(v, 4) for m, v in means.items()}, series["condenser"],
+                      {m: series[m] for m in RIVALS}, protocol=finetune_protocol(d, methods))
+
+
+def finding_e1(d: dict) -> Comparison | str:
+    return finetune_finding(d, "new", f"{d.get('meta', {}).get('new_domain', 'units')} accuracy")
+
+
+def finding_e2(d: dict) -> Comparison | str:
+    """Rare-skill retention where the runs record it (the long tail itself), else retention on every original skill."""
+    rare = all(finetune_series(d, m, "retention_rare") for m in ("condenser", *RIVALS))
+    return finetune_finding(d, "retention_rare" if rare else "retention",
+                            "rare-skill retention" if rare else "retention on the original skills")
+
+
+FINDINGS: list[tuple[str, str, str, Callable[[dict], Comparison | str]]] = [
+    ("a", "dimension trimming beats whole-expert pruning at equal parameters", "quality", finding_a),
+    ("b", "a few critical dimensions carry a skill (math)", "quality", finding_b),
+    ("c1", "MAN/MSAN are the best expert criteria task-agnostic", "quality",
+     lambda d: expert_picks(d, "task-agnostic", AGNOSTIC_PICKS)),
+    ("c2", "frequency/gate-based criteria are the best task-specific", "quality",
+     lambda d: expert_picks(d, "task-specific", SPECIFIC_PICKS)),
+    ("d1", "replacing beats merging and expert pruning at 50%", "replace", finding_d1),
+    ("d2", "replacing is about equal to LoRA at 30%", "replace", finding_d2),
+    ("e1", "condensers beat DenseMixer and ESFT in-domain", "finetune", finding_e1),
+    ("e2", "condensers keep the long tail better than DenseMixer and ESFT", "finetune", finding_e2),
+]
+
+
+def build(results: Path) -> dict:
+    """Every finding on every model: a cell where the JSON has the data, an entry in `missing` where not."""
+    loaded: dict[tuple[str, str], dict | str] = {}
+    for src in SOURCES:
+        for model in MODELS:
+            path = for_model(results / f"{src}.json", model)
+            loaded[src, model] = json.loads(path.read_text()) if path.exists() else f"{path.name} not found in {results}"
+    cells, missing = [], []
+    for fid, text, src, fn in FINDINGS:
+        for model in MODELS:
+            name = for_model(Path(f"{src}.json"), model).name
+            head = {"finding": f"{fid}: {text}", "model": model, "source": name}
+            data = loaded[src, model]
+            try:
+                comp = fn(data) if isinstance(data, dict) else data
+            except (KeyError, TypeError, ValueError, IndexError) as exc:  # a JSON of another layout: say so, guess nothing
+                comp = f"{name} lacks what this finding needs ({type(exc).__name__}: {exc})"
+            if isinstance(comp, str):
+                missing.append({**head, "reason": comp})
+                continue
+            verdict, ci, seeds = judge(comp)
+            cells.append({**head, "figure": {"text": comp.text, "values": comp.values}, "interval": ci, "verdict": verdict,
+                          "protocol": f"{comp.protocol}; {seeds}"})
+    found = sorted(for_model(Path(f"{s}.json"), m).name for (s, m), v in loaded.items() if isinstance(v, dict))
+    return {"meta": {"results": str(results), "found": found, "tolerance_single_seed": TOL,
+                     "decision_rule": "holds: paired 95% t-interval over seeds excludes 0 in the finding's direction; refuted: "
+                                      "excludes 0 the other way; tie: otherwise; one seed: point estimates within "
+                                      f"{TOL} are a tie; against several rivals: holds only against each, refuted against any"},
+            "cells": cells, "missing": missing}
+
+
+def markdown(result: dict) -> str:
+    """Rows = findings, columns = models; each cell 'figure — verdict'; then each source's protocol."""
+    lines = ["### Do the papers' findings hold here? (read off the committed results)", "",
+             "`python benchmarks/fidelity.py`: runs no model, reads quality, replace and finetune JSON. "
+             f"Verdict: {result['meta']['decision_rule']}.", "",
+             "| finding | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+    for fid, text, _, _ in FINDINGS:
+        row = []
+        for model in MODELS:
+            cell = next((c for c in result["cells"] if c["finding"].startswith(f"{fid}:") and c["model"] == model), None)
+            if cell is None:
+                why = next(m["reason"] for m in result["missing"] if m["finding"].startswith(f"{fid}:") and m["model"] == model)
+                row.append(f"missing: {why}")
+            else:
+                ci = f" [{cell['interval'][0]:+.3f}, {cell['interval'][1]:+.3f}]" if cell["interval"] else ""
+                row.append(f"{cell['figure']['text']}{ci} — **{cell['verdict']}**")
+        lines.append(f"| {fid}: {text} | " + " | ".join(r.replace("|", "/") for r in row) + " |")
+    lines += ["", "Brackets: 95% interval of the paired difference (favoured minus strongest rival) over seeds. Protocols:", ""]
+    seen: dict[tuple[str, str], list[str]] = {}
+    for c in result["cells"]:
+        seen.setdefault((c["source"], c["protocol"]), []).append(c["finding"].split(":")[0])
+    lines += [f"- `{src}` ({', '.join(ids)}): {protocol}" for (src, protocol), ids in seen.items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of the benchmarks' JSON (default benchmarks/results)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the cells (default benchmarks/results/fidelity.json)")
+    args = ap.parse_args(argv)
+    result = build(args.results)
+    if not result["meta"]["found"]:
+        names = ", ".join(for_model(Path(f"{s}.json"), m).name for s in SOURCES for m in MODELS)
+        print(f"error: {args.results} has none of {names}", file=sys.stderr)
+        return 2
+    write_json(args.out, result)
+    table = markdown(result)
+    print(table)
+    if args.out.resolve() == DEFAULT_OUT.resolve():
+        update_section(section("fidelity", "reference"), table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
