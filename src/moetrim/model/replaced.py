@@ -175,8 +175,8 @@ class ReplacedExperts(nn.Module):
         grouped experts do). A unit (kept expert or group base) runs once per (token, unit) pair."""
         x = hidden_states
         T, k = top_k_index.shape
-        S, dev = T * k, x.device
-        if dev.type == "cpu" and S <= _HOST_SLOTS:
+        S, dev, I = T * k, x.device, self.width
+        if dev.type == "cpu" and S <= _HOST_SLOTS and I * x.shape[1] <= _HOST_ELEMENTS:
             return self._forward_host(x, top_k_index, top_k_weights)
         K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
         unit_of, member_of = self._tables(dev)
@@ -273,8 +273,13 @@ class ReplacedExperts(nn.Module):
         return torch.where((rows < n_kept)[:, None], y_kept, y_base.index_select(0, (rows - n_kept) % S))
 
 
-# On the CPU, at most this many (token, expert) slots take the host walk (`_forward_host`) instead of the grouped path.
+# On the CPU, at most this many (token, expert) slots of experts at most this large (width x hidden) take the host
+# walk (`_forward_host`) instead of the grouped path. Measured (speed.py --quick, replace.py --quick): at the reference
+# models' shapes (hidden 128, width 64-128) the walk decodes at 0.90-1.17x dense where the grouped path's fixed kernels
+# gave about 0.6x; at real shapes (hidden 2048, width 768-1408) it loses (D²-MoE batch 1 0.32-0.92x against 1.07-1.35x
+# grouped: gathering large-rank factors per slot), so they keep the grouped path.
 _HOST_SLOTS = 32
+_HOST_ELEMENTS = 1 << 16
 
 
 def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
