@@ -501,6 +501,8 @@ CASES = [
     ("recover-lr-inf", None, ["recover", "{ws}/rep", *SFT, "--teacher", M, "--steps", 1, "--lr", "inf", "--out", "{ws}/o"], 2,
      "--lr must be a finite", None),
     ("recover-steps-negative", None, ["recover", "{ws}/rep", *SFT, "--steps", -1, "--out", "{ws}/o"], 2, "--steps must be at least 1", None),
+    ("recover-router-only-with-lora", None, ["recover", "{ws}/rep", *SFT, "--teacher", M, "--steps", 1, "--router-only", "--lora", 4,
+                                             "--out", "{ws}/o"], 2, "--router-only trains the routers alone", None),
     ("compress-recover-lr-nan", None, ["compress", M, *CAL, *REPLACE, "--recover-steps", 1, "--recover-lr", "nan", "--out", "{ws}/o"],
      2, "--recover-lr must be a finite", None),
     ("compress-recover-steps-negative", None, ["compress", M, *CAL, *REPLACE, "--recover-steps", -1, "--out", "{ws}/o"], 2,

@@ -96,6 +96,22 @@ def test_recover_trains_and_reloads(ws, tmp_path):
     assert not torch.equal(before, after)
 
 
+def test_router_kd_from_the_cli_on_an_expert_pruned_model(ws, tmp_path):
+    """`recover --router-only` works after any compression (here expert pruning, which leaves no tensor to train
+    otherwise): the routers move, nothing else, and the recipe says what ran."""
+    assert cli("compress", ws / "m", "--data", ws / "calib.txt", "--granularity", "experts", "--ratio", "0.25",
+               "--seq-len", "32", "--out", tmp_path / "p")[0] == 0
+    code, _, err = cli("recover", tmp_path / "p", "--data", ws / "train.jsonl", "--steps", "3", "--lr", "1e-2", "--router-only",
+                       "--batch-size", "4", "--seq-len", "32", "--quiet", "--out", tmp_path / "r")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "recover.json").read_text())
+    assert report["recover"]["router_only"] and report["recover"]["anneal"] == ["kd"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["moetrim"]["recover"]["router_only"] is True
+    before, after = moetrim.load(tmp_path / "p").state_dict(), moetrim.load(tmp_path / "r").state_dict()
+    moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert moved and all(k.endswith(("gate.weight", "router.weight")) and ".experts." not in k for k in moved), moved
+
+
 @pytest.mark.parametrize("args, message", [
     (["compress", "{m}", "--data", "{ws}/calib.txt", "--granularity", "replace", "--rank", "0", "--out", "{ws}/x"], "--rank must be at least 1"),
     (["compress", "{m}", "--data", "{ws}/calib.txt", "--granularity", "replace", "--base-weighting", "magic", "--out", "{ws}/x"],

@@ -451,3 +451,40 @@ def test_recover_refusals(base, student):
             _recover(model, anneal=bad, teacher=base)
         assert "\n" not in str(info.value)
     assert parse_anneal("none") == set() and parse_anneal(" kd , blend ") == {"blend", "kd"}
+
+
+def test_router_kd_trains_only_the_routers_on_distillation_alone(base, student):
+    """--router-only: after any compression (here an expert-pruned-like replaced model and a plain copy), only the
+    routers move; the loss is KL(teacher || student) alone at a constant weight (zero against the teacher itself)."""
+    model, teacher = copy.deepcopy(student), copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _recover(model, teacher=teacher, router_only=True)
+    after = result.model.state_dict()
+    router_ids = {id(p) for l in find_moe_layers(result.model) for p in l.router.parameters()}
+    routers = {n for n, p in result.model.named_parameters() if id(p) in router_ids}
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and moved == routers, (moved, routers)
+    assert not any(k.rsplit(".", 1)[-1] in CREATED for k in moved)  # the replaced experts stay as built
+    rec = result.report["recover"]
+    assert rec["router_only"] and rec["anneal"] == ["kd"]
+    assert result.report["trainable_parameters"] == sum(p.numel() for l in find_moe_layers(model) for p in l.router.parameters())
+    # the loss is the distillation term alone: a student that is its teacher has nothing to learn
+    # (its first step's loss; later steps differ by what AdamW makes of gradients at rounding level)
+    losses = [p["loss"] for p in _recover(copy.deepcopy(base), teacher=copy.deepcopy(base), router_only=True).report["loss_curve"]]
+    first = result.report["loss_curve"][0]["loss"]
+    assert abs(losses[0]) < 1e-5 and 1e-3 < first < 1.0, first  # no cross-entropy term (about ln 128 here)
+    layers = find_moe_layers(copy.deepcopy(student))
+    rec = Recovery(copy.deepcopy(student), layers, copy.deepcopy(base), anneal={"blend"}, steps=10, blend_fraction=0.4,
+                   kd_weight=2.0, lora=False, router_only=True)
+    assert rec.anneal == {"kd"} and rec.handles == []
+    rec.schedule(9)
+    assert rec.beta == 2.0  # constant, not fading
+
+
+def test_router_kd_refusals(base, student):
+    for kw, match in (({"lora": 4}, "takes no --lora"), ({}, "give --teacher")):
+        with pytest.raises(moetrim.UsageError, match=match) as info:
+            _recover(copy.deepcopy(student), router_only=True, **kw)
+        assert "\n" not in str(info.value)
+    with pytest.raises(moetrim.UsageError, match="recovery option"):
+        finetune(copy.deepcopy(base), tiny_tokenizer(), _records(), method="full", router_only=True, max_steps=1, progress=False)

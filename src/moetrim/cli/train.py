@@ -208,6 +208,8 @@ def recover_cmd(
     grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
     seq_len: int = typer.Option(1024, "--seq-len", help="longest example in tokens"),
     lora: int = typer.Option(0, "--lora", help="also train LoRA adapters of this rank (the only option for pruned or trimmed models)"),
+    router_only: bool = typer.Option(False, "--router-only", help="Router KD: train only the routers, on KL(teacher || student) "
+                                     "alone (any compressed model; needs the teacher)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     seed: int = SeedOpt,
     overwrite: bool = OverwriteOpt,
@@ -219,9 +221,10 @@ def recover_cmd(
     from moetrim.train.recovery import parse_anneal
 
     settings = dict(lr=lr, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lora=lora, seed=seed,
-                    anneal=anneal, blend_fraction=blend_fraction, kd_weight=kd_weight, progress=not quiet)
+                    anneal=anneal, blend_fraction=blend_fraction, kd_weight=kd_weight, router_only=router_only,
+                    progress=not quiet)
     FinetuneConfig(method="recover", **settings).check()
-    wants_teacher = bool(parse_anneal(anneal))
+    wants_teacher = bool(parse_anneal(anneal)) or router_only
     files = data_files(data)
     if len(files) != 1:
         raise UsageError("--data takes one file for recovery")
@@ -234,7 +237,8 @@ def recover_cmd(
     if teacher_path is None and wants_teacher:
         teacher_path = recipe.get("source")
         if not teacher_path or not model_dir(teacher_path).is_dir():
-            raise UsageError(f"{model_path} does not record the model it was compressed from; give --teacher MODEL or --anneal none")
+            raise UsageError(f"{model_path} does not record the model it was compressed from; give --teacher MODEL"
+                             + ("" if router_only else " or --anneal none"))
     inputs = [src, *files] + ([model_dir(teacher_path)] if teacher_path else [])
     check_output(out_dir, kind="checkpoint", inputs=inputs, overwrite=overwrite, need_bytes=bytes_of_weights(model_path))
     quiet_transformers()
@@ -244,7 +248,8 @@ def recover_cmd(
         teacher = load_model(teacher_path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code) if wants_teacher else None
     result = recover(model, tokenizer, str(files[0]), teacher=teacher, **settings)
     new_recipe = dict(recipe)
-    new_recipe["recover"] = {"steps": steps, "data": str(files[0]), "anneal": anneal, "lr": lr, "lora": lora,
+    new_recipe["recover"] = {"steps": steps, "data": str(files[0]), "anneal": "kd" if router_only else anneal, "lr": lr, "lora": lora,
+                             "router_only": router_only,
                              "teacher": None if teacher_path is None else str(teacher_path)}
     save_checkpoint(result.model, out_dir, tokenizer=tokenizer, recipe=new_recipe, overwrite=overwrite,
                     extra_files={"recover.json": json.dumps(result.report, indent=2) + "\n"})

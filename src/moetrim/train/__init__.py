@@ -20,9 +20,10 @@ def recover(model, tokenizer, data, *, teacher=None, **settings):
     """Win back what compression cost by training only what it created (replaced experts' corrections
     and bases; LoRA adapters with lora=R, the one option for pruned or trimmed models), annealed from
     `teacher`, the uncompressed model: its outputs blend out and its distillation loss fades (anneal
-    "blend,kd", the default; "none" needs no teacher). What `moetrim recover` runs; settings are
-    FinetuneConfig's (max_steps, lr, anneal, blend_fraction, kd_weight, lora, batch_size, seq_len,
-    seed, ...). Returns FinetuneResult(model, report).
+    "blend,kd", the default; "none" needs no teacher). router_only=True is Router KD: only the routers
+    train, on the distillation loss alone (any compressed model; needs the teacher). What `moetrim
+    recover` runs; settings are FinetuneConfig's (max_steps, lr, anneal, blend_fraction, kd_weight, lora,
+    router_only, batch_size, seq_len, seed, ...). Returns FinetuneResult(model, report).
 
     >>> result = moetrim.recover(compressed, tok, "sft.jsonl", teacher=original, max_steps=200, lr=1e-4)
     >>> result.report["steps"]

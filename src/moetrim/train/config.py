@@ -54,10 +54,13 @@ class FinetuneConfig:
     anneal: str = "blend,kd"  # recover: blend, kd, both or none
     blend_fraction: float = 0.4  # recover: the replaced experts' outputs blend in from the original over this share of steps
     kd_weight: float = 1.0  # recover: initial weight of KL(teacher || student), falling linearly to 0
+    router_only: bool = False  # recover: Router KD, train only the routers on KL(teacher || student) alone
 
     def check(self) -> None:
         if self.method not in METHODS and self.method != RECOVER:
             raise UsageError(f"unknown --method '{self.method}'; choose {', '.join(METHODS)}")
+        if self.router_only and (self.method != RECOVER or self.lora):
+            raise UsageError("--router-only trains the routers alone, by distillation: it is a recovery option and takes no --lora")
         for f in fields(self):  # the CLI checks its options' ranges (moetrim.cli.ranges); Python callers get this
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -156,7 +156,7 @@ def _trainer_class():
                 loss = loss + coef * balance_loss(outputs.router_logits, experts, top_k, inputs.get("attention_mask"))
             kd = rec.kd_loss(inputs, outputs.logits) if distill else None
             if kd is not None:
-                loss = loss + kd
+                loss = rec.ce_weight * loss + kd
             return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -292,8 +292,10 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
         from moetrim.train.recovery import Recovery, parse_anneal
 
         recovery = Recovery(model, layers, teacher, anneal=parse_anneal(cfg.anneal), steps=steps,
-                            blend_fraction=cfg.blend_fraction, kd_weight=cfg.kd_weight, lora=bool(cfg.lora))
-        report["recover"] = {"anneal": sorted(recovery.anneal), "created_parameters": sum(p.numel() for p in recovery.created),
+                            blend_fraction=cfg.blend_fraction, kd_weight=cfg.kd_weight, lora=bool(cfg.lora),
+                            router_only=cfg.router_only)
+        report["recover"] = {"anneal": sorted(recovery.anneal), "router_only": cfg.router_only,
+                             "created_parameters": sum(p.numel() for p in recovery.created),
                              "blend_steps": recovery.blend_steps if "blend" in recovery.anneal else 0}
     expert_lora = None
     if cfg.lora and cfg.lora_experts == "moetrim" and cfg.method != "recover":

@@ -15,6 +15,12 @@ Annealing (`--anneal`, any of blend, kd, or none):
   `kd_weight` to 0 over the run: the uncompressed model's logits guide early and fade out.
 
 With `none` the corrections simply train on CE from their initialisation (naive recovery).
+
+Router KD (`--router-only`): after any compression, only the routers train, on the distillation loss
+alone, KL(teacher ‖ student) at a constant weight: the experts that remain are kept as they are and the
+router learns to use them as the uncompressed model's outputs ask. Ours trains each MoE layer's router
+parameters with AdamW under the same schedule as recovery; where the method's authors differ (loss mix,
+which router tensors) is not known to us from their code.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ def parse_anneal(spec: str) -> set[str]:
     return parts
 
 
+def router_parameters(layers: list[MoELayer]) -> list[nn.Parameter]:
+    """Every MoE layer's router parameters (weights, and biases where the family has them)."""
+    return [p for layer in layers for p in layer.router.parameters()]
+
+
 def created_parameters(layers: list[MoELayer]) -> list[nn.Parameter]:
     """The tensors compression created: group bases and corrections of replaced-experts layers."""
     out = []
@@ -56,8 +67,14 @@ class Recovery:
     """Freezing, the blend hooks and the schedules of one recovery run."""
 
     def __init__(self, model: nn.Module, layers: list[MoELayer], teacher: nn.Module | None, *, anneal: set[str], steps: int,
-                 blend_fraction: float, kd_weight: float, lora: bool):
-        self.created = created_parameters(layers)
+                 blend_fraction: float, kd_weight: float, lora: bool, router_only: bool = False):
+        self.router_only = router_only
+        if router_only:
+            anneal = {"kd"}  # Router KD: distillation alone, at a constant weight
+            if teacher is None:
+                raise UsageError("--router-only distils from the uncompressed model: give --teacher MODEL")
+        self.created = router_parameters(layers) if router_only else created_parameters(layers)
+        self.ce_weight = 0.0 if router_only else 1.0
         if not self.created and not lora:
             raise UsageError("nothing to recover: this model has no replaced or merged experts (compression created no "
                              "tensor to train); pass --lora R to train LoRA adapters instead")
@@ -91,7 +108,7 @@ class Recovery:
             t = min(1.0, step / self.blend_steps)
             self.lam = 0.5 - 0.5 * math.cos(math.pi * t)
         if "kd" in self.anneal:
-            self.beta = self.kd_weight * max(0.0, 1.0 - step / self.steps)
+            self.beta = self.kd_weight * (1.0 if self.router_only else max(0.0, 1.0 - step / self.steps))
 
     def _teacher_on(self, device: torch.device) -> None:
         """The Trainer places the student; the teacher follows it on first use."""
