@@ -175,8 +175,8 @@ class ReplacedExperts(nn.Module):
         grouped experts do). A unit (kept expert or group base) runs once per (token, unit) pair."""
         x = hidden_states
         T, k = top_k_index.shape
-        S, dev, I = T * k, x.device, self.width
-        if dev.type == "cpu" and S <= _HOST_SLOTS and I * x.shape[1] <= _HOST_ELEMENTS:
+        S, dev = T * k, x.device
+        if dev.type == "cpu" and S <= _HOST_SLOTS and self.width * x.shape[1] <= _HOST_ELEMENTS:
             return self._forward_host(x, top_k_index, top_k_weights)
         K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
         unit_of, member_of = self._tables(dev)
