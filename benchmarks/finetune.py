@@ -20,7 +20,7 @@ t-interval that excludes 0; the rest are ties.
 ``training.json`` names (``dates``, date word problems that need its rare calendar skill) and
 retention is over its nine skills.
 
-    python benchmarks/finetune.py --quick     # 250 steps, 128 eval items per domain, 3 seeds (about 16 min on 2 cores)
+    python benchmarks/finetune.py --quick     # 250 steps, 128 eval items per domain, 3 seeds (557 s idle on 2 cores)
     python benchmarks/finetune.py             # 600 steps, 256 eval items per domain, 3 seeds
     python benchmarks/finetune.py --quick --model longtail   # 9 skills, new domain dates (996 s idle on 2 cores)
     python benchmarks/finetune.py --quick --model longtail --lrs 3e-5,1e-4,3e-4,1e-3   # lr chosen on calib (1790 s)
