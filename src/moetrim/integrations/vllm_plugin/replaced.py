@@ -17,10 +17,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from moetrim.integrations.vllm_plugin.unpack import ExpertNames, LayoutError
-from moetrim.model.replaced import REPLACED_KEY
+from moetrim.model.replaced import _FACTORS, _SPEC_FIELDS, REPLACED_KEY
 
 _STACKS = ("kept_gate_up", "kept_down", "base_gate_up", "base_down")
-_FACTORS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 _TENSOR = re.compile(r"^(?P<layer>.*\.layers\.(?P<index>\d+)\.)mlp\.experts\.(?P<what>" + "|".join(_STACKS + _FACTORS) + r")$")
 
 
@@ -35,8 +34,8 @@ def replaced_records(config) -> dict[int, dict]:
         raise LayoutError(f"config.json's '{REPLACED_KEY}' has no per-layer record; restore the config.json moetrim wrote")
     out = {}
     for key, spec in layers.items():
-        if not str(key).isdigit() or not isinstance(spec, Mapping) or not {"num_experts", "width", "kept", "groups", "rank"} <= set(spec):
-            raise LayoutError(f"config.json's '{REPLACED_KEY}' layer {key!r} needs num_experts, width, kept, groups and rank")
+        if not str(key).isdigit() or not isinstance(spec, Mapping) or not set(_SPEC_FIELDS) <= set(spec):
+            raise LayoutError(f"config.json's '{REPLACED_KEY}' layer {key!r} needs {', '.join(_SPEC_FIELDS)}")
         out[int(key)] = dict(spec)
     return out
 

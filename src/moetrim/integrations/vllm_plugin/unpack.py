@@ -22,6 +22,7 @@ rows back into [T, H]. Every routed hit is computed once, at its group's width.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -189,8 +190,6 @@ _SYNC_FREE_TOKENS = 512  # vLLM's largest CUDA-graph capture size by default: ev
 
 def sync_free_tokens() -> int:
     """Batches of at most this many tokens take `grouped_forward`'s fixed-shape path ($MOETRIM_VLLM_SYNC_FREE_TOKENS)."""
-    import os
-
     value = os.environ.get(SYNC_FREE_ENV)
     return int(value) if value and value.strip().lstrip("-").isdigit() else _SYNC_FREE_TOKENS
 
