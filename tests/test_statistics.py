@@ -110,7 +110,11 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
                 "act_sq_sum": torch.zeros(E, width, **f64),
                 "act_abs_max": torch.zeros(E, width, **f64),
                 "gated_act_abs_sum": torch.zeros(E, width, **f64),
+                "gated_act_sq_sum": torch.zeros(E, width, **f64),
+                "gated_act_abs_max": torch.zeros(E, width, **f64),
                 "out_sum": torch.zeros(E, x.shape[-1], **f64),
+                "gated_out_sum": torch.zeros(E, x.shape[-1], **f64),
+                "logit_gram": logits.T @ logits,
                 "in_gram": torch.zeros(E, x.shape[-1], x.shape[-1], **f64),
                 "mid_gram": torch.zeros(E, width, width, **f64),
                 "dense_out_sum": torch.zeros(E, x.shape[-1], **f64),
@@ -139,10 +143,13 @@ def reference_statistics(family: str, model, ids: torch.Tensor) -> dict[int, dic
                     r["act_sq_sum"][e] += h * h
                     r["act_abs_max"][e] = torch.maximum(r["act_abs_max"][e], a)
                     r["gated_act_abs_sum"][e] += g * a
+                    r["gated_act_sq_sum"][e] += (g * h) ** 2
+                    r["gated_act_abs_max"][e] = torch.maximum(r["gated_act_abs_max"][e], abs(g) * a)
                     r["chosen_prob_sum"][e] += float(probs[t, e])
                     r["wrong_norm_sum_gated"][e] += abs(g) * n
                     xt = x[t].double()
                     r["out_sum"][e] += y
+                    r["gated_out_sum"][e] += g * y
                     r["in_gram"][e] += torch.outer(xt, xt)
                     r["mid_gram"][e] += torch.outer(h.double(), h.double())
                     r["wrong_out_sum_gated"][e] += g * y
@@ -191,10 +198,11 @@ def test_statistics_match_per_token_reference(stat_runs, family):
         for name, (b, p) in EXPERT_ALIASES.items():
             assert _close(prof.get(l, name), r["moments"][:, b, p]), (family, l, name)
         assert _close(prof.get(l, "moments"), r["moments"]), (family, l)
-        for name in ("prob_sum", "act_abs_sum", "act_sq_sum", "gated_act_abs_sum"):
+        for name in ("prob_sum", "act_abs_sum", "act_sq_sum", "gated_act_abs_sum", "gated_act_sq_sum", "gated_out_sum", "logit_gram"):
             assert _close(prof.get(l, name), r[name]), (family, l, name)
-        # a max is not a sum: it is the float32 rounding of the largest |h|
+        # a max is not a sum: it is the float32 rounding of the largest |h| (|g·h|)
         assert _close(prof.get(l, "act_abs_max"), r["act_abs_max"], rtol=1e-6), (family, l)
+        assert _close(prof.get(l, "gated_act_abs_max"), r["gated_act_abs_max"], rtol=1e-6), (family, l)
         # every expert that was routed to has a nonzero row: the comparison is not vacuous
         routed = r["moments"][:, 0, 0] > 0
         assert routed.sum() >= 2 and bool((r["act_abs_sum"][routed].sum(1) > 0).all())
@@ -354,6 +362,11 @@ def ranked():
                 "output_aware": act_sq.sqrt() * d_norm,
                 "magnitude": g_norm * u_norm * d_norm,
             }
+            # CAMERA-P: ||down[:, j]||^2 (0.1 Σ (g h)^2 + 0.9 max |g h|^2), from its own two statistics
+            gated_sq, gated_max = _importance(gen, s), _importance(gen, s).float()
+            stats[f"layers.{l}.gated_act_sq_sum"] = gated_sq
+            stats[f"layers.{l}.gated_act_abs_max"] = gated_max
+            dims["camera"] = d_norm.pow(2) * (0.1 * gated_sq + 0.9 * gated_max.double().pow(2))
             for name, v in dims.items():
                 expected_dims.setdefault(name, {})[l] = v
 
@@ -368,6 +381,14 @@ def ranked():
             stats[f"layers.{l}.moments"] = moments
             stats[f"layers.{l}.prob_sum"] = prob
             stats[f"layers.{l}.tokens"] = torch.tensor([64.0], dtype=torch.float64)
+            # MoNE: mean gate over the 64 tokens times the output spread, √((Σ‖y‖² − ‖Σy‖²/n) / (n − 1)); Σy is set at a
+            # random fraction of its largest possible norm, so the spread is positive and independent of the moments
+            share = 1 - 10 ** (-3 * torch.rand(E, generator=gen, dtype=torch.float64))  # spreads over 3 decades
+            direction = F.normalize(torch.randn(E, H, generator=gen, dtype=torch.float64), dim=1)
+            out_sum = direction * (share * (count * moments[:, 0, 2])).sqrt()[:, None]
+            stats[f"layers.{l}.out_sum"] = out_sum
+            spread = ((moments[:, 0, 2] - out_sum.pow(2).sum(1) / count) / (count - 1)).sqrt()
+            theta = torch.cat([gu64.flatten(1), dn64.flatten(1)], dim=1)
             m = moments
             exp = {
                 "frequency": m[:, 0, 0],
@@ -377,6 +398,8 @@ def ranked():
                 "man": m[:, 0, 1] / m[:, 0, 0],
                 "msan": m[:, 0, 2] / m[:, 0, 0],
                 "soft_frequency_prob": prob,
+                "mone": m[:, 1, 0] / 64 * spread,
+                "aimer": 1 - theta.abs().mean(1) / theta.pow(2).mean(1).sqrt(),  # weights only
             }
             for name, v in exp.items():
                 expected_experts.setdefault(name, {})[l] = v
@@ -448,8 +471,9 @@ EXPERT_CRITERIA = [n for n in criteria.names("expert") if n not in ("random", "u
 
 def test_every_registered_criterion_is_covered():
     assert set(criteria.names("dim")) == {*DIM_CRITERIA, "random"}
-    known_dims = {"fisher", "grad_magnitude", "taylor", "activation", "max_activation", "router_weighted", "output_aware", "magnitude"}
-    known_experts = {"frequency", "soft_frequency", "ean", "reap", "man", "msan", "soft_frequency_prob"}
+    known_dims = {"fisher", "grad_magnitude", "taylor", "activation", "max_activation", "router_weighted", "output_aware", "magnitude",
+                  "camera"}
+    known_experts = {"frequency", "soft_frequency", "ean", "reap", "man", "msan", "soft_frequency_prob", "mone", "aimer"}
     assert set(DIM_CRITERIA) == known_dims, "a new dim criterion needs an expected score in ranked()"
     assert set(EXPERT_CRITERIA) == known_experts, "a new expert criterion needs an expected score in ranked()"
 
@@ -553,7 +577,8 @@ def test_expectations_differ_between_criteria(ranked):
     for name in EXPERT_CRITERIA:
         r = _expected_removed_experts(expected_experts[name], "layer", True, 0.5)
         answers[name] = tuple(tuple(sorted(r[l])) for l in sorted(r))
-    assert len(set(answers.values())) == len(answers), answers
+    twins = {name: [o for o in answers if o != name and answers[o] == a] for name, a in answers.items()}
+    assert len(set(answers.values())) == len(answers), {n: t for n, t in twins.items() if t}
     for e in range(E):  # the best half of every expert's dims, per dim criterion
         halves = {name: tuple(frozenset(torch.sort(s[l][e], descending=True).indices[: I // 2].tolist()) for l in s) for name, s in expected_dims.items()}
         assert len(set(halves.values())) == len(halves), e

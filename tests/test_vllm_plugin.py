@@ -342,3 +342,17 @@ def test_rerouted_checkpoint_is_refused_in_one_line_naming_what_serves():
         MoetrimRoutedConfig.from_dict({"model_type": "moetrim_routed", "moetrim_base_model_type": "qwen3_moe"})
     msg = str(err.value)
     assert "\n" not in msg and "rerouted" in msg and "variable-width" in msg and "replaced" in msg
+
+
+def test_novice_checkpoint_is_refused_in_one_line():
+    """A novice (MoNE) outputs a constant vector: no stock expert computes it, so the plugin refuses the
+    checkpoint in one line naming the layer, rather than serving a wrong model."""
+    from moetrim.integrations.vllm_plugin.replaced import replaced_records
+
+    spec = {"num_experts": 8, "width": 32, "kept": [0, 2, 3, 4, 5, 6, 7], "groups": [], "rank": 0}
+    config = {"moetrim_replaced": {"version": 1, "layers": {"0": spec, "1": {**spec, "kept": [0, 2, 4, 5, 6, 7], "novices": [1, 3]}}}}
+    with pytest.raises(LayoutError) as err:
+        replaced_records(config)
+    assert "\n" not in str(err.value) and "layer 1" in str(err.value) and "novice" in str(err.value)
+    del config["moetrim_replaced"]["layers"]["1"]
+    assert sorted(replaced_records(config)) == [0]

@@ -50,15 +50,20 @@ def build_replaced(
     gram: torch.Tensor | None = None,
     mid_gram: torch.Tensor | None = None,
     seed: int = 0,
+    novices: Sequence[int] = (),
+    novice_out: torch.Tensor | None = None,
 ) -> ReplacedExperts:
     """A `ReplacedExperts` for `layer` (not installed): `kept` experts as they are, one base per group,
     each member's rank-`rank` correction from `init`. gram: [E, H, H] input Grams (a profile's in_gram)
     to whiten the gate/up corrections with; mid_gram: [E, I, I] Grams of down_proj's inputs (mid_gram)
-    to whiten the down corrections with; seed: the random A of `init="zero"`."""
+    to whiten the down corrections with; seed: the random A of `init="zero"`; novices: experts that become a
+    constant output (MoNE), novice_out [len(novices), H] their vectors in increasing id."""
     require_uniform_widths([layer], "replace experts of")
     check_replaceable(layer)
     E, H, I = layer.num_experts, layer.hidden_size, layer.widths[0]
-    check_layout(E, I, H, kept, groups, rank)
+    check_layout(E, I, H, kept, groups, rank, novices)
+    if novices and (novice_out is None or tuple(novice_out.shape) != (len(novices), H)):
+        raise UsageError(f"novice_out must be [{len(novices)}, {H}] (one output vector per novice)")
     if init not in INITS:
         raise UsageError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
     if gram is not None and tuple(gram.shape) != (E, H, H):
@@ -68,9 +73,12 @@ def build_replaced(
     if (gram is not None or mid_gram is not None) and init != "svd":
         raise UsageError("a gram whitens the SVD of the corrections; it needs init='svd'")
     ref = layer.expert(0).up
-    mod = ReplacedExperts(E, H, I, kept, groups, rank, layer.activation(), dtype=ref.dtype, device=ref.device)
+    mod = ReplacedExperts(E, H, I, kept, groups, rank, layer.activation(), novices=novices, dtype=ref.dtype, device=ref.device)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        if mod.novices:
+            order = sorted(range(len(novices)), key=lambda i: novices[i])
+            mod.novice_out.copy_(novice_out[order])
         for u, e in enumerate(mod.kept):
             gate_up, down = _stacked(layer, e)
             mod.kept_gate_up[u].copy_(gate_up)
@@ -159,9 +167,13 @@ def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.
     """Build every planned layer's `ReplacedExperts` from the model's own weights and install it (in place)."""
     if plan.model_fingerprint != model_fingerprint(model):
         raise UsageError("this plan was made for another model (its fingerprint differs); plan again on this model")
+    if plan.granularity == "ream":  # merged into centroids and sliced: a standard model, not replaced experts
+        from moetrim.apply.ream import apply_ream_plan
+
+        return apply_ream_plan(model, plan)
     layers = {l.index: l for l in find_moe_layers(model)}
     for lp in plan.layers:
-        if not lp.groups:
+        if not lp.groups and not lp.novices:
             continue
         layer = layers.get(lp.layer)
         if layer is None or layer.num_experts != lp.experts_before:
@@ -171,8 +183,15 @@ def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.
             if profile is None or not profile_has(profile, [layer], "in_gram") or not profile_has(profile, [layer], "mid_gram"):
                 raise UsageError("this plan whitens its corrections: give the profile with the experts' input Grams (calibrate --whiten)")
             gram, mid_gram = profile.get(lp.layer, "in_gram"), profile.get(lp.layer, "mid_gram")
+        novice_out = None
+        if lp.novices:
+            if profile is None:
+                raise UsageError("this plan has novices (MoNE): give the profile it was made from (their outputs are its mean outputs)")
+            from moetrim.plan.cluster import mean_outputs
+
+            novice_out = mean_outputs(profile, lp.layer)[lp.novices]
         weights = {int(e): w for e, w in lp.base_weights.items()}
         new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, mid_gram=mid_gram,
-                             seed=plan.seed)
+                             seed=plan.seed, novices=lp.novices, novice_out=novice_out)
         install_layer(model, layer, new)
     return model

@@ -53,8 +53,12 @@ class LayerRecorder:
         self.act_sq_sum = torch.zeros(E, I, **f64)
         self.act_abs_max = torch.zeros(E, I, dtype=torch.float32, device=device)
         self.gated_act_abs_sum = torch.zeros(E, I, **f64)
+        self.gated_act_sq_sum = torch.zeros(E, I, **f64)
+        self.gated_act_abs_max = torch.zeros(E, I, dtype=torch.float32, device=device)
         H = layer.hidden_size
         self.out_sum = torch.zeros(E, H, **f64)
+        self.gated_out_sum = torch.zeros(E, H, **f64)  # REAM's output signature
+        self.logit_gram = torch.zeros(E, E, **f64)  # REAM's router signature: Σ l lᵀ of the raw router logits, every token
         self.in_gram = torch.zeros(E, H, H, **f64) if whiten else None  # E·H²·8 bytes: 2 GiB per OLMoE layer
         self.mid_gram = torch.zeros(E, I, I, **f64) if whiten else None  # down_proj's inputs: E·I²·8 bytes
         self.dense_out_sum = torch.zeros(E, H, **f64) if dense_outputs else None  # every expert on every token
@@ -90,8 +94,11 @@ class LayerRecorder:
         if self.once_per_batch and self.seen_router:
             return
         self.seen_router = True
-        probs = self.layer.router_probs(logits.detach().reshape(-1, self.E))
+        flat = logits.detach().reshape(-1, self.E)
+        probs = self.layer.router_probs(flat)
         self.prob_sum += probs.sum(0).double().to(self.prob_sum.device)
+        wide = flat.double().to(self.logit_gram.device)
+        self.logit_gram += wide.T @ wide
         self.tokens += probs.shape[0]
 
     @torch.no_grad()
@@ -106,15 +113,20 @@ class LayerRecorder:
         self.act_abs_sum += zeros.index_add(0, idx, a).double()
         self.act_sq_sum += zeros.index_add(0, idx, a * a).double()
         gf = g.detach().float()
-        self.gated_act_abs_sum += zeros.index_add(0, idx, a * gf.unsqueeze(-1)).double()
-        batch_max = zeros.scatter_reduce(0, idx.unsqueeze(-1).expand(-1, I), a, reduce="amax", include_self=True)
-        torch.maximum(self.act_abs_max, batch_max, out=self.act_abs_max)
+        ga = a * gf.unsqueeze(-1)
+        self.gated_act_abs_sum += zeros.index_add(0, idx, ga).double()
+        self.gated_act_sq_sum += zeros.index_add(0, idx, ga * ga).double()
+        spread = idx.unsqueeze(-1).expand(-1, I)
+        torch.maximum(self.act_abs_max, zeros.scatter_reduce(0, spread, a, reduce="amax", include_self=True), out=self.act_abs_max)
+        torch.maximum(self.gated_act_abs_max, zeros.scatter_reduce(0, spread, ga, reduce="amax", include_self=True),
+                      out=self.gated_act_abs_max)
         norms = y.detach().float().norm(dim=-1).double()
         gd = gf.double()
         feats = torch.stack([gd.pow(b) * norms.pow(p) for b in range(3) for p in range(3)], dim=-1)
         self.moments += norms.new_zeros(E, 9).index_add(0, idx, feats).view(E, 3, 3)
         yw = _wide(y.detach())
         self.out_sum += yw.new_zeros(E, yw.shape[1]).index_add(0, idx, yw).double()
+        self.gated_out_sum += yw.new_zeros(E, yw.shape[1]).index_add(0, idx, yw * gf.to(yw.dtype).unsqueeze(-1)).double()
         if self.in_gram is not None and x is not None:
             xw, hw = _wide(x.detach()), _wide(h.detach())
             ends = torch.bincount(idx, minlength=E).cumsum(0).tolist()
@@ -170,7 +182,11 @@ class LayerRecorder:
             f"layers.{l}.act_sq_sum": self.act_sq_sum,
             f"layers.{l}.act_abs_max": self.act_abs_max,
             f"layers.{l}.gated_act_abs_sum": self.gated_act_abs_sum,
+            f"layers.{l}.gated_act_sq_sum": self.gated_act_sq_sum,
+            f"layers.{l}.gated_act_abs_max": self.gated_act_abs_max,
             f"layers.{l}.out_sum": self.out_sum,
+            f"layers.{l}.gated_out_sum": self.gated_out_sum,
+            f"layers.{l}.logit_gram": self.logit_gram,
         }
         if self.in_gram is not None:
             out[f"layers.{l}.in_gram"] = self.in_gram

@@ -12,6 +12,9 @@ per expert [E]    count                  routed-token count (slots: a token coun
                   moments [E, 3, 3]      Σ g^b·‖y‖^p for b, p in 0..2 (feeds the unified S(a, b, p))
 per expert [E, H] out_sum                Σ y (mean output out_sum / count: what experts are grouped by
                                          when replacing; absent from profiles of older moetrim)
+                  gated_out_sum          Σ g·y over routed tokens (REAM's output signature; newer profiles)
+per layer [E, E]  logit_gram             Σ l lᵀ over every token, l the raw router logits (REAM's router
+                                         signature: cosines between experts' logit columns; newer profiles)
 per expert        in_gram [E, H, H]      Σ x xᵀ over routed tokens (x: expert input), for whitened SVD
                                          (only with calibrate(..., whiten=True))
                   mid_gram [E, I, I]     Σ h hᵀ over routed tokens (h: down_proj's input), whitening the
@@ -23,6 +26,8 @@ per dim [E, I]    act_abs_sum            Σ |h|      (h: intermediate activation
                   act_sq_sum             Σ h²
                   act_abs_max            max |h|
                   gated_act_abs_sum      Σ g·|h|
+                  gated_act_sq_sum       Σ (g·h)²   (CAMERA-P's energy; absent from older profiles)
+                  gated_act_abs_max      max |g·h|  (CAMERA-P's peak; merges by max, as act_abs_max)
                   taylor                 Σ ∂L/∂m    (m: a multiplicative mask on h, at 1)
                   fisher                 Σ_s (∂L_s/∂m)², one gradient per sequence s (or per batch)
                   grad_magnitude         Σ_s Σ |∂L_s/∂W| over the dim's gate row, up row, down column
@@ -44,14 +49,16 @@ from moetrim.errors import UsageError
 
 PROFILE_VERSION = "1"
 EXPERT_STATS = ("count", "gate_sum", "prob_sum", "norm_sum", "norm_sq_sum", "gated_norm_sum", "moments")
-DIM_STATS = ("act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum", "taylor", "fisher", "grad_magnitude")
+DIM_STATS = ("act_abs_sum", "act_sq_sum", "act_abs_max", "gated_act_abs_sum", "gated_act_sq_sum", "gated_act_abs_max", "taylor", "fisher",
+             "grad_magnitude")
 GRADIENT_STATS = ("taylor", "fisher", "grad_magnitude")
-HIDDEN_STATS = ("out_sum", "in_gram", "dense_out_sum")  # indexed by expert, then by hidden dimension: [E, H], [E, H, H]
+HIDDEN_STATS = ("out_sum", "gated_out_sum", "in_gram", "dense_out_sum")  # indexed by expert, then by hidden dimension: [E, H], [E, H, H]
 GRAM_STATS = ("in_gram", "mid_gram")  # [E, n, n]: n = H for in_gram, I for mid_gram
+EXPERT_PAIR_STATS = ("logit_gram",)  # [E, E]
 OPT_IN = {"in_gram": "whiten=True", "mid_gram": "whiten=True", "dense_out_sum": "dense_outputs=True"}
 # Named views into the moments tensor [E, b, p].
 _MOMENT_ALIASES = {"count": (0, 0), "gate_sum": (1, 0), "norm_sum": (0, 1), "norm_sq_sum": (0, 2), "gated_norm_sum": (1, 1)}
-_MAX_STATS = ("act_abs_max",)
+MAX_STATS = ("act_abs_max", "gated_act_abs_max")  # merged by maximum; every other statistic by addition
 
 
 @dataclass
@@ -92,7 +99,7 @@ class Profile:
     def names(self) -> list[str]:
         """Statistics a profile can hold; the opt-in ones (in_gram, mid_gram, dense_out_sum) only where this one holds them."""
         held = [n for n in OPT_IN if any(k.endswith(f".{n}") for k in self.stats)]
-        return ["tokens", *EXPERT_STATS, *DIM_STATS, "out_sum", *held]
+        return ["tokens", *EXPERT_STATS, *DIM_STATS, "out_sum", "gated_out_sum", "logit_gram", *held]
 
     def get(self, layer: int, name: str) -> torch.Tensor:
         """Statistic `name` of MoE layer `layer` (decoder-layer index): [E] per expert, [E, I] per dim,
@@ -108,6 +115,10 @@ class Profile:
                 raise UsageError("profile has no 'grad_magnitude': calibrate with --grad-magnitude")
             if name in GRADIENT_STATS:
                 raise UsageError(f"profile has no '{name}': it was calibrated with --no-fisher; recalibrate without it")
+            if name in ("gated_act_sq_sum", "gated_act_abs_max"):
+                raise UsageError(f"profile has no '{name}' (CAMERA-P's gated activations): it was written by an older moetrim; recalibrate")
+            if name in ("gated_out_sum", "logit_gram"):
+                raise UsageError(f"profile has no '{name}' (REAM's signatures): it was written by an older moetrim; recalibrate")
             if name == "out_sum":
                 raise UsageError("profile has no 'out_sum' (expert mean outputs): it was written by an older moetrim; recalibrate")
             if name in ("in_gram", "mid_gram"):
@@ -142,7 +153,7 @@ class Profile:
             raise UsageError("cannot merge profiles whose Fisher was summed per sequence and per batch")
         merged = {}
         for key, value in self.stats.items():
-            if key.rsplit(".", 1)[-1] in _MAX_STATS:
+            if key.rsplit(".", 1)[-1] in MAX_STATS:
                 merged[key] = torch.maximum(value, other.stats[key])
             else:
                 merged[key] = value + other.stats[key]
@@ -170,14 +181,15 @@ class Profile:
         shapes: dict[int, tuple[int | None, int | None, int | None]] = {}  # E, I, H
         for key, t in self.stats.items():
             parts = key.split(".")
-            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, *HIDDEN_STATS, *GRAM_STATS, "tokens"):
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in (*EXPERT_STATS, *DIM_STATS, *HIDDEN_STATS, *GRAM_STATS, *EXPERT_PAIR_STATS, "tokens"):
                 raise UsageError(f"{source} has an unknown statistic '{key}'; it was not written by moetrim calibrate")
             layer, name = int(parts[1]), parts[2]
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 raise UsageError(f"{source} has non-finite values in '{key}' (did the model overflow? calibrate with --dtype float32)")
             E, I, H = shapes.get(layer, (None, None, None))
             want = {"moments": 3, "in_gram": 3, "mid_gram": 3}.get(name, 1 if name in EXPERT_STATS or name == "tokens" else 2)
-            square = name not in GRAM_STATS or (t.ndim == 3 and t.shape[1] == t.shape[2])
+            square = (name not in GRAM_STATS or (t.ndim == 3 and t.shape[1] == t.shape[2])) and \
+                (name not in EXPERT_PAIR_STATS or (t.ndim == 2 and t.shape[0] == t.shape[1]))
             if t.ndim != want or (name == "moments" and tuple(t.shape[1:]) != (3, 3)) or (name == "tokens" and t.numel() != 1) or not square:
                 raise UsageError(f"{source}: '{key}' has shape {list(t.shape)}, not what moetrim calibrate writes")
             if name != "tokens":

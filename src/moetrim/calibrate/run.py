@@ -14,7 +14,7 @@ from torch import nn
 
 from moetrim.calibrate import distributed
 from moetrim.calibrate.instrument import LayerRecorder, instrumented, layer_checkpointing
-from moetrim.calibrate.profile import PROFILE_VERSION, Profile, data_digest
+from moetrim.calibrate.profile import MAX_STATS, PROFILE_VERSION, Profile, data_digest
 from moetrim.checkpoint.placement import execution_device, input_device, onloaded
 from moetrim.data.text import DataSource, batches, token_chunks
 from moetrim.errors import UsageError
@@ -98,8 +98,9 @@ def calibrate(
         batch_list = batches(chunks, batch_size)[rank::world]  # the same batches as one process, dealt out
         n_tokens = _run(model, recorders, batch_list, device, fisher, progress and rank == 0, several=world > 1)
         if world > 1:
-            sums = [t for rec in recorders for k, t in rec.tensors().items() if not k.endswith(".act_abs_max")]
-            n_tokens = distributed.all_reduce_stats(sums, [rec.act_abs_max for rec in recorders], n_tokens, device)
+            sums = [t for rec in recorders for k, t in rec.tensors().items() if k.rsplit(".", 1)[-1] not in MAX_STATS]
+            maxima = [t for rec in recorders for k, t in rec.tensors().items() if k.rsplit(".", 1)[-1] in MAX_STATS]
+            n_tokens = distributed.all_reduce_stats(sums, maxima, n_tokens, device)
     stats: dict[str, torch.Tensor] = {}
     for rec in recorders:
         stats.update({k: v.cpu() for k, v in rec.tensors().items()})

@@ -140,7 +140,10 @@ SeqLenOpt = typer.Option(None, "--seq-len", help="tokens per calibration sequenc
 BatchOpt = typer.Option(4, "--batch-size", help="calibration sequences per forward/backward pass")
 FisherModeOpt = typer.Option("sequence", "--fisher-mode", help="square gradients per 'sequence' (default) or per 'batch'")
 GranularityOpt = typer.Option("dims", "--granularity", help="dims (trim intermediate dimensions), experts (remove whole experts); "
-                              "compress also: replace, naive, merge, d2 (experts become shared bases + low-rank corrections)")
+                              "compress also: replace, naive, merge, d2 (experts become shared bases + low-rank corrections); "
+                              "experts --novice: MoNE")
+NoviceOpt = typer.Option(False, "--novice", help="experts: removed experts become novices, each its constant mean output "
+                         "added with its routing weight (MoNE; criterion mone by default; replaced format)")
 RatioOpt = typer.Option(0.5, "--ratio", help="fraction of routed-expert parameters to remove, in [0, 1)")
 MinWidthOpt = typer.Option(None, "--min-width", help="dims: smallest width an expert keeps (default 1/32 of the width; 0 lets experts go)")
 RoundToOpt = typer.Option(None, "--round-to", help="dims: widths in multiples of N (default 1; uniform rounds to 8 when within 2 points)")
@@ -233,6 +236,30 @@ def parse_exponents(text: Optional[str]) -> Optional[list[float]]:
     return vals
 
 
+MERGE_METHODS = ("hc-smoe", "ream")
+MergeMethodOpt = typer.Option("hc-smoe", "--merge-method", help="merge: hc-smoe (HC-SMoE: groups share one expert, the router "
+                              "keeps every row) or ream (REAM: groups merged into their most salient expert after neuron "
+                              "matching, the rest leave the router; a standard checkpoint)")
+
+
+def method_granularity(granularity: str, novice: bool, merge_method: str = "hc-smoe") -> str:
+    """--granularity experts --novice is MoNE and --granularity merge --merge-method ream is REAM, planned and
+    saved as the replace family's 'novice' and 'ream'."""
+    if merge_method not in MERGE_METHODS:
+        raise UsageError(f"unknown --merge-method '{merge_method}'; choose from {', '.join(MERGE_METHODS)}")
+    if merge_method != "hc-smoe":
+        if granularity != "merge":
+            raise UsageError(f"--merge-method picks how experts are merged: it applies to --granularity merge, not {granularity}")
+        if novice:
+            raise UsageError("--novice applies to --granularity experts, not merge")
+        return "ream"
+    if not novice:
+        return granularity
+    if granularity != "experts":
+        raise UsageError(f"--novice replaces removed experts by constant outputs: it applies to --granularity experts, not {granularity}")
+    return "novice"
+
+
 def resolve_method(granularity: str, criterion: Optional[str], ratio: float, allocation: Optional[str]) -> Optional[str]:
     """Fail before any expensive work on a bad method choice; returns the criterion (its default filled in)."""
     from moetrim.pipeline.compress import check_method
@@ -240,9 +267,9 @@ def resolve_method(granularity: str, criterion: Optional[str], ratio: float, all
     return check_method(granularity, criterion, ratio, allocation)
 
 
-def data_files(data: str) -> list[Path]:
-    """The comma-separated data files of --data, each checked to exist."""
-    files = [Path(part) for part in data.split(",")]
+def data_files(data: str | None) -> list[Path]:
+    """The comma-separated data files of --data, each checked to exist (none without --data)."""
+    files = [Path(part) for part in data.split(",")] if data is not None else []
     for f in files:
         if not f.is_file():
             raise UsageError(f"data file not found: {f}")

@@ -14,9 +14,10 @@ import typer
 from moetrim.checkpoint.outputs import bytes_of_weights, check_output
 from moetrim.cli.common import (
     BatchOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, ExponentsOpt, FisherModeOpt, GradCheckpointOpt, GranularityOpt, MaxGroupOpt, MaxMemoryOpt,
-    MaxTokensOpt, MinWidthOpt, OffloadFolderOpt, OverwriteOpt, ProtectOpt, RankOpt, RatioOpt, RoundToOpt, SeedOpt, SeqLenOpt, SequentialOpt,
+    MaxTokensOpt, MergeMethodOpt, MinWidthOpt, NoviceOpt, OffloadFolderOpt, OverwriteOpt, ProtectOpt, RankOpt, RatioOpt, RoundToOpt,
+    SeedOpt, SeqLenOpt, SequentialOpt,
     StreamingOpt, TrustOpt, WeightingOpt, WhitenOpt, allocation_option, calibration_tokenizer, check_sequential, criterion_option,
-    data_files, handled, load, model_dir, parse_exponents, placement, resolve_method,
+    data_files, handled, load, model_dir, method_granularity, parse_exponents, placement, resolve_method,
 )
 from moetrim.cli.results import calibrate_sequential, plan_and_stream, save_replaced, save_sliced
 from moetrim.errors import UsageError
@@ -25,9 +26,14 @@ from moetrim.errors import UsageError
 @handled
 def compress(
     model_path: str = typer.Argument(..., metavar="MODEL", help="model directory (or 'reference')"),
-    data: str = typer.Option(..., "--data", help=".txt or .jsonl calibration data (comma-separated for several)"),
+    data: Optional[str] = typer.Option(None, "--data", help=".txt or .jsonl calibration data (comma-separated for several); "
+                                       "not needed by the weight-only criteria (aimer, magnitude, random)"),
     out_dir: Path = typer.Option(..., "--out", help="output checkpoint directory"),
     granularity: str = GranularityOpt,
+    novice: bool = NoviceOpt,
+    merge_method: str = MergeMethodOpt,
+    auto: Optional[str] = typer.Option(None, "--method", help="auto: per layer, trim dims (Fisher or CAMERA-P) or remove experts "
+                                       "(REAP), and how much, whichever costs least on --data (final-logit KL); see the plan's notes"),
     criterion: Optional[str] = criterion_option(),
     ratio: float = RatioOpt,
     allocation: Optional[str] = allocation_option(),
@@ -63,6 +69,13 @@ def compress(
     from moetrim.calibrate.distributed import env_world_size
     from moetrim.plan.replace import is_replace_granularity
 
+    granularity = method_granularity(granularity, novice, merge_method)
+    if auto is not None:
+        granularity = _check_auto(auto, granularity, criterion, allocation, data, sequential, streaming, device_map,
+                                  dict(min_width=min_width, round_to=round_to, protect=protect or None, exponents=exponents,
+                                       recover_steps=recover_steps or None))
+    if data is None:
+        _check_data_free(granularity, criterion)
     place = placement(device_map, max_memory, offload_folder, device, [model_dir(model_path), *data_files(data)], {"--out": out_dir})
     if is_replace_granularity(granularity) and (sequential or streaming):
         raise UsageError(f"--granularity {granularity} builds bases from whole layers in memory: drop --sequential/--streaming")
@@ -92,9 +105,11 @@ def compress(
     files = data_files(data)
     check_output(out_dir, kind="checkpoint", inputs=[model_dir(model_path), *files], overwrite=overwrite,
                  need_bytes=bytes_of_weights(model_path))
-    crit = criteria.get_criterion(criterion, "dim" if granularity == "dims" else "expert")
+    crit = criteria.get_criterion(criterion or "fisher", "dim" if granularity in ("dims", "auto") else "expert")
     method = dict(granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation, min_width=min_width,
                   round_to=round_to, protect=protect, seed=seed, exponents=exps)
+    if sequential and data is None:
+        raise UsageError("--sequential calibrates layer by layer: give --data, or drop --sequential (a weight-only criterion needs no pass)")
     if sequential:
         check_sequential(place, grad_checkpoint, criterion == "grad_magnitude", device)
         if crit.needs_gradients:
@@ -115,6 +130,38 @@ def compress(
                       fisher_mode=fisher_mode, grad_checkpoint=grad_checkpoint, **method)
 
 
+def _check_auto(auto: str, granularity: str, criterion, allocation, data, sequential: bool, streaming: bool, device_map,
+                others: dict) -> str:
+    """--method auto on its own: it picks granularity, criterion and allocation itself and measures on --data."""
+    if auto != "auto":
+        raise UsageError(f"unknown --method '{auto}': the one method is auto (or choose --granularity and --criterion)")
+    if granularity != "dims" or criterion is not None or allocation is not None:
+        raise UsageError("--method auto chooses the granularity, criterion and allocation per layer itself: drop "
+                         "--granularity/--criterion/--allocation/--novice/--merge-method")
+    named = [f"--{k.replace('_', '-')}" for k, v in others.items() if v is not None]
+    if named:
+        raise UsageError(f"--method auto plans with each candidate's defaults: drop {', '.join(named)}")
+    if data is None:
+        raise UsageError("--method auto measures every option on calibration data: give --data")
+    if sequential or streaming or device_map:
+        raise UsageError("--method auto runs the whole model many times in memory: drop --sequential/--streaming/--device-map")
+    return "auto"
+
+
+def _check_data_free(granularity: str, criterion: Optional[str]) -> None:
+    """Without --data only a weight-only criterion can plan, and nothing may need calibration."""
+    from moetrim import criteria
+    from moetrim.plan.replace import is_replace_granularity
+
+    if is_replace_granularity(granularity):
+        raise UsageError(f"--granularity {granularity} needs --data: its groups come from calibration statistics")
+    crit = resolve_method(granularity, criterion, 0.0, None)
+    level = "dim" if granularity == "dims" else "expert"
+    if criteria.get_criterion(crit, level).needs_profile:
+        free = ", ".join(n for n in criteria.names(level) if not criteria.get_criterion(n, level).needs_profile)
+        raise UsageError(f"--criterion {crit} reads calibration statistics: give --data, or pick a weight-only criterion ({free})")
+
+
 def _compress_slicing(model, model_path, data, tokenizer, out_dir, *, place, streaming, overwrite, dtype, trust_remote_code,
                       max_tokens, seq_len, batch_size, fisher_mode, grad_checkpoint, **method) -> None:
     """dims and experts: in memory, or calibrated here and planned and applied from the files (a model
@@ -124,7 +171,11 @@ def _compress_slicing(model, model_path, data, tokenizer, out_dir, *, place, str
     from moetrim.pipeline.compress import compress, statistics_needed
 
     profile = None
-    if place or streaming or env_world_size() > 1:
+    if data is None and (place or streaming):  # a weight-only criterion: plan and apply from the files, nothing to calibrate
+        del model
+        plan_and_stream(model_path, None, tokenizer, out_dir, overwrite, dtype, trust_remote_code, **method)
+        return
+    if data is not None and (place or streaming or env_world_size() > 1):
         needs = statistics_needed(method["granularity"], method["criterion"], grad_checkpoint=grad_checkpoint)
         profile = calibrate(model, data, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                             seed=method["seed"], fisher_mode=fisher_mode, progress=True, **needs)

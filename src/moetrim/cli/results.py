@@ -25,6 +25,8 @@ def report_plan(plan, fmt: str | None = None, note: str = "") -> None:
     if fmt:
         t.add_row("checkpoint", "standard (loads in plain transformers)" if fmt == "standard" else "variable-width (load with moetrim.load)")
     out.print(t)
+    for line in (n for n in getattr(plan, "notes", []) if n.startswith("auto:")):  # what --method auto chose, and why
+        out.print(line)
     if note:
         err.print(f"note: {note}")
 
@@ -32,10 +34,18 @@ def report_plan(plan, fmt: str | None = None, note: str = "") -> None:
 def report_replace_plan(plan) -> None:
     t = Table(title="plan", show_header=False)
     t.add_row("method", f"{plan.granularity} / {plan.criterion} / rank {plan.rank}")
-    t.add_row("routed-expert params", f"{plan.params_before:,} -> {plan.params_after:,} stored (bases and corrections counted)")
+    counted = {"novice": "novice vectors counted", "ream": "merged experts"}.get(plan.granularity, "bases and corrections counted")
+    t.add_row("routed-expert params", f"{plan.params_before:,} -> {plan.params_after:,} stored ({counted})")
     t.add_row("removed", f"{plan.removed_fraction:.1%} (asked {plan.ratio:.1%})")
-    t.add_row("per layer", "; ".join(f"{l.layer}: {len(l.kept)} kept, {sum(len(g) for g in l.groups)} in {len(l.groups)} groups"
-                                     for l in plan.layers))
+
+    def layer(l) -> str:
+        if plan.granularity == "novice":
+            return f"{l.layer}: {len(l.kept)} kept, {len(l.novices)} novices"
+        if plan.granularity == "ream":
+            return f"{l.layer}: {len(l.groups)} kept, {sum(len(g) - 1 for g in l.groups)} merged into them"
+        return f"{l.layer}: {len(l.kept)} kept, {sum(len(g) for g in l.groups)} in {len(l.groups)} groups"
+
+    t.add_row("per layer", "; ".join(layer(l) for l in plan.layers))
     out.print(t)
 
 
@@ -66,7 +76,7 @@ def save_replaced(model, plan, profile, model_path, out_dir: Path, tokenizer, ov
 
     from moetrim.checkpoint import make_recipe, save_checkpoint
 
-    recipe = make_recipe(plan, profile, model_path, "replaced")
+    recipe = make_recipe(plan, profile, model_path, "standard" if plan.granularity == "ream" else "replaced")
     extra = {}
     if recover:
         recipe["recover"] = {"steps": recover["steps"], "data": recover_data, "anneal": recover["anneal"], "lr": recover["lr"]}

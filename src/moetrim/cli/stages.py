@@ -14,9 +14,10 @@ from rich.table import Table
 from moetrim.checkpoint.outputs import bytes_of_weights, check_output
 from moetrim.cli.common import (
     BatchOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, ExponentsOpt, FisherModeOpt, GradCheckpointOpt, GranularityOpt, MaxGroupOpt, MaxMemoryOpt,
-    MaxTokensOpt, MinWidthOpt, OffloadFolderOpt, OverwriteOpt, ProtectOpt, RankOpt, RatioOpt, RoundToOpt, SeedOpt, SeqLenOpt, SequentialOpt,
+    MaxTokensOpt, MergeMethodOpt, MinWidthOpt, NoviceOpt, OffloadFolderOpt, OverwriteOpt, ProtectOpt, RankOpt, RatioOpt, RoundToOpt,
+    SeedOpt, SeqLenOpt, SequentialOpt,
     StreamingOpt, TrustOpt, WeightingOpt, allocation_option, calibration_tokenizer, check_sequential, criterion_option, data_files, err,
-    handled, load, model_dir, out, parse_exponents, placement, quiet_transformers, read_json, resolve_method,
+    handled, load, model_dir, method_granularity, out, parse_exponents, placement, quiet_transformers, read_json, resolve_method,
 )
 from moetrim.cli.results import (
     apply_streaming, calibrate_sequential, model_for_plan, report_plan, report_replace_plan, save_replaced, save_sliced,
@@ -121,6 +122,8 @@ def plan_cmd(
     model_path: str = typer.Argument(..., metavar="MODEL", help="the model the profile was made from (directory, or 'reference')"),
     profile_path: Optional[Path] = typer.Option(None, "--profile", help="profile from `moetrim calibrate`"),
     granularity: str = GranularityOpt,
+    novice: bool = NoviceOpt,
+    merge_method: str = MergeMethodOpt,
     criterion: Optional[str] = criterion_option(),
     ratio: float = RatioOpt,
     allocation: Optional[str] = allocation_option(),
@@ -141,13 +144,14 @@ def plan_cmd(
     from moetrim.plan import make_plan
     from moetrim.plan.replace import is_replace_granularity
 
+    granularity = method_granularity(granularity, novice, merge_method)
     if is_replace_granularity(granularity):
         if profile_path is None:
             raise UsageError(f"--granularity {granularity} needs --profile (mean expert outputs decide the groups)")
         check_output(out_path, kind="plan", inputs=[model_dir(model_path), profile_path], overwrite=overwrite)
         profile = load_profile(profile_path)
         model = load(model_path, "auto", "cpu", trust_remote_code)
-        plan = make_plan(model, profile, granularity=granularity, ratio=ratio, rank=rank, criterion=criterion or "reap",
+        plan = make_plan(model, profile, granularity=granularity, ratio=ratio, rank=rank, criterion=criterion,
                          max_group=max_group, base_weighting=base_weighting, seed=seed)
         plan.save(out_path)
         report_replace_plan(plan)

@@ -25,15 +25,19 @@ class Criterion:
     needs_gradients: bool = False
     doc: str = ""
     needs_weights: bool = False  # reads the experts' weights (a streaming plan loads them one layer at a time)
+    needs_profile: bool = True  # False: weights (or a seed) only, no calibration data (random, magnitude, aimer)
+    allocation: str | None = None  # the authors' allocation where it is part of the method (camera: layer)
+    min_width: int | None = None  # the authors' floor on an expert's width (camera: 0)
 
 
 REGISTRY: dict[tuple[str, str], Criterion] = {}  # (level, name)
 
 
-def register(name: str, level: str, *, comparable: bool, gradients: bool = False, doc: str = "", weights: bool = False):
+def register(name: str, level: str, *, comparable: bool, gradients: bool = False, doc: str = "", weights: bool = False,
+             profile: bool = True, allocation: str | None = None, min_width: int | None = None):
     def deco(fn):
         REGISTRY[(level, name)] = Criterion(name, level, fn, comparable, gradients, doc or (fn.__doc__ or "").strip().splitlines()[0],
-                                            weights)
+                                            weights, profile, allocation, min_width)
         return fn
 
     return deco

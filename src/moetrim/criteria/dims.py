@@ -64,7 +64,7 @@ def output_aware(profile: Profile, layer: MoELayer, **_) -> torch.Tensor:
     return _stat(profile, layer, "act_sq_sum").sqrt() * _down_column_norms(layer)
 
 
-@register("magnitude", "dim", comparable=False, weights=True)
+@register("magnitude", "dim", comparable=False, weights=True, profile=False)
 def magnitude(profile: Profile | None, layer: MoELayer, **_) -> torch.Tensor:
     """Weights only: ||gate_j|| * ||up_j|| * ||down[:, j]|| (the path norm of the dimension)."""
     rows = []
@@ -77,8 +77,27 @@ def magnitude(profile: Profile | None, layer: MoELayer, **_) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@register("random", "dim", comparable=True)
+@register("random", "dim", comparable=True, profile=False)
 def random_dims(profile: Profile | None, layer: MoELayer, *, seed: int = 0, **_) -> torch.Tensor:
     """Uniform random scores (a baseline), seeded per layer."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
     return torch.rand(layer.num_experts, layer.widths[0], generator=gen, dtype=torch.float64)
+
+
+# CAMERA-P's weight between the energy and the peak of a micro-expert's gated activation (the authors' run.sh: 0.90).
+CAMERA_ALPHA = 0.9
+
+
+@register("camera", "dim", comparable=False, weights=True, allocation="layer", min_width=0)
+def camera(profile: Profile, layer: MoELayer, *, alpha: float = CAMERA_ALPHA, **_) -> torch.Tensor:
+    """CAMERA-P's micro-expert energy: ‖down[:, j]‖² · ((1 − α) Σ (g·h_j)² + α max (g·h_j)²), α = 0.9.
+
+    As the authors' `MEI.est_importance` (xuyuzhuang11/CAMERA `mei.py`): g is the routing weight the model
+    applies, h_j the dimension's activation, over the tokens routed to the expert; their allocation is the same
+    ratio in every layer with the layer's micro-experts ranked jointly and no floor on an expert's width, which
+    is this criterion's default (`--allocation layer`, `--min-width 0`). Where ours differs: an expert losing
+    every dimension is removed with its router row (theirs zeroes it and the router can still pick it, spending
+    a top-k slot on nothing), and the remaining dimensions become smaller tensors rather than zeroed rows."""
+    energy = _stat(profile, layer, "gated_act_sq_sum")
+    peak = _stat(profile, layer, "gated_act_abs_max").pow(2)
+    return _down_column_norms(layer).pow(2) * ((1 - alpha) * energy + alpha * peak)

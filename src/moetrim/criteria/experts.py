@@ -55,8 +55,44 @@ def unified(profile: Profile, layer: MoELayer, *, a: float = 0.0, b: int = 0, p:
     return unified_score(profile, layer.index, a, b, p)
 
 
-@register("random", "expert", comparable=True)
+@register("random", "expert", comparable=True, profile=False)
 def random_experts(profile: Profile | None, layer: MoELayer, *, seed: int = 0, **_) -> torch.Tensor:
     """Uniform random scores (a baseline), seeded per layer."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
     return torch.rand(layer.num_experts, generator=gen, dtype=torch.float64)
+
+
+@register("aimer", "expert", comparable=True, weights=True, profile=False)
+def aimer(profile: Profile | None, layer: MoELayer, **_) -> torch.Tensor:
+    """1 − AIMER: weights only, no data. AIMER is ‖θ‖₁ / (√N ‖θ‖₂) over all N entries of an expert's gate, up and
+    down pooled, which the authors prune highest first (ZongfangLiu/AIMER `src/calib_free_prune.py`): a flat
+    (Gaussian-like, ≈ 0.80) expert goes first, a heavy-tailed one stays. Ours ranks 1 − that ratio, so higher
+    keeps as for every criterion; the selection is theirs with the default `--allocation layer` (the same count
+    per layer, each layer keeping at least top-k). Ties keep index order (theirs: torch.sort's unspecified order)."""
+    scores = []
+    for e in range(layer.num_experts):
+        w = layer.expert(e)
+        mats = [m.detach().float() for m in (w.gate, w.up, w.down) if m is not None]
+        n = sum(m.numel() for m in mats)
+        l1 = sum(float(m.abs().double().sum()) for m in mats)
+        sq = sum(float(m.double().pow(2).sum()) for m in mats)
+        scores.append(1.0 - (l1 / n) / (sq / n) ** 0.5 if sq > 0 else 1.0)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+@register("mone", "expert", comparable=False)
+def mone(profile: Profile, layer: MoELayer, **_) -> torch.Tensor:
+    """MoNE's expert score: mean routing weight over all tokens times the spread of the expert's output.
+
+    As the authors' `expert_prune_by_mone` (zxgx/mode-pd): φ_freq = Σ g / tokens (g: the weight the model
+    applies, 0 where the expert is not picked) and φ_var = ‖√Var[y]‖₂ = √(Σ_d Var[y_d]), the unbiased variance of
+    the ungated output over the expert's routed tokens, here exact from Σ‖y‖² and Σy: (Σ‖y‖² − ‖Σy‖²/n) / (n − 1)
+    (theirs is a running estimate that skips its first batch). An expert with fewer than two routed tokens has
+    no spread and scores 0. Their fusion weight multiplies both factors, so it never changes the ranking."""
+    tokens = float(profile.get(layer.index, "tokens").reshape(()))
+    count = profile.get(layer.index, "count").double()
+    sq = profile.get(layer.index, "norm_sq_sum").double()
+    total = profile.get(layer.index, "out_sum").double()
+    var = (sq - total.pow(2).sum(1) / count.clamp(min=1)) / (count - 1).clamp(min=1)
+    spread = torch.where(count > 1, var.clamp(min=0).sqrt(), torch.zeros_like(var))
+    return profile.get(layer.index, "gate_sum").double() / max(tokens, 1.0) * spread

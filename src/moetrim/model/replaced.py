@@ -7,6 +7,8 @@ top_k_weights [T, k]) -> [T, H]`, the router untouched (it still routes among al
     group bases      base_gate_up [G, 2I, H], base_down [G, H, I]    (one full expert per group)
     corrections      gate_a/up_a [R, r, H], gate_b/up_b [R, I, r],   for the R replaced experts, in
                      down_a [R, r, I], down_b [R, H, r]              increasing id (absent when r = 0)
+    novices          novice_out [N, H]                               one constant output per novice (MoNE),
+                                                                     in increasing id (absent when N = 0)
 
 Replaced expert e of group g computes the expert with W_g + B_e A_e for each of its three matrices:
 gate_pre = W_gate x + B (A x) (never materialising W + BA), so the activation sees the corrected
@@ -14,6 +16,7 @@ pre-activations. Each group's base products run once per call for every token ro
 members: W_gate_up x once per token, and W_down once on Σ_e w_e h_e (linear, so summing the members'
 intermediate activations first is exact). With r = 0 every member *is* the base (a merge): a token
 that picks two members runs the base once with their summed routing weight (HC-SMoE's semantics).
+A novice (MoNE, zxgx/mode-pd) computes nothing: a token routed to it adds g · v_e, its constant output.
 
 Everything is plain torch ops, so autograd trains kept experts, bases and factors alike. Gated
 experts without biases only (every family but GPT-OSS).
@@ -35,6 +38,7 @@ REPLACED_KEY = "moetrim_replaced"
 REPLACED_MODEL_TYPE = "moetrim_replaced"
 RECORD_VERSION = 1
 _SPEC_FIELDS = ("num_experts", "width", "kept", "groups", "rank")
+_OPTIONAL_FIELDS = ("novices",)  # recorded only where a layer has some (records of older moetrim lack it)
 _FACTORS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 Activation = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -44,18 +48,20 @@ def _ints(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
-def check_layout(num_experts: int, width: int, hidden: int, kept: Sequence[int], groups: Sequence[Sequence[int]], rank: int) -> None:
-    """UsageError (one line) unless every expert is kept or in exactly one non-empty group and
-    0 <= rank <= min(width, hidden): the rank of a difference of two [I, H] matrices is at most that."""
-    kept, groups = list(kept), [list(g) for g in groups]
+def check_layout(num_experts: int, width: int, hidden: int, kept: Sequence[int], groups: Sequence[Sequence[int]], rank: int,
+                 novices: Sequence[int] = ()) -> None:
+    """UsageError (one line) unless every expert is kept, a novice or in exactly one non-empty group,
+    some expert has weights, and 0 <= rank <= min(width, hidden): the rank of a difference of two [I, H]
+    matrices is at most that."""
+    kept, groups, novices = list(kept), [list(g) for g in groups], list(novices)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise UsageError(f"rank must be a whole number >= 0, got {rank!r}")
     if rank > min(width, hidden):
         raise UsageError(f"rank {rank} is more than the experts' width {width} (hidden {hidden}); use at most {min(width, hidden)}")
-    if not _ints(kept) or not all(_ints(g) for g in groups):
-        raise UsageError("kept experts and groups must be lists of expert ids (integers)")
+    if not _ints(kept) or not all(_ints(g) for g in groups) or not _ints(novices):
+        raise UsageError("kept experts, groups and novices must be lists of expert ids (integers)")
     members = [e for g in groups for e in g]
-    bad = sorted({e for e in kept + members if not 0 <= e < num_experts})
+    bad = sorted({e for e in kept + members + novices if not 0 <= e < num_experts})
     if bad:
         raise UsageError(f"expert ids {bad} are out of range: the layer has {num_experts} experts (0..{num_experts - 1})")
     if len(set(kept)) != len(kept):
@@ -67,15 +73,23 @@ def check_layout(num_experts: int, width: int, hidden: int, kept: Sequence[int],
         raise UsageError(f"experts {both} are both kept and replaced (in a group)")
     if len(set(members)) != len(members):
         raise UsageError(f"experts {sorted({e for e in members if members.count(e) > 1})} are in more than one group")
-    missing = sorted(set(range(num_experts)) - set(kept) - set(members))
+    if len(set(novices)) != len(novices):
+        raise UsageError(f"novices are listed twice: {sorted({e for e in novices if novices.count(e) > 1})}")
+    twice = sorted(set(novices) & (set(kept) | set(members)))
+    if twice:
+        raise UsageError(f"experts {twice} are novices and also kept or in a group")
+    missing = sorted(set(range(num_experts)) - set(kept) - set(members) - set(novices))
     if missing:
-        raise UsageError(f"experts {missing} are neither kept nor in a group: the groups must cover every replaced expert")
+        raise UsageError(f"experts {missing} are neither kept, novices nor in a group: the groups must cover every replaced expert")
+    if not kept and not groups:
+        raise UsageError("a layer needs at least one expert with weights (kept or a group base), not novices alone")
 
 
-def replaced_param_count(hidden: int, width: int, kept: int, groups: int, replaced: int, rank: int) -> int:
-    """Parameters a replaced layer stores: full experts (kept and bases) and 3 rank-r factor pairs per
-    replaced expert. Equals the numel of the tensors `ReplacedExperts` saves (tested)."""
-    return (kept + groups) * 3 * hidden * width + replaced * rank * 3 * (hidden + width)
+def replaced_param_count(hidden: int, width: int, kept: int, groups: int, replaced: int, rank: int, novices: int = 0) -> int:
+    """Parameters a replaced layer stores: full experts (kept and bases), 3 rank-r factor pairs per
+    replaced expert and one hidden-size vector per novice. Equals the numel of the tensors
+    `ReplacedExperts` saves (tested)."""
+    return (kept + groups) * 3 * hidden * width + replaced * rank * 3 * (hidden + width) + novices * hidden
 
 
 class ReplacedExperts(nn.Module):
@@ -95,21 +109,27 @@ class ReplacedExperts(nn.Module):
         rank: int,
         activation: Activation,
         *,
+        novices: Sequence[int] = (),
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        check_layout(num_experts, width, hidden_size, kept, groups, rank)
+        check_layout(num_experts, width, hidden_size, kept, groups, rank, novices)
         self.num_experts, self.hidden_dim, self.width, self.rank = int(num_experts), int(hidden_size), int(width), int(rank)
         self.kept = [int(e) for e in kept]
         self.groups = [[int(e) for e in g] for g in groups]
         self.replaced = sorted(e for g in self.groups for e in g)  # factor row m belongs to expert replaced[m]
+        self.novices = sorted(int(e) for e in novices)  # novice_out row n belongs to expert novices[n]
         self.widths = [self.width] * self.num_experts
         self.activation = activation
         K, G, R, I, H, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.hidden_dim, self.rank
-        # unit u < K: kept expert kept[u]; unit K + g: group g. member: factor row, -1 for kept experts
-        self.unit_of_expert = [0] * self.num_experts
+        # unit u < K: kept expert kept[u]; unit K + g: group g; a novice has no unit (K + G, what the grouped path
+        # treats as padding). member: factor row, -1 for kept experts and novices; novice: novice_out row, else -1
+        self.unit_of_expert = [K + G] * self.num_experts
         self.member_of_expert = [-1] * self.num_experts
+        self.novice_of_expert = [-1] * self.num_experts
+        for n, e in enumerate(self.novices):
+            self.novice_of_expert[e] = n
         for u, e in enumerate(self.kept):
             self.unit_of_expert[e] = u
         for g, members in enumerate(self.groups):
@@ -127,18 +147,23 @@ class ReplacedExperts(nn.Module):
         shapes = {"gate_a": (R, r, H), "gate_b": (R, I, r), "up_a": (R, r, H), "up_b": (R, I, r), "down_a": (R, r, I), "down_b": (R, H, r)}
         for name in _FACTORS:
             self.register_parameter(name, param(*shapes[name]))
+        self.novice_out = param(len(self.novices), H)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_dim}, width={self.width}, kept={len(self.kept)}, "
-                f"groups={len(self.groups)}, replaced={len(self.replaced)}, rank={self.rank}")
+                f"groups={len(self.groups)}, replaced={len(self.replaced)}, rank={self.rank}, novices={len(self.novices)}")
 
     def spec(self) -> dict:
         """The layer's record in config.json (`moetrim_replaced`): enough to rebuild the module's shapes."""
-        return {"num_experts": self.num_experts, "width": self.width, "kept": list(self.kept),
+        spec = {"num_experts": self.num_experts, "width": self.width, "kept": list(self.kept),
                 "groups": [list(g) for g in self.groups], "rank": self.rank}
+        if self.novices:
+            spec["novices"] = list(self.novices)
+        return spec
 
     def param_count(self) -> int:
-        return replaced_param_count(self.hidden_dim, self.width, len(self.kept), len(self.groups), len(self.replaced), self.rank)
+        return replaced_param_count(self.hidden_dim, self.width, len(self.kept), len(self.groups), len(self.replaced), self.rank,
+                                    len(self.novices))
 
     # -- canonical access -------------------------------------------------------------------
     def _unit_weights(self, u: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +173,9 @@ class ReplacedExperts(nn.Module):
 
     def expert_weights(self, e: int) -> ExpertWeights:
         """Expert e's canonical tensors: views for a kept expert; for a replaced one its effective weights
-        W_base + B A, computed (writing into them changes nothing)."""
+        W_base + B A, computed (writing into them changes nothing). A novice has none (MoetrimError)."""
+        if self.novice_of_expert[e] >= 0:
+            raise MoetrimError(f"expert {e} is a novice (a constant output, MoNE): it has no weights")
         gate_up, down = self._unit_weights(self.unit_of_expert[e])
         I, m = self.width, self.member_of_expert[e]
         gate, up = gate_up[:I], gate_up[I:]
@@ -164,10 +191,17 @@ class ReplacedExperts(nn.Module):
         once per device (not buffers: a checkpoint holds weights only, the record rebuilds the rest)."""
         cache = self.__dict__.setdefault("_table_cache", {})
         if device not in cache:
-            R = len(self.replaced)
+            R, N = len(self.replaced), len(self.novices)
             cache[device] = (torch.tensor(self.unit_of_expert, dtype=torch.long, device=device),
-                             torch.tensor([m if m >= 0 else R for m in self.member_of_expert], dtype=torch.long, device=device))
+                             torch.tensor([m if m >= 0 else R for m in self.member_of_expert], dtype=torch.long, device=device),
+                             torch.tensor([n if n >= 0 else N for n in self.novice_of_expert], dtype=torch.long, device=device))
         return cache[device]
+
+    def _add_novices(self, out: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """out += g · v_e for every slot routed to a novice (other slots gather a zero row: fixed shapes, no sync)."""
+        novice_of = self._tables(out.device)[2]
+        table = torch.cat([self.novice_out.to(out.dtype), out.new_zeros(1, out.shape[1])])
+        return out.index_add_(0, token, table.index_select(0, novice_of[flat]) * weight[:, None])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Fixed shapes and no host sync: every step is a sort, a gather or a grouped GEMM over all T*k slots,
@@ -179,7 +213,7 @@ class ReplacedExperts(nn.Module):
         if dev.type == "cpu" and S <= _HOST_SLOTS and self.width * x.shape[1] <= _HOST_ELEMENTS:
             return self._forward_host(x, top_k_index, top_k_weights)
         K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
-        unit_of, member_of = self._tables(dev)
+        unit_of, member_of, _ = self._tables(dev)
         flat = top_k_index.reshape(-1)
         unit, member = unit_of[flat], member_of[flat]
         rows = torch.arange(S, device=dev)
@@ -196,6 +230,8 @@ class ReplacedExperts(nn.Module):
         ends = _ends(pair_unit, K + G)
         gu = self._units(x.index_select(0, pair_token), ends, self.kept_gate_up, self.base_gate_up)
         gu = gu.index_select(0, pair_of_slot)
+        if self.novices:  # a novice's slot sits in a padding row no kernel wrote: zero it, or its garbage (0 · NaN) reaches the gradients
+            gu = gu.masked_fill((unit == K + G)[:, None], 0)
         gate, up = gu[:, :I], gu[:, I:]
         if r and R:  # the replaced slots' corrections, grouped by factor row (kept slots sort last, masked)
             m_sorted, m_order = torch.sort(member)
@@ -216,6 +252,8 @@ class ReplacedExperts(nn.Module):
         out = x.new_zeros(T, x.shape[1]).index_add_(0, pair_token, down.masked_fill_((rows >= ends[-1])[:, None], 0))
         if r and R:
             out.index_add_(0, token[m_order], corr(self.down_a, self.down_b, h.index_select(0, m_order)))
+        if self.novices:
+            self._add_novices(out, flat, weight, token)
         return out
 
     def _forward_host(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -229,8 +267,12 @@ class ReplacedExperts(nn.Module):
         weight = top_k_weights.reshape(-1).to(x.dtype)
         slots_of: dict[int, list[int]] = {}
         for s, e in enumerate(experts):
-            slots_of.setdefault(self.unit_of_expert[e], []).append(s)
+            if self.novice_of_expert[e] < 0:
+                slots_of.setdefault(self.unit_of_expert[e], []).append(s)
         out = x.new_zeros(T, x.shape[1])
+        if self.novices:
+            rows = torch.arange(T * k, device=dev)
+            self._add_novices(out, top_k_index.reshape(-1), weight, rows // k)
         for u in sorted(slots_of):
             slots = slots_of[u]
             first: dict[int, int] = {}
@@ -331,15 +373,16 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 
 def _check_spec(key: str, spec, layer) -> None:
     """One layer's record as a person may have edited it (MoetrimError naming the field)."""
-    if not isinstance(spec, dict) or set(spec) != set(_SPEC_FIELDS):
-        raise MoetrimError(f"layer {key} needs exactly the fields {', '.join(_SPEC_FIELDS)}")
+    if not isinstance(spec, dict) or not set(_SPEC_FIELDS) <= set(spec) <= set(_SPEC_FIELDS + _OPTIONAL_FIELDS):
+        raise MoetrimError(f"layer {key} needs exactly the fields {', '.join(_SPEC_FIELDS)} (and novices where it has some)")
     if spec["num_experts"] != layer.num_experts or spec["width"] != layer.widths[0]:
         raise MoetrimError(f"layer {key}: {spec['num_experts']} experts of width {spec['width']} recorded, but the config "
                            f"builds {layer.num_experts} of width {layer.widths[0]}")
     if not isinstance(spec["groups"], list):
         raise MoetrimError(f"layer {key}: groups must be a list of lists of expert ids")
     try:
-        check_layout(layer.num_experts, layer.widths[0], layer.hidden_size, spec["kept"], spec["groups"], spec["rank"])
+        check_layout(layer.num_experts, layer.widths[0], layer.hidden_size, spec["kept"], spec["groups"], spec["rank"],
+                     spec.get("novices", []))
     except (UsageError, TypeError) as exc:
         raise MoetrimError(f"layer {key}: {exc}") from None
 
@@ -360,7 +403,7 @@ def restore_replaced(model: nn.Module, record) -> None:
         check_replaceable(layer)
         with torch.device("meta"):
             new = ReplacedExperts(layer.num_experts, layer.hidden_size, spec["width"], spec["kept"], spec["groups"],
-                                  spec["rank"], layer.activation())
+                                  spec["rank"], layer.activation(), novices=spec.get("novices", []))
         install_layer(model, layer, new)
 
 

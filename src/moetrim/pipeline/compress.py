@@ -4,7 +4,7 @@ The CLI command loads, checks its outputs, calls this and saves; a Python user g
 plan and profile without the files in between. Methods (the CLI's --granularity):
 
 - dims, experts: trim intermediate dimensions or remove whole experts (moetrim.plan.allocate,
-  moetrim.apply.slicing);
+  moetrim.apply.slicing); auto: per layer, whichever of those costs least (moetrim.plan.auto);
 - replace, naive, merge, d2: experts become shared bases plus low-rank corrections
   (moetrim.plan.replace, moetrim.apply.replace), optionally recovered by training what was built
   (moetrim.train.recovery).
@@ -24,7 +24,7 @@ from moetrim.errors import UsageError
 from moetrim.plan.schema import GRANULARITIES, REPLACE_METHODS
 from moetrim.progress import status
 
-METHODS = (*GRANULARITIES, *REPLACE_METHODS)
+METHODS = (*GRANULARITIES, *REPLACE_METHODS, "auto")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CompressResult:
 
     model: nn.Module
     plan: Any
-    profile: Profile
+    profile: Profile | None  # None: a weight-only criterion, planned without data
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,6 +47,13 @@ def check_method(method: str, criterion: str | None, ratio: float, allocation: s
 
     if method not in METHODS:
         raise UsageError(f"unknown granularity '{method}' (--granularity); choose from {', '.join(METHODS)}")
+    if method == "auto":
+        if criterion is not None or allocation is not None:
+            raise UsageError("--method auto chooses the criteria and the allocation per layer itself: drop --criterion/--allocation")
+        from moetrim.plan.allocate import check_method as check_granularity
+
+        check_granularity("dims", None, ratio, None)
+        return None
     if method in REPLACE_METHODS:
         if criterion is not None:
             criteria.get_criterion(criterion, "expert")
@@ -60,6 +67,8 @@ def statistics_needed(method: str, criterion: str | None, *, base_weighting: str
     read them, input Grams for whitening, every expert on every token for merge's clustering."""
     from moetrim import criteria
 
+    if method == "auto":  # its candidates include Fisher dimension trimming
+        return {"fisher": True, "grad_checkpoint": grad_checkpoint}
     if method in REPLACE_METHODS:
         fisher = base_weighting in ("fisher", "fisher_usage") or method == "d2"
         return {"fisher": fisher, "whiten": whiten, "dense_outputs": method == "merge", "grad_checkpoint": grad_checkpoint and fisher}
@@ -102,7 +111,8 @@ def compress(
     and seed give what `moetrim compress` saves, tensor for tensor.
 
     data: a .txt/.jsonl path (comma-separated for several), a list of strings, or input_ids tensors
-    (what `moetrim.calibrate` reads; text needs `tokenizer`). profile: a profile already recorded
+    (what `moetrim.calibrate` reads; text needs `tokenizer`); None for a weight-only criterion (aimer,
+    magnitude, random), which plans from the weights alone. profile: a profile already recorded
     (calibration is then skipped). The options are the CLI's: criterion, allocation, min_width,
     round_to, protect, exponents (dims, experts); rank, max_group, base_weighting, whiten (replace,
     naive, merge, d2); max_tokens, seq_len, batch_size, fisher_mode, grad_checkpoint (calibration).
@@ -124,16 +134,33 @@ def compress(
         from moetrim.plan.replace import check_replace_options
 
         check_replace_options(method, ratio, rank, max_group, base_weighting, find_moe_layers(model))
+        if recover_steps and method == "ream":
+            raise UsageError("recover_steps trains replaced experts; a REAM model is a standard checkpoint: fine-tune it with "
+                             "moetrim finetune")
     elif recover_steps:
         raise UsageError("recover_steps applies to replace, naive, merge and d2; recover a pruned or trimmed model with moetrim.recover")
-    if profile is None:
+    if method == "auto" and data is None:
+        raise UsageError("--method auto measures every option on calibration data: give data")
+    if profile is None and data is None:
+        from moetrim import criteria
+
+        if replacing or criteria.get_criterion(criterion, "dim" if method == "dims" else "expert").needs_profile:
+            raise UsageError(f"{method} with criterion '{criterion}' reads calibration statistics: give data (or a profile)")
+    elif profile is None:
         needs = statistics_needed(method, criterion, base_weighting=base_weighting, whiten=whiten, grad_checkpoint=grad_checkpoint)
         profile = calibrate(model, data, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                             fisher_mode=fisher_mode, progress=progress, **needs)
-    if replacing:
+    if method == "auto":
+        from moetrim.calibrate.run import default_seq_len, select_chunks
+        from moetrim.data.text import batches
+        from moetrim.plan.auto import make_auto_plan
+
+        chunks = select_chunks(data, tokenizer, seq_len=seq_len or default_seq_len(model), max_tokens=max_tokens, seed=seed)
+        plan = make_auto_plan(model, profile, batches(chunks, batch_size), ratio=ratio, seed=seed, progress=progress)
+    elif replacing:
         from moetrim.plan.replace import make_replace_plan
 
-        plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank, criterion=criterion or "reap",
+        plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank, criterion=criterion,
                                  max_group=max_group, base_weighting=base_weighting, whiten=whiten, seed=seed)
     else:
         from moetrim.plan import make_plan

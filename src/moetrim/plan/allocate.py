@@ -66,8 +66,7 @@ def _validate(model: nn.Module, layers: list[MoELayer], profile: Profile | None,
               allocation: str):
     crit = check_method(granularity, criterion, ratio, allocation)
     level = crit.level
-    needs_profile = criterion not in ("random", "magnitude")
-    if needs_profile and profile is None:
+    if crit.needs_profile and profile is None:
         raise UsageError(f"criterion '{criterion}' needs a calibration profile (--profile or --data)")
     require_uniform_widths(layers, "plan on")
     if profile is not None:
@@ -131,7 +130,9 @@ def make_plan(
     The plan meets every constraint asked (the ratio within `plan.ratio_tolerance`, protected dims
     kept, widths at least `min_width` and multiples of `round_to`) or a UsageError says which
     constraint makes the target unreachable."""
-    allocation = allocation or ("global" if granularity == "dims" else "layer")
+    if allocation is None:  # the criterion's own (camera: layer), else global for dims and layer for experts
+        own = check_method(granularity, criterion, ratio, None).allocation
+        allocation = own or ("global" if granularity == "dims" else "layer")
     layers = find_moe_layers(model)
     level, crit = _validate(model, layers, profile, granularity, criterion, ratio, allocation)
     _validate_options(layers, granularity, criterion, profile, min_width, round_to, protect, exponents)
@@ -152,7 +153,7 @@ def make_plan(
         else:
             width = layers[0].widths[0]
             rt = round_to if round_to is not None else _auto_round(width, ratio, allocation)
-            mw = min_width if min_width is not None else max(1, width // 32)
+            mw = min_width if min_width is not None else crit.min_width if crit.min_width is not None else max(1, width // 32)
             if mw % rt:
                 mw = min((mw // rt + 1) * rt, width)
             plans = _plan_dims(layers, scores, ratio, allocation, crit.comparable_across_layers, mw, rt, protected)

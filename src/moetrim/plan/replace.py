@@ -26,6 +26,16 @@ factors all count), so `ratio` means what it means for dims and experts: the fra
   (2) The authors' base-weight pruning (`pp_ratio`, 0.2: dynamic, input-probed pruning of the
   base's intermediate dimensions at inference) is not implemented: the base is stored and run
   whole. (3) The delta rank is set by the budget, not by their `delta_ratio`.
+- `novice` (MoNE, zxgx/mode-pd `modepd/pruning/expert_prune.py`; the CLI's `--granularity experts
+  --novice`): in every layer the round(ratio·E) experts an expert criterion ranks lowest (MoNE's own,
+  `mone`, by default) become novices, each a constant vector, its mean output over its routed tokens
+  (the profile's out_sum / count), added with the routing weight the router gives it; the router is
+  untouched, so novices keep their top-k slots. The novices' H parameters each are counted as stored.
+- `ream` (REAM, SamsungSAILMontreal/ream; the CLI's `--granularity merge --merge-method ream`): in every
+  layer the ⌊E·(1−ratio)⌋ most salient experts (at least top-k) are centroids, each absorbing its nearest
+  others (moetrim.plan.ream); groups are merged into their centroid after neuron matching and the other
+  experts leave the router (moetrim.apply.ream), so the result is a standard checkpoint. Groups list the
+  centroid first; base_weights hold the saliencies the merge averages with.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ class ReplaceLayer:
     base_weights: dict[str, float]  # expert id -> its weight in its group's base
     init: str  # svd or zero
     whiten: bool
+    novices: list[int] = field(default_factory=list)  # experts replaced by a constant output (MoNE)
 
 
 @dataclass
@@ -104,8 +115,8 @@ def factor_params(layer: MoELayer, rank: int) -> int:
     return rank * 3 * (layer.hidden_size + layer.widths[0])
 
 
-def _stored(layer: MoELayer, kept: int, groups: int, replaced: int, rank: int) -> int:
-    return (kept + groups) * expert_params(layer) + replaced * factor_params(layer, rank)
+def _stored(layer: MoELayer, kept: int, groups: int, replaced: int, rank: int, novices: int = 0) -> int:
+    return (kept + groups) * expert_params(layer) + replaced * factor_params(layer, rank) + novices * layer.hidden_size
 
 
 def _base_weights(profile, layer: MoELayer, members: list[int], weighting: str) -> dict[str, float]:
@@ -160,7 +171,7 @@ def make_replace_plan(
     method: str = "replace",
     ratio: float = 0.5,
     rank: int = 16,
-    criterion: str = "reap",
+    criterion: str | None = None,
     max_group: int = 8,
     base_weighting: str = "usage",
     whiten: bool | None = None,
@@ -170,6 +181,7 @@ def make_replace_plan(
     parameters so that it removes at least `ratio` of the routed-expert parameters."""
     from moetrim import criteria
 
+    criterion = criterion or ("mone" if method == "novice" else "reap")
     layers = find_moe_layers(model)
     require_uniform_widths(layers, "replace experts of")
     check_replace_options(method, ratio, rank, max_group, base_weighting, layers)
@@ -197,6 +209,31 @@ def make_replace_plan(
             merged = [g for g in groups if len(g) > 1]
             plan_layers.append(_layer(l, kept, merged, 0, profile, base_weighting, "svd", False))
         return _finish(method, "output_similarity", ratio, 0, max_group, base_weighting, seed, model, profile, layers, plan_layers, before, notes)
+
+    if method == "novice":
+        plan_layers = []
+        for l in layers:
+            s = criteria.score(criterion, "expert", profile, l, seed=seed)
+            n = min(int(round(ratio * l.num_experts)), l.num_experts - 1)  # MoNE: the same count per layer; one expert stays
+            novices = sorted(torch.sort(s, stable=True).indices[:n].tolist())  # lowest first; ties to the lower id
+            kept = [e for e in range(l.num_experts) if e not in novices]
+            plan_layers.append(ReplaceLayer(l.index, l.num_experts, l.widths[0], l.top_k, kept, [], 0, {}, "svd", False, novices))
+        return _finish(method, criterion, ratio, 0, max_group, base_weighting, seed, model, profile, layers, plan_layers, before, notes)
+
+    if method == "ream":
+        from moetrim.plan import ream
+
+        plan_layers = []
+        for l in layers:
+            keep = max(l.top_k, math.floor(l.num_experts * (1 - ratio) + 1e-9))
+            sal = ream.saliency(profile, l.index)
+            gs = ream.groups(sal, ream.distances(profile, l.index), keep)
+            plan_layers.append(ReplaceLayer(l.index, l.num_experts, l.widths[0], l.top_k, [], gs, 0,
+                                            {str(e): float(sal[e]) for g in gs for e in g}, "svd", False))
+        notes.append(f"REAM: groups of at most {ream.GROUP_SIZE}, centroid first; merged after neuron matching, the rest "
+                     "leave the router (a standard checkpoint)")
+        return _finish(method, "ream_saliency", ratio, 0, ream.GROUP_SIZE, "saliency", seed, model, profile, layers, plan_layers,
+                       before, notes)
 
     if method == "d2":
         E = layers[0].num_experts
@@ -271,6 +308,7 @@ def _finish(method, criterion, ratio, rank, max_group, weighting, seed, model, p
     from moetrim.model.identity import model_fingerprint
 
     by_index = {l.index: l for l in layers}
-    after = sum(_stored(by_index[p.layer], len(p.kept), len(p.groups), sum(len(g) for g in p.groups), p.rank) for p in plan_layers)
+    after = sum(_stored(by_index[p.layer], len(p.kept), len(p.groups), sum(len(g) for g in p.groups), p.rank, len(p.novices))
+                for p in plan_layers)
     return ReplacePlan(method, criterion, float(ratio), int(rank), int(max_group), weighting, int(seed), model_fingerprint(model),
                        profile.meta.get("data_digest"), int(before), int(after), plan_layers, notes=notes)

@@ -18,7 +18,8 @@ from moetrim.errors import UsageError
 
 SCHEMA_VERSION = 1
 GRANULARITIES = ("dims", "experts")
-REPLACE_METHODS = ("replace", "naive", "merge", "d2")  # the granularities of moetrim.plan.replace
+PLAN_GRANULARITIES = (*GRANULARITIES, "auto")  # what a slicing plan file may say: auto mixes dims and experts per layer
+REPLACE_METHODS = ("replace", "naive", "merge", "d2", "novice", "ream")  # the granularities of moetrim.plan.replace
 ALLOCATIONS = ("global", "layer", "uniform", "layer_width")
 
 
@@ -128,7 +129,7 @@ def _check_plan_dict(d) -> None:
         raise UsageError(f"a plan is a JSON object, not a {type(d).__name__}; re-run `moetrim plan`")
     if d.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"plan schema version {d.get('schema_version')} is not {SCHEMA_VERSION}; re-run `moetrim plan`")
-    if "granularity" in d and d["granularity"] not in GRANULARITIES:
+    if "granularity" in d and d["granularity"] not in PLAN_GRANULARITIES:
         raise UsageError(f"the plan's granularity {d['granularity']!r} is not one moetrim knows "
                          f"({', '.join([*GRANULARITIES, *REPLACE_METHODS])}); re-run `moetrim plan`")
     known = {f.name for f in fields(Plan)} | {"removed_fraction"}
@@ -137,7 +138,7 @@ def _check_plan_dict(d) -> None:
         raise UsageError(f"the plan lacks {', '.join(missing)}")
     if unknown := sorted(set(d) - known):
         raise UsageError(f"the plan has unknown fields {', '.join(unknown)}")
-    if d["granularity"] not in GRANULARITIES or d["allocation"] not in ALLOCATIONS or not isinstance(d["criterion"], str):
+    if d["granularity"] not in PLAN_GRANULARITIES or d["allocation"] not in ALLOCATIONS or not isinstance(d["criterion"], str):
         raise UsageError("the plan's granularity, allocation or criterion is not one moetrim knows")
     for key in ("seed", "round_to", "protect", "params_before", "params_after"):
         if not _is_int(d[key]) or d[key] < 0:

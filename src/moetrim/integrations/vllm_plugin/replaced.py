@@ -36,6 +36,9 @@ def replaced_records(config) -> dict[int, dict]:
     for key, spec in layers.items():
         if not str(key).isdigit() or not isinstance(spec, Mapping) or not set(_SPEC_FIELDS) <= set(spec):
             raise LayoutError(f"config.json's '{REPLACED_KEY}' layer {key!r} needs {', '.join(_SPEC_FIELDS)}")
+        if spec.get("novices"):
+            raise LayoutError(f"layer {key} has novice experts (MoNE): a constant output that vLLM's fused MoE cannot compute; "
+                              "serve this checkpoint with transformers")
         out[int(key)] = dict(spec)
     return out
 
