@@ -8,7 +8,12 @@ Runs no model: it reads what quality.py, replace.py and finetune.py wrote under 
 - b: a few critical dimensions (at most 16 removed, ranked by math-calibrated Fisher) carry a skill;
 - c1/c2: MAN/MSAN are the best expert criteria task-agnostic; frequency/gate-based ones task-specific;
 - d1/d2: replacing beats merging and expert pruning at 50%, and is about equal to LoRA at 30%;
-- e1/e2: condensers beat DenseMixer and ESFT on the new domain, and keep the long tail (retention).
+- e1/e2: condensers beat DenseMixer and ESFT on the new domain, and keep the long tail (retention);
+- f1: CAMERA-P's micro-experts beat D²-MoE and REAP at equal parameters (50%, as built);
+- f2: MoNE's novices beat pruning the same experts by the expert criteria (quality.py);
+- f3: REAM beats REAP and HC-SMoE-style merging (30%, as built; the authors report 25%);
+- f4: AIMER, with no data, is no worse than calibrated REAP ("at least": holds unless refuted);
+- f5: Router KD (only the routers, distilled from the dense model) improves a REAP-pruned model.
 
 Decision rule (`decide`): with per-seed values, "holds" when the paired 95% t-interval of the
 difference excludes 0 in the finding's direction, "refuted" when it excludes 0 the other way, "tie"
@@ -77,6 +82,7 @@ class Comparison:
     others: dict[str, dict[int, float]]
     equal: bool = False
     protocol: str = ""
+    at_least: bool = False  # the finding is "no worse than": a tie supports it
 
 
 def mean(xs) -> float:
@@ -92,7 +98,8 @@ def judge(c: Comparison) -> tuple[str, list[float] | None, str]:
         seeds = sorted(set(c.mine) & set(series))
         if not seeds:
             raise ValueError("no seed in common")
-        verdicts.append(decide([c.mine[s] for s in seeds], [series[s] for s in seeds], equal=c.equal))
+        verdict = decide([c.mine[s] for s in seeds], [series[s] for s in seeds], equal=c.equal)
+        verdicts.append("holds" if c.at_least and verdict == "tie" else verdict)
     strongest = max(c.others.values(), key=lambda s: mean(s.values()))
     seeds = sorted(set(c.mine) & set(strongest))
     if len(seeds) < 2:
@@ -263,6 +270,56 @@ def finding_e2(d: dict) -> Comparison | str:
                             "rare-skill retention" if rare else "retention on the original skills")
 
 
+# ---- the 2026 methods (issue 33): each paper's headline claim, read off the same JSON ----
+
+def method_rows(d: dict, setting: str) -> dict[str, dict[int, float]]:
+    """'granularity:criterion' -> mean accuracy per seed at RATIO removed, every row of the grid summary."""
+    return {f"{r['granularity']}:{r['criterion']}": dict(zip(r["seeds"], r["mean_accuracy_per_seed"]))
+            for r in d.get("summary") or [] if r["setting"] == setting and abs(r["ratio"] - RATIO) < 1e-9}
+
+
+def quality_pair(d: dict, mine: str, rivals: list[str] | None, label: str, at_least: bool = False) -> Comparison | str:
+    """`mine` against `rivals` (default: every expert criterion) in the task-agnostic grid at RATIO."""
+    rows = method_rows(d, "task-agnostic")
+    rivals = rivals or [k for k in rows if k.startswith("experts:") and k != mine]
+    missing = [k for k in [mine, *rivals] if k not in rows]
+    if missing or not rivals:
+        return f"no task-agnostic {RATIO:.0%} row for {', '.join(missing) or 'any rival'} (rerun quality.py)"
+    top = max(sorted(rivals), key=lambda k: mean(rows[k].values()))
+    vm, vt = mean(rows[mine].values()), mean(rows[top].values())
+    return Comparison(f"{mine} {vm:.3f} vs {'best of ' if len(rivals) > 1 else ''}{top} {vt:.3f} ({label}, {RATIO:.0%})",
+                      {mine: round(vm, 4), top: round(vt, 4)}, rows[mine], {k: rows[k] for k in rivals},
+                      protocol=quality_protocol(d), at_least=at_least)
+
+
+def replace_pair(d: dict, ratio: float, mine: str, rivals: tuple[str, ...]) -> Comparison | str:
+    """`mine` against `rivals` as built (training-free, as the authors report) at `ratio` in replace.json."""
+    rows = replace_rows(d, ratio)
+    need = [m for m in (mine, *rivals) if m not in rows]
+    if need:
+        return f"no {ratio:.0%} row for {', '.join(need)} (rerun replace.py)"
+    seed = d.get("meta", {}).get("seed", 0)
+    val = {m: rows[m]["mean"] for m in (mine, *rivals)}
+    return Comparison(f"{mine} {val[mine]:.3f} vs " + ", ".join(f"{m} {val[m]:.3f}" for m in rivals) + f" as built ({ratio:.0%})",
+                      {m: round(v, 4) for m, v in val.items()}, {seed: val[mine]}, {m: {seed: val[m]} for m in rivals},
+                      protocol=replace_protocol(d) + "; compared as built")
+
+
+def recovered_pair(d: dict, ratio: float, trained: str, built: str) -> Comparison | str:
+    """`trained` after its recovery against `built` as built (the same compressed model before training)."""
+    rows = replace_rows(d, ratio)
+    need = [m for m in (trained, built) if m not in rows]
+    if need:
+        return f"no {ratio:.0%} row for {', '.join(need)} (rerun replace.py)"
+    seed = d.get("meta", {}).get("seed", 0)
+    after, before = rows[trained]["recovered_mean"], rows[built]["mean"]
+    other = rows[built].get("recovered_mean")
+    text = f"{trained} {after:.3f} after vs {before:.3f} as built ({ratio:.0%})" + (
+        f"; {built} recovered with LoRA instead: {other:.3f}" if other is not None else "")
+    return Comparison(text, {f"{trained} recovered": round(after, 4), f"{built} as built": round(before, 4)}, {seed: after},
+                      {f"{built} as built": {seed: before}}, protocol=replace_protocol(d))
+
+
 FINDINGS: list[tuple[str, str, str, Callable[[dict], Comparison | str]]] = [
     ("a", "dimension trimming beats whole-expert pruning at equal parameters", "quality", finding_a),
     ("b", "a few critical dimensions carry a skill (math)", "quality", finding_b),
@@ -274,6 +331,16 @@ FINDINGS: list[tuple[str, str, str, Callable[[dict], Comparison | str]]] = [
     ("d2", "replacing is about equal to LoRA at 30%", "replace", finding_d2),
     ("e1", "condensers beat DenseMixer and ESFT in-domain", "finetune", finding_e1),
     ("e2", "condensers keep the long tail better than DenseMixer and ESFT", "finetune", finding_e2),
+    ("f1", "CAMERA-P's micro-experts beat D²-MoE and expert pruning at equal parameters", "replace",
+     lambda d: replace_pair(d, 0.5, "camera", ("d2", "reap"))),
+    ("f2", "MoNE's novices beat expert pruning", "quality",
+     lambda d: quality_pair(d, "novice:mone", None, "task-agnostic")),
+    ("f3", "REAM beats REAP and HC-SMoE merging (authors: at 25%)", "replace",
+     lambda d: replace_pair(d, 0.3, "ream", ("reap", "merge"))),
+    ("f4", "AIMER, with no data, is no worse than calibrated REAP", "quality",
+     lambda d: quality_pair(d, "experts:aimer", ["experts:reap"], "task-agnostic", at_least=True)),
+    ("f5", "Router KD (routers alone, distilled) improves a pruned model", "replace",
+     lambda d: recovered_pair(d, 0.5, "reap_router_kd", "reap")),
 ]
 
 

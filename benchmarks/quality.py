@@ -3,7 +3,7 @@
 Three experiments, all on a bundled reference model (`--model reference`, the default, or `--model
 longtail`, on every skill its training.json records):
 
-1. Grid: every dimension criterion and every expert criterion at 25% and 50% of routed-expert
+1. Grid: every dimension criterion, every expert criterion and MoNE (novices) at 25% and 50% of routed-expert
    parameters removed; per-domain exact-match accuracy and the mean.
    - task-agnostic: calibrated on a mixture of all domains, evaluated on every domain;
    - task-specific: calibrated on one domain, evaluated on that domain.
@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
+from moetrim.apply import apply_plan as apply_any  # noqa: E402
 from moetrim.apply.slicing import apply_plan, shared_copy  # noqa: E402
 from moetrim.calibrate import calibrate  # noqa: E402
 from moetrim.data.tasks import DOMAINS, calibration_texts  # noqa: E402
@@ -51,8 +52,9 @@ from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.model.view import find_moe_layers  # noqa: E402
 from moetrim.plan import make_plan  # noqa: E402
 
-DIM_CRITERIA = ("fisher", "taylor", "activation", "router_weighted", "output_aware", "magnitude", "random")
-EXPERT_CRITERIA = ("frequency", "soft_frequency", "ean", "reap", "man", "msan", "random")
+DIM_CRITERIA = ("fisher", "taylor", "activation", "router_weighted", "output_aware", "magnitude", "camera", "random")
+EXPERT_CRITERIA = ("frequency", "soft_frequency", "ean", "reap", "man", "msan", "mone", "aimer", "random")
+NOVICE_CRITERIA = ("mone",)  # MoNE: removed experts become constant outputs (granularity novice)
 CRITICAL_K = (1, 2, 4, 8, 12, 16, 32, 64)
 ALLOCATIONS = ("global", "layer", "uniform", "layer_width")  # Fisher dims, task-agnostic
 ALLOCATION_RATIOS = (0.25, 0.5, 0.75)
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     def run(setting, granularity, criterion, ratio, profile, eval_domains, seed):
         m = shared_copy(model)
         plan = make_plan(m, profile, granularity=granularity, criterion=criterion, ratio=ratio, seed=seed)
-        apply_plan(m, plan)
+        apply_any(m, plan, profile) if granularity == "novice" else apply_plan(m, plan)
         res = evaluate(m, tok, eval_domains, n_items)
         row = {"setting": setting, "granularity": granularity, "criterion": criterion, "ratio": ratio, "seed": seed,
                "removed_fraction": round(plan.removed_fraction, 4), "allocation": plan.allocation, **res}
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
         return row
 
     alloc_rows: list[dict] = []
-    methods = [("dims", c) for c in DIM_CRITERIA] + [("experts", c) for c in EXPERT_CRITERIA]
+    methods = [("dims", c) for c in DIM_CRITERIA] + [("experts", c) for c in EXPERT_CRITERIA] + [("novice", c) for c in NOVICE_CRITERIA]
     calib_tokens = {}
     for seed in seeds:
         log(f"seed {seed}: calibrating on the mixture and on each domain")

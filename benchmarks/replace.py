@@ -10,9 +10,14 @@ low-rank factors counted against the budget):
 - naive: the same selection, one base per layer, corrections starting at zero, no annealing;
 - merge: HC-SMoE (every expert's mean output over the same tokens, average-linkage Euclidean
   clustering, usage-weighted merge, members' routing weights summed);
+- ream: REAM (the most salient experts absorb their nearest others after neuron matching; the rest
+  leave the router: a standard checkpoint);
 - d2: D²-MoE (Fisher-weighted base per layer, deltas whitened on gate, up and down at the largest
   rank the budget allows; no base pruning);
-- reap: REAP expert pruning; dims: Fisher dimension trimming (global allocation).
+- novice: MoNE (the experts MoNE's score ranks lowest become their mean output, router untouched);
+- reap: REAP expert pruning; reap_router_kd: the same model recovered by Router KD instead (only the
+  routers train, on KL to the dense model); dims: Fisher dimension trimming (global allocation); camera: CAMERA-P's
+  micro-expert energy (its own allocation: the same ratio per layer, no width floor).
 
 Each is evaluated as built and after the same recovery budget: the same training items (the train
 split of the four domains, disjoint from the eval split), steps, learning rate and seed. Recovery
@@ -53,7 +58,7 @@ from moetrim.plan import make_plan  # noqa: E402
 from moetrim.plan.replace import make_replace_plan  # noqa: E402
 from moetrim.train import FinetuneConfig, finetune  # noqa: E402
 
-METHODS = ("replace", "naive", "merge", "d2", "reap", "dims")
+METHODS = ("replace", "naive", "merge", "ream", "d2", "novice", "reap", "reap_router_kd", "dims", "camera")
 RATIOS = (0.3, 0.5)
 DEFAULT_OUT = HERE / "results" / "replace.json"
 # Set by --model: the bundled model and the domains its training.json records.
@@ -123,14 +128,14 @@ def build_chosen(method: str, ratio: float, base, profile, tok, ranks: list[int]
 
 
 def build(method: str, ratio: float, base, profile, rank: int):
-    if method in ("replace", "naive", "merge", "d2"):
+    if method in ("replace", "naive", "merge", "ream", "d2", "novice"):
         model, _ = moetrim.reference_model(MODEL)
         plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank)
         apply_replace_plan(model, plan, profile)
         return model, plan.removed_fraction
     model = shared_copy(base)
-    plan = make_plan(model, profile, granularity="experts" if method == "reap" else "dims",
-                     criterion="reap" if method == "reap" else "fisher", ratio=ratio)
+    plan = make_plan(model, profile, granularity="experts" if method.startswith("reap") else "dims",
+                     criterion={"reap": "reap", "reap_router_kd": "reap", "camera": "camera"}.get(method, "fisher"), ratio=ratio)
     apply_plan(model, plan)
     for p in model.parameters():  # recovery trains in place: give the copy its own tensors
         p.data = p.data.clone()
@@ -193,8 +198,12 @@ def main(argv=None) -> int:
                 continue
             acc = evaluate_tasks(model, tok, list(DOMAINS), n=n_items)["accuracy"]
             teacher, _ = moetrim.reference_model(MODEL)
-            cfg = FinetuneConfig(method="recover", lr=args.lr, max_steps=steps, batch_size=16, seq_len=128, lora=8,
-                                 anneal="none" if method == "naive" else "blend,kd", seed=args.seed, progress=False)
+            if method == "reap_router_kd":  # Router KD: the same pruned model, only its routers trained, on KL to the dense model
+                cfg = FinetuneConfig(method="recover", lr=args.lr, max_steps=steps, batch_size=16, seq_len=128, router_only=True,
+                                     seed=args.seed, progress=False)
+            else:
+                cfg = FinetuneConfig(method="recover", lr=args.lr, max_steps=steps, batch_size=16, seq_len=128, lora=8,
+                                     anneal="none" if method == "naive" else "blend,kd", seed=args.seed, progress=False)
             res = finetune(model, tok, records, cfg, teacher=teacher)
             rec_acc = evaluate_tasks(res.model, tok, list(DOMAINS), n=n_items)["accuracy"]
             row = {"method": method, "ratio": ratio, "removed_fraction": round(removed, 4), **stored(res.model),

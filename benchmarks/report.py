@@ -134,3 +134,26 @@ def for_model(path: Path, key: str) -> Path:
 def section(name: str, key: str) -> str:
     """The README section of a benchmark's table for a model (the first model's keeps its old name)."""
     return name if key == "reference" else f"{name}-{key}"
+
+
+def sweep_arguments(ap) -> None:
+    """The options of a seeds-by-ratios sweep on a bundled model (auto.py, width_buckets.py)."""
+    ap.add_argument("--model", default="reference", help="bundled model: reference or longtail")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ratios", default="0.5,0.75", help="fractions of routed-expert parameters removed")
+    ap.add_argument("--items", type=int, default=128, help="eval items per domain")
+    ap.add_argument("--calib", type=int, default=64, help="calibration items per domain")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", type=Path, default=None)
+
+
+def sweep_values(ap, args) -> tuple[list[int], list[float]]:
+    """(seeds, ratios) of `sweep_arguments`, or the parser's usage error (exit 2) when they do not parse."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        ap.error("--seeds takes whole numbers and --ratios fractions, comma-separated")
+    if not seeds or not ratios or not all(0 < r < 1 for r in ratios):
+        ap.error("give at least one seed and ratios strictly between 0 and 1")
+    return seeds, ratios

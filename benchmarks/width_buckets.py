@@ -18,7 +18,6 @@ in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, versions, write_json  # noqa: E402
+from report import bundled_model, for_model, interval, paired_difference, save_figure, section, sweep_arguments, sweep_values, update_section, versions, write_json  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply.slicing import apply_plan, shared_copy  # noqa: E402
@@ -48,21 +47,9 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="reference", help="bundled model: reference or longtail")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--ratios", default="0.5,0.75", help="fractions of routed-expert parameters removed")
-    ap.add_argument("--items", type=int, default=128, help="eval items per domain")
-    ap.add_argument("--calib", type=int, default=64, help="calibration items per domain")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=None)
+    sweep_arguments(ap)
     args = ap.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        ap.error("--seeds takes whole numbers and --ratios fractions, comma-separated")
-    if not seeds or not ratios or not all(0 < r < 1 for r in ratios):
-        ap.error("give at least one seed and ratios strictly between 0 and 1")
+    seeds, ratios = sweep_values(ap, args)
     key, domains, _ = bundled_model(args.model)
     out = args.out or for_model(DEFAULT_OUT, key)
     torch.set_num_threads(args.threads)
