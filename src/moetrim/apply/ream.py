@@ -5,9 +5,12 @@ intermediate neurons are first matched to its centroid's by the Hungarian algori
 gate, up and down are averaged with weights S_e / Σ S (the plan's base_weights, REAM's saliency). The
 matching cost between centroid neuron a and member neuron b is ‖ŵ_c[a] − ŵ_j[b]‖, ŵ a neuron's
 [gate row ‖ up row ‖ down column], normalised, projected on the layer's top 64 principal directions (fitted
-on all its experts' neurons together) and normalised again. Where ours differs: REAM adds the distance
-between the two neurons' normalised activations, which their code samples on different tokens for every
-expert; ours matches on weights alone. The result is a standard checkpoint: the router keeps only the
+on all its experts' neurons together), each scaled by its singular value as REAM's `pca_reduce` does, and
+normalised again. Where ours differs: REAM adds the distance between the two neurons' normalised
+activations, which their code samples on different tokens for every expert; ours matches on weights
+alone. Their PCA is torch's randomised `pca_lowrank` (2 power iterations); ours is exact, so on a flat
+spectrum (the bundled models) the two bases, and so the matchings, differ
+(`scripts/check_ream_against_authors.py`). The result is a standard checkpoint: the router keeps only the
 centroids' rows and every layer keeps its top-k.
 """
 
@@ -24,7 +27,8 @@ PCA_DIM = 64  # REAM's pca_reduce dimension
 
 def neuron_features(layer: MoELayer) -> torch.Tensor:
     """[E, I, d] the layer's neurons as REAM matches them: [gate_n ‖ up_n ‖ down[:, n]] normalised, reduced to
-    the top `PCA_DIM` principal directions of all E·I neurons (when wider) and normalised again."""
+    the top `PCA_DIM` principal components of all E·I neurons (when wider; coordinates × singular value)
+    and normalised again."""
     rows = []
     for e in range(layer.num_experts):
         w = layer.expert(e)
@@ -35,8 +39,9 @@ def neuron_features(layer: MoELayer) -> torch.Tensor:
     if F > PCA_DIM:
         flat = x.reshape(E * I, F)
         centred = flat - flat.mean(0)
-        _, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-        x = (centred @ vecs[:, -PCA_DIM:].flip(1)).reshape(E, I, PCA_DIM)
+        vals, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues: the squared singular values
+        top = vecs[:, -PCA_DIM:].flip(1) * vals[-PCA_DIM:].flip(0).clamp(min=0).sqrt()  # V·diag(s), as REAM scales
+        x = (centred @ top).reshape(E, I, PCA_DIM)
     return torch.nn.functional.normalize(x, dim=-1)
 
 

@@ -12,8 +12,9 @@ guessing, on the calibration split only (never eval):
    removing at least `ratio` of the routed-expert parameters: a multiple-choice knapsack, solved exactly
    by dynamic programming over the removed parameters in steps of 1/2000 of the total.
 4. Guard. Summed one-layer KLs ignore how errors compound, so the allocated plan is compared, by the
-   KL of the final next-token distributions to the dense model's on the same calibration tokens, with
-   each candidate method applied alone at the ratio (its own default allocation); the lowest KL wins. By
+   KL of the final next-token distributions to the dense model's on the calibration tokens (at most
+   `GUARD_TOKENS`), with each candidate method applied alone at the ratio (its own default
+   allocation); the lowest KL wins. By
    construction auto is never worse than the best single candidate on that calibration criterion.
 
 The plan is a slicing plan (granularity "auto": a layer may lose dimensions or whole experts); its notes
@@ -37,6 +38,7 @@ CANDIDATES: tuple[tuple[str, str], ...] = (("dims", "fisher"), ("dims", "camera"
 RATIO_GRID = tuple(i / 16 for i in range(1, 16))  # per-layer ratios, in steps of 1/16
 NEAR_OFFSETS = (-0.1, -0.05, 0.0, 0.05, 0.1)  # each candidate's own (global) plan around the asked ratio
 MAX_TOKENS = 4096  # calibration tokens each option's KL is measured on: enough to rank options, bounded cost on large models
+GUARD_TOKENS = 16 * MAX_TOKENS  # calibration tokens of the guard's KL (a bound on its cost; all of the bundled benchmarks' data)
 STEPS = 2000  # knapsack resolution: removed parameters in steps of 1/STEPS of the total
 
 
@@ -71,7 +73,7 @@ def layer_options(model: nn.Module, profile, batches: list[torch.Tensor], candid
     from moetrim.plan.allocate import make_plan
 
     batches = _capped(batches, MAX_TOKENS)
-    dense_logp = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in batches]
+    dense_logp = [_logp(model, b) for b in batches]
     layers = find_moe_layers(model)
     options = {l.index: [Option("keep", 0.0, 0, 0.0)] for l in layers}
     trials = [(g, c, r, "layer") for g, c in candidates for r in grid]
@@ -100,10 +102,18 @@ def layer_options(model: nn.Module, profile, batches: list[torch.Tensor], candid
     return options
 
 
-def _kl(dense_logp: list[torch.Tensor], model: nn.Module, batches: list[torch.Tensor]) -> float:
+def _logp(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
+
+
+def _kl(dense: list[torch.Tensor] | nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean KL(dense ‖ model) of the next-token distributions over the batches' tokens. `dense`: the dense
+    model's log-probabilities per batch, or the dense model itself (recomputed batch by batch, so that no
+    more than one batch's [B, T, vocab] is held: at a 152k vocabulary a few thousand tokens take GBs)."""
     total, n = 0.0, 0
-    for p, b in zip(dense_logp, batches):
-        q = torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1)
+    for i, b in enumerate(batches):
+        p = _logp(dense, b) if isinstance(dense, nn.Module) else dense[i]
+        q = _logp(model, b)
         total += float((p.exp() * (p - q)).sum())
         n += p.shape[0] * p.shape[1]
     return total / max(n, 1)
@@ -169,7 +179,7 @@ def make_auto_plan(model: nn.Module, profile, batches: list[torch.Tensor], *, ra
     auto.ratio_tolerance = max(auto.ratio_tolerance, round(abs(auto.removed_fraction - ratio), 6) + 1e-6)
     # the guard: the allocated plan against each candidate alone, by the final-logit KL on the calibration tokens
     contenders = {"auto (per-layer allocation)": auto}
-    dense_logp = [torch.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in batches]
+    batches = _capped(batches, GUARD_TOKENS)
     for granularity, criterion in candidates:
         try:
             contenders[f"{granularity}:{criterion} alone"] = make_plan(model, profile, granularity=granularity, criterion=criterion,
@@ -181,7 +191,7 @@ def make_auto_plan(model: nn.Module, profile, batches: list[torch.Tensor], *, ra
         for name, plan in contenders.items():
             m = shared_copy(model)
             apply_plan(m, plan)
-            kls[name] = _kl(dense_logp, m, batches)
+            kls[name] = _kl(model, m, batches)
             del m
     winner = min(kls, key=lambda k: (kls[k], k != "auto (per-layer allocation)"))
     plan = contenders[winner]
