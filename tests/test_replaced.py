@@ -143,7 +143,7 @@ def test_save_load_roundtrip_and_plain_transformers_refuses(tmp_path):
         moetrim.load(out)
     cfg[REPLACED_KEY]["layers"]["0"]["groups"] = [[1, 4], [2], [3, 6]]  # expert 7 in no group
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(moetrim.MoetrimError, match="layer 0: experts \\[7\\] are neither kept nor in a group"):
+    with pytest.raises(moetrim.MoetrimError, match="layer 0: experts \\[7\\] are neither kept, novices nor in a group"):
         moetrim.load(out)
 
 
@@ -241,7 +241,7 @@ def test_clustering_is_deterministic_and_respects_max_group():
     (KEPT, GROUPS, -1, "rank must be a whole number >= 0"),
     (KEPT, GROUPS, 33, "rank 33 is more than the experts' width 32"),
     ([0, 1, 5], GROUPS, 2, "experts \\[1\\] are both kept and replaced"),
-    (KEPT, [[1, 4], [2], [3, 6]], 2, "experts \\[7\\] are neither kept nor in a group"),
+    (KEPT, [[1, 4], [2], [3, 6]], 2, "experts \\[7\\] are neither kept, novices nor in a group"),
     (KEPT, [[1, 4, 7], [2, 4], [3, 6]], 2, "experts \\[4\\] are in more than one group"),
     (KEPT, [[1, 4, 7], [2], [3, 6], []], 2, "every group needs at least one member"),
     ([0, 9], GROUPS, 2, "out of range"),

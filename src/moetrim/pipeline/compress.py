@@ -50,8 +50,6 @@ def check_method(method: str, criterion: str | None, ratio: float, allocation: s
     if method == "auto":
         if criterion is not None or allocation is not None:
             raise UsageError("--method auto chooses the criteria and the allocation per layer itself: drop --criterion/--allocation")
-        from moetrim.plan.allocate import check_method as check_granularity
-
         check_granularity("dims", None, ratio, None)
         return None
     if method in REPLACE_METHODS:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from moetrim.errors import UsageError
-from moetrim.model.view import MoELayer, find_moe_layers
+from moetrim.model.view import find_moe_layers
 
 CANDIDATES: tuple[tuple[str, str], ...] = (("dims", "fisher"), ("dims", "camera"), ("experts", "reap"))
 RATIO_GRID = tuple(i / 16 for i in range(1, 16))  # per-layer ratios, in steps of 1/16
