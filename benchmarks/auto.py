@@ -32,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import bundled_model, for_model, interval, paired_difference, save_figure, section, sweep_arguments, sweep_values, update_section, versions, write_json  # noqa: E402
+from report import interval, paired_difference, publish, save_figure, sweep_setup, versions  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply import apply_plan  # noqa: E402
@@ -60,12 +60,7 @@ def name_of(granularity: str, criterion: str | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sweep_arguments(ap)
-    args = ap.parse_args(argv)
-    seeds, ratios = sweep_values(ap, args)
-    key, domains, _ = bundled_model(args.model)
-    out = args.out or for_model(DEFAULT_OUT, key)
-    torch.set_num_threads(args.threads)
+    args, seeds, ratios, key, domains, out = sweep_setup(ap, argv, DEFAULT_OUT)
     t0 = time.perf_counter()
     model, tok = moetrim.reference_model(key)
     dense = evaluate_tasks(model, tok, domains, n=args.items)["accuracy"]
@@ -101,12 +96,7 @@ def main(argv=None) -> int:
     result = {"meta": {"model": key, "seeds": seeds, "ratios": ratios, "items_per_domain": args.items, "calib_items": args.calib,
                        "seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(), "versions": versions()},
               "dense": {"accuracy": dense, "mean": sum(dense.values()) / len(dense)}, "rows": rows, "summary": summary}
-    write_json(out, result)
-    png = plot(result, out.with_suffix(".png"))
-    table = markdown(result, png)
-    print(table)
-    if out.resolve() == for_model(DEFAULT_OUT, key).resolve():
-        update_section(section("auto", key), table)
+    publish(result, out, DEFAULT_OUT, "auto", key, plot, markdown)
     log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -157,3 +157,26 @@ def sweep_values(ap, args) -> tuple[list[int], list[float]]:
     if not seeds or not ratios or not all(0 < r < 1 for r in ratios):
         ap.error("give at least one seed and ratios strictly between 0 and 1")
     return seeds, ratios
+
+
+def sweep_setup(ap, argv, default_out: Path):
+    """Parse a sweep's options: (args, seeds, ratios, bundled key, its domains, results path); sets torch's threads."""
+    import torch
+
+    sweep_arguments(ap)
+    args = ap.parse_args(argv)
+    seeds, ratios = sweep_values(ap, args)
+    key, domains, _ = bundled_model(args.model)
+    torch.set_num_threads(args.threads)
+    return args, seeds, ratios, key, domains, args.out or for_model(default_out, key)
+
+
+def publish(result: dict, out: Path, default_out: Path, name: str, key: str, plot, markdown) -> None:
+    """Write a sweep's JSON, its PNG (`plot(result, path)`) and its table (`markdown(result, png)`), printed and,
+    when written to the default path, put in benchmarks/README.md's section for the model."""
+    write_json(out, result)
+    png = plot(result, out.with_suffix(".png"))
+    table = markdown(result, png)
+    print(table)
+    if out.resolve() == for_model(default_out, key).resolve():
+        update_section(section(name, key), table)

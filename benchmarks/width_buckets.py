@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import bundled_model, for_model, interval, paired_difference, save_figure, section, sweep_arguments, sweep_values, update_section, versions, write_json  # noqa: E402
+from report import interval, paired_difference, publish, save_figure, sweep_setup, versions  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.apply.slicing import apply_plan, shared_copy  # noqa: E402
@@ -47,12 +47,7 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sweep_arguments(ap)
-    args = ap.parse_args(argv)
-    seeds, ratios = sweep_values(ap, args)
-    key, domains, _ = bundled_model(args.model)
-    out = args.out or for_model(DEFAULT_OUT, key)
-    torch.set_num_threads(args.threads)
+    args, seeds, ratios, key, domains, out = sweep_setup(ap, argv, DEFAULT_OUT)
     t0 = time.perf_counter()
     model, tok = moetrim.reference_model(key)
     width = max(find_moe_layers(model)[0].widths)
@@ -89,12 +84,7 @@ def main(argv=None) -> int:
                        "calib_items": args.calib, "seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
                        "versions": versions()},
               "rows": rows, "summary": summary}
-    write_json(out, result)
-    png = plot(result, out.with_suffix(".png"))
-    table = markdown(result, png)
-    print(table)
-    if out.resolve() == for_model(DEFAULT_OUT, key).resolve():
-        update_section(section("width-buckets", key), table)
+    publish(result, out, DEFAULT_OUT, "width-buckets", key, plot, markdown)
     log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
     return 0
 
