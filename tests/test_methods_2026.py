@@ -355,5 +355,10 @@ def test_auto_plan_keeps_the_lowest_kl_and_says_why(qwen3, tmp_path):
     assert sum(n.startswith("layer ") for n in plan.notes) == len(find_moe_layers(model))
     m = copy.deepcopy(model)
     moetrim.apply_plan(m, plan)
+    with torch.no_grad():  # the guard's KL of the chosen plan, by hand: mean over tokens of KL(dense ‖ compressed)
+        p = torch.cat([torch.log_softmax(model(input_ids=b).logits.double(), -1).flatten(0, 1) for b in batches])
+        q = torch.cat([torch.log_softmax(m(input_ids=b).logits.double(), -1).flatten(0, 1) for b in batches])
+        by_hand = float((p.exp() * (p - q)).sum(-1).mean())
+    assert by_hand > 1e-5 and by_hand == pytest.approx(kls[min(kls, key=kls.get)], rel=2e-3)
     plan.save(tmp_path / "auto.json")
     assert load_plan(tmp_path / "auto.json").to_json() == plan.to_json()  # a plan file moetrim apply reads back
