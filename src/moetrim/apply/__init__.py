@@ -34,5 +34,5 @@ def apply_plan(model, plan, profile=None, **options) -> ApplyResult:
         if options:
             raise TypeError(f"apply_plan with a {plan.granularity} plan takes no {', '.join(options)}")
         apply_replace_plan(model, plan, profile)
-        return ApplyResult("standard" if plan.granularity == "ream" else "replaced")
+        return ApplyResult(plan.checkpoint_format)
     return apply_sliced_plan(model, plan, **options)

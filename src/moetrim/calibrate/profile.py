@@ -59,6 +59,9 @@ OPT_IN = {"in_gram": "whiten=True", "mid_gram": "whiten=True", "dense_out_sum": 
 # Named views into the moments tensor [E, b, p].
 _MOMENT_ALIASES = {"count": (0, 0), "gate_sum": (1, 0), "norm_sum": (0, 1), "norm_sq_sum": (0, 2), "gated_norm_sum": (1, 1)}
 MAX_STATS = ("act_abs_max", "gated_act_abs_max")  # merged by maximum; every other statistic by addition
+# Statistics later moetrim versions added (what they are for): an older profile lacks them and must be recalibrated.
+_NEWER_STATS = {"out_sum": "expert mean outputs", "gated_act_sq_sum": "CAMERA-P's gated activations",
+                "gated_act_abs_max": "CAMERA-P's gated activations", "gated_out_sum": "REAM's signatures", "logit_gram": "REAM's signatures"}
 
 
 @dataclass
@@ -115,12 +118,8 @@ class Profile:
                 raise UsageError("profile has no 'grad_magnitude': calibrate with --grad-magnitude")
             if name in GRADIENT_STATS:
                 raise UsageError(f"profile has no '{name}': it was calibrated with --no-fisher; recalibrate without it")
-            if name in ("gated_act_sq_sum", "gated_act_abs_max"):
-                raise UsageError(f"profile has no '{name}' (CAMERA-P's gated activations): it was written by an older moetrim; recalibrate")
-            if name in ("gated_out_sum", "logit_gram"):
-                raise UsageError(f"profile has no '{name}' (REAM's signatures): it was written by an older moetrim; recalibrate")
-            if name == "out_sum":
-                raise UsageError("profile has no 'out_sum' (expert mean outputs): it was written by an older moetrim; recalibrate")
+            if name in _NEWER_STATS:
+                raise UsageError(f"profile has no '{name}' ({_NEWER_STATS[name]}): it was written by an older moetrim; recalibrate")
             if name in ("in_gram", "mid_gram"):
                 raise UsageError(f"profile has no '{name}' (expert input Grams): calibrate with whiten=True (--whiten)")
             if name == "dense_out_sum":

@@ -76,7 +76,7 @@ def save_replaced(model, plan, profile, model_path, out_dir: Path, tokenizer, ov
 
     from moetrim.checkpoint import make_recipe, save_checkpoint
 
-    recipe = make_recipe(plan, profile, model_path, "standard" if plan.granularity == "ream" else "replaced")
+    recipe = make_recipe(plan, profile, model_path, plan.checkpoint_format)
     extra = {}
     if recover:
         recipe["recover"] = {"steps": recover["steps"], "data": recover_data, "anneal": recover["anneal"], "lr": recover["lr"]}

@@ -89,6 +89,11 @@ class ReplacePlan(PlanFile):
     schema_version: int = SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def checkpoint_format(self) -> str:
+        """What applying it writes: REAM merges into centroids and slices (standard), the others replaced experts."""
+        return "standard" if self.granularity == "ream" else "replaced"
+
     @classmethod
     def from_dict(cls, d: dict) -> "ReplacePlan":
         if not isinstance(d, dict) or d.get("granularity") not in METHODS or not isinstance(d.get("layers"), list):
