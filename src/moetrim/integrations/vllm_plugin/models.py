@@ -27,6 +27,13 @@ from vllm.logger import init_logger
 
 from moetrim.integrations.vllm_plugin.families import FAMILIES, Family, family
 from moetrim.integrations.vllm_plugin.replaced import per_expert_replaced, replaced_records
+from moetrim.integrations.vllm_plugin.routed import (
+    ServedRouting,
+    check_routing_loaded,
+    load_routing_weights,
+    routing_kwargs,
+    routing_spec,
+)
 from moetrim.integrations.vllm_plugin.unpack import (
     _PACKED,
     LayerLayout,
@@ -87,11 +94,17 @@ def _sized_kwargs(fam: Family, kwargs: dict, layout: LayerLayout, width: int) ->
     return kwargs
 
 
+# FusedMoEFactory arguments that say the family routes otherwise than softmax -> top-k (moetrim cannot reroute it)
+_OTHER_ROUTING = ("custom_routing_function", "use_grouped_topk", "e_score_correction_bias", "zero_expert_type")
+
+
 @contextlib.contextmanager
-def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict[int, int], plans: dict, fallback: dict):
+def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict[int, int], plans: dict, fallback: dict,
+                      reroute=None):
     """While the model is built, the family's MoE block class builds each layer at its recorded size, and
     its fused-MoE factory builds a layer listed in `plans` as width groups (one it cannot group is recorded
-    in `fallback` with the reason, and built padded at the layer's widest width)."""
+    in `fallback` with the reason, and built padded at the layer's widest width). With `reroute`
+    (index, factory kwargs) -> ServedRouting, every MoE layer's fused MoE routes with moetrim's routing."""
     from moetrim.integrations.vllm_plugin.grouped import (
         build_grouped,
         unsupported_reason,
@@ -113,6 +126,13 @@ def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict
 
     def factory(*args, **kwargs):
         index = _layer_index(kwargs.get("prefix", ""))
+        if reroute is not None and index is not None:
+            other = [k for k in _OTHER_ROUTING if kwargs.get(k) is not None and kwargs.get(k) is not False]
+            if args or other:
+                raise TypeError(f"moetrim plugin: {fam.module}.FusedMoEFactory was called with "
+                                f"{'positional arguments' if args else ', '.join(other)}; a rerouted checkpoint needs a "
+                                "softmax top-k fused MoE whose routing function the plugin can set")
+            kwargs = routing_kwargs(kwargs, reroute(index, kwargs))
         if index not in plans:
             return stock_factory(*args, **kwargs)
         reason = "positional arguments" if args else unsupported_reason(kwargs)
@@ -123,9 +143,12 @@ def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict
 
     PerLayerBlock.__name__ = PerLayerBlock.__qualname__ = stock.__name__
     setattr(module, fam.block, PerLayerBlock)
+    if reroute is not None and stock_factory is None:
+        raise RuntimeError(f"moetrim: vllm.model_executor.models.{fam.module} has no FusedMoEFactory, through which the "
+                           "plugin sets a rerouted checkpoint's routing; this vLLM differs from the one the plugin was written for")
     if plans and stock_factory is None:
         fallback.update({i: f"vllm.model_executor.models.{fam.module} has no FusedMoEFactory" for i in plans})
-    elif plans:
+    elif plans or reroute is not None:
         setattr(module, "FusedMoEFactory", factory)
     try:
         yield
@@ -158,9 +181,22 @@ class _Varwidth:
         align = group_alignment()
         plans = {} if padded_by_request else {i: group_plan(layouts[i], align) for i in mixed}
         fallback: dict[int, str] = {i: f"{PADDED_ENV}=1" for i in mixed} if padded_by_request else {}
-        with _per_layer_blocks(fam, layouts, widths, plans, fallback):
+        spec = routing_spec(config)
+        routings: dict[int, ServedRouting] = {}
+
+        def reroute(index: int, kwargs: dict) -> ServedRouting:
+            routings[index] = ServedRouting(spec, int(kwargs["num_experts"]), int(kwargs["hidden_size"]),
+                                            kwargs.get("params_dtype") or torch.get_default_dtype())
+            return routings[index]
+
+        with _per_layer_blocks(fam, layouts, widths, plans, fallback, reroute if spec is not None else None):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.moetrim_family, self.moetrim_layouts = fam, layouts
+        self.moetrim_routing = torch.nn.ModuleDict({str(i): m for i, m in sorted(routings.items())})
+        if spec is not None:
+            logger.info("moetrim: %d MoE layers route with the checkpoint's fine-tuned routing (bias: %s, condensers: %d, "
+                        "budget %s, gate %s): one routing function per layer inside vLLM's fused MoE", len(routings),
+                        spec.bias_apply if spec.bias else "none", spec.condensers, spec.budget, spec.gate)
         self.moetrim_grouped = {}  # layer index -> (qualified module name, GroupedRoutedExperts)
         for name, module in self.named_modules():
             if isinstance(module, GroupedRoutedExperts):
@@ -184,11 +220,16 @@ class _Varwidth:
     def load_weights(self, weights):
         fam = self.moetrim_family
         loaded: set[str] = set()
+        routings = {int(i): m for i, m in self.moetrim_routing.items()}
+        if routings:
+            weights = load_routing_weights(weights, routings, "moetrim_routing", loaded)
         if self.moetrim_replaced:
             weights = per_expert_replaced(weights, self.moetrim_replaced, fam.names)
         stock = super().load_weights(per_expert_tensors(
             self._moetrim_grouped_weights(weights, loaded), self.moetrim_layouts, fam.names, self.config.hidden_size,
             self.moetrim_pad_to, dict(fam.rename)))
+        if routings:
+            check_routing_loaded(routings, "moetrim_routing", loaded)
         return (set(stock) if stock is not None else set()) | loaded
 
     def _moetrim_grouped_weights(self, weights, loaded: set[str]):
