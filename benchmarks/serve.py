@@ -12,15 +12,17 @@ experts pruned per layer (`--allocation layer`: per-layer expert counts, variabl
 50% uniform (standard); dims 50% layer_width (one width per layer: the plugin's native path); dims 50%
 global and dims 50% layer (per-expert widths: the plugin's grouped path, one fused MoE per width group),
 the global checkpoint once more through the labelled padded fallback (MOETRIM_VLLM_PADDED=1), and
-replace and D²-MoE at 50% (replaced checkpoints, served reconstructed: base + B A rebuilt at load). For
-each, vLLM's greedy answers
-(fp32, enforce_eager, max_model_len 256) are compared token for token with transformers' greedy
-generation (moetrim.load), and decode throughput (tokens/s, a fixed number of new tokens per prompt,
-all prompts in one batch) is measured in rounds that alternate every model with dense; ratios are the
+replace, D²-MoE and MoNE at 50% (replaced checkpoints, served natively: the stored bases, corrections and
+novice outputs; replace once more through the labelled reconstruction, base + B A rebuilt at load); and
+rerouted checkpoints from short `moetrim finetune` runs (condenser; aux-free with a routing bias; condenser
+on the global-width checkpoint, served grouped), whose rows also count how many answers would match if the
+routing were ignored. For each, vLLM's greedy answers (fp32, enforce_eager, max_model_len 256) are
+compared token for token with transformers' greedy generation (moetrim.load), and decode throughput
+(tokens/s, a fixed number of new tokens per prompt, all prompts in one batch) is measured in rounds that alternate every model with dense; ratios are the
 medians of each round's own ratio. Tiny random-weight Qwen3-MoE, OLMoE and Mixtral (head_dim 32, which
-vLLM's CPU attention needs) made variable-width with moetrim are checked for equality too.
-Routed-expert parameters vLLM holds are read from the
-built model (`held_expert_params`, after the CPU kernel pads widths to multiples of 32).
+vLLM's CPU attention needs) made variable-width with moetrim are checked for equality too. Routed-expert
+parameters vLLM holds are read from the built model (`held_expert_params`, after the CPU kernel pads widths
+to multiples of 32).
 Writes benchmarks/results/serve.json and serve.png and the `serve` section of benchmarks/README.md.
 """
 
@@ -55,9 +57,12 @@ CHECKPOINTS = [
     ("dims 50% layer (grouped)", ["--allocation", "layer"]),
     ("dims 50% global (grouped)", ["--allocation", "global"]),
     ("dims 50% global (padded)", ["--allocation", "global"]),
-    # replaced checkpoints: every replaced expert rebuilt as base + B A at load (the plugin's labelled fallback)
+    # replaced checkpoints, served natively (the stored bases and corrections run as they are), and once through
+    # the labelled fallback that rebuilds every replaced expert as base + B A at load (MOETRIM_VLLM_REPLACED)
+    ("replace 50% (native)", ["--granularity", "replace", "--rank", "16"]),
     ("replace 50% (reconstructed)", ["--granularity", "replace", "--rank", "16"]),
-    ("d2 50% (reconstructed)", ["--granularity", "d2"]),
+    ("d2 50% (native)", ["--granularity", "d2"]),
+    ("mone 50% (native)", ["--granularity", "experts", "--novice"]),
     # rerouted checkpoints (`moetrim finetune`): the plugin routes with their bias and condensers. A large bias
     # step (gamma) in a short run, so the routing differs from the stock router's on most prompts.
     ("condenser (rerouted)", ["finetune", "--method", "condenser", *FT]),
@@ -66,6 +71,7 @@ CHECKPOINTS = [
                                                            "--method", "condenser", *FT]),
 ]
 PADDED_ENV = "MOETRIM_VLLM_PADDED"  # the plugin's labelled fallback, for rows named "(padded)"
+REPLACED_ENV = "MOETRIM_VLLM_REPLACED"  # "reconstructed", for rows named "(reconstructed)"
 TINY = {"qwen3_moe": dict(hidden_size=128, head_dim=32), "olmoe": dict(hidden_size=128, norm_topk_prob=False),
         "mixtral": dict(hidden_size=128)}
 
@@ -183,20 +189,22 @@ def hf_greedy(path: Path, prompts: list[str], new_tokens: int, routing: bool = T
     return outs
 
 
-def vllm_engine(path: Path, padded: bool = False):
-    """An engine for `path`; padded=True serves mixed-width layers through the plugin's padded fallback
-    (the variable is read while the engine's processes build the model)."""
+def vllm_engine(path: Path, name: str = ""):
+    """An engine for `path`; a row named "(padded)" serves mixed-width layers through the plugin's padded
+    fallback, one named "(reconstructed)" its replaced layers rebuilt as stock experts (the variables are read
+    while the engine's processes build the model)."""
     from vllm import LLM
 
-    old = os.environ.pop(PADDED_ENV, None)
-    if padded:
-        os.environ[PADDED_ENV] = "1"
+    env = {PADDED_ENV: "1" if name.endswith("(padded)") else None,
+           REPLACED_ENV: "reconstructed" if name.endswith("(reconstructed)") else None}
+    old = {k: os.environ.pop(k, None) for k in env}
+    os.environ.update({k: v for k, v in env.items() if v is not None})
     try:
         return LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
     finally:
-        os.environ.pop(PADDED_ENV, None)
-        if old is not None:
-            os.environ[PADDED_ENV] = old
+        for k in env:
+            os.environ.pop(k, None)
+        os.environ.update({k: v for k, v in old.items() if v is not None})
 
 
 def held_params(llm) -> dict | None:
@@ -306,7 +314,7 @@ def main() -> None:
         ratios: dict[str, list[float]] = {n: [] for n in paths if n != "dense"}
         for name, path in paths.items():
             padded = name.endswith("(padded)")
-            llm = dense if name == "dense" else vllm_engine(path, padded)
+            llm = dense if name == "dense" else vllm_engine(path, name)
             row = equality(path, llm, prompts, args.new_tokens)
             row["routed_params"] = routed_params(path)
             held = held_params(llm)

@@ -335,15 +335,18 @@ def test_replaced_checkpoint_becomes_the_stock_experts_it_computes(tmp_path):
         list(per_expert_replaced(broken.items(), records, names))
 
 
-def test_novice_checkpoint_is_refused_in_one_line():
-    """A novice (MoNE) outputs a constant vector: no stock expert computes it, so the plugin refuses the
-    checkpoint in one line naming the layer, rather than serving a wrong model."""
-    from moetrim.integrations.vllm_plugin.replaced import replaced_records
+def test_novice_checkpoint_is_refused_in_one_line_where_reconstructed():
+    """A novice (MoNE) outputs a constant vector: no stock expert computes it, so the reconstruction refuses a
+    layer with novices in one line naming it, rather than serving a wrong model (the native path serves it)."""
+    from moetrim.integrations.vllm_plugin.replaced import check_reconstructible, per_expert_replaced, replaced_records
 
     spec = {"num_experts": 8, "width": 32, "kept": [0, 2, 3, 4, 5, 6, 7], "groups": [], "rank": 0}
     config = {"moetrim_replaced": {"version": 1, "layers": {"0": spec, "1": {**spec, "kept": [0, 2, 4, 5, 6, 7], "novices": [1, 3]}}}}
+    records = replaced_records(config)
+    assert records[1]["novices"] == [1, 3]
     with pytest.raises(LayoutError) as err:
-        replaced_records(config)
+        check_reconstructible(records)
     assert "\n" not in str(err.value) and "layer 1" in str(err.value) and "novice" in str(err.value)
-    del config["moetrim_replaced"]["layers"]["1"]
-    assert sorted(replaced_records(config)) == [0]
+    with pytest.raises(LayoutError, match="layer 1"):
+        list(per_expert_replaced([], records, ExpertNames()))
+    check_reconstructible({0: records[0]})

@@ -70,15 +70,16 @@ def unsupported_reason(kwargs: dict) -> str | None:
     return f"FusedMoEFactory called with {', '.join(bad)}" if bad else None
 
 
-# layer name -> module, for the custom op. Per process: vLLM builds one model per worker process; two plugin
-# models built in one process (in-process engines) would share layer names, the later one winning.
-_LAYERS: dict[str, GroupedRoutedExperts] = {}
+# layer name -> module with run(x, topk_weights, topk_ids), for the custom op (grouped layers here, natively
+# served replaced layers in `replaced_native.py`). Per process: vLLM builds one model per worker process; two
+# plugin models built in one process (in-process engines) would share layer names, the later one winning.
+_LAYERS: dict[str, nn.Module] = {}
 _OP = "moetrim_grouped_experts"
 
 
 def _grouped_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                         layer_name: str) -> torch.Tensor:
-    return _LAYERS[layer_name].run_groups(x, topk_weights, topk_ids)
+    return _LAYERS[layer_name].run(x, topk_weights, topk_ids)
 
 
 def _grouped_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -86,7 +87,7 @@ def _grouped_experts_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     return torch.empty_like(x)
 
 
-def _register_op() -> None:
+def register_op() -> None:
     import torch as _t
 
     if hasattr(_t.ops.vllm, _OP):
@@ -96,16 +97,19 @@ def _register_op() -> None:
     direct_register_custom_op(op_name=_OP, op_func=_grouped_experts_op, fake_impl=_grouped_experts_fake)
 
 
-class _QuantMethodView:
+class QuantMethodView:
     """What the layer's runner reads from `routed_experts.quant_method` (kernel traits, identical in every
-    group), forwarded to the first group's. Not a QuantizeMethodBase, so vLLM's post-load step does not
-    process the grouped module itself (it processes each group's RoutedExperts, which are submodules)."""
+    group), forwarded to a stock RoutedExperts' (`source()`), with `overrides`. Not a QuantizeMethodBase, so
+    vLLM's post-load step does not process the module that holds it (it processes the stock RoutedExperts,
+    which are submodules)."""
 
-    def __init__(self, owner: GroupedRoutedExperts):
-        self._owner = owner
+    def __init__(self, source, **overrides):
+        self._source, self._overrides = source, overrides
 
     def __getattr__(self, name):
-        return getattr(self._owner.groups[0].quant_method, name)
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._source().quant_method, name)
 
 
 class GroupedRoutedExperts(nn.Module):
@@ -124,8 +128,8 @@ class GroupedRoutedExperts(nn.Module):
         self.groups = nn.ModuleList(moetrim_groups)
         self.register_buffer("group_of", torch.tensor(moetrim_plan.group_of, dtype=torch.long), persistent=False)
         self.register_buffer("local_of", torch.tensor(moetrim_plan.local_of, dtype=torch.long), persistent=False)
-        self._quant_view = _QuantMethodView(self)
-        _register_op()
+        self._quant_view = QuantMethodView(lambda: self.groups[0])
+        register_op()
         _LAYERS[layer_name] = self
 
     @property
@@ -149,7 +153,7 @@ class GroupedRoutedExperts(nn.Module):
             shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
         return getattr(torch.ops.vllm, _OP)(x, topk_weights, topk_ids, self.layer_name)
 
-    def run_groups(self, x, topk_weights, topk_ids):
+    def run(self, x, topk_weights, topk_ids):
         if self.groups[0].quant_method.is_monolithic:
             raise RuntimeError("moetrim: this vLLM's fused-MoE kernel routes internally (monolithic); grouped "
                                "variable-width layers need a modular kernel. Serve padded: MOETRIM_VLLM_PADDED=1")
@@ -178,6 +182,16 @@ class GroupedRoutedExperts(nn.Module):
         return loaded
 
 
+def stock_experts(stock_factory, kwargs: dict, num_experts: int, width: int, prefix: str):
+    """A stock RoutedExperts (weights, quant method, kernel) of `num_experts` experts at `width`, made with the
+    layer's own kernel arguments; its runner is unregistered (never called)."""
+    gk = {k: kwargs[k] for k in _GROUP_KWARGS if k in kwargs}
+    gk.update(num_experts=num_experts, top_k=1, intermediate_size=width, renormalize=False, prefix=prefix)
+    runner = stock_factory(**gk)
+    _unregister(runner)
+    return runner.routed_experts
+
+
 def _unregister(runner) -> None:
     """A group's own runner is never called: take it out of vLLM's MoE layer registry (which maps MoE calls
     to layers by name and, in compiled graphs, by call order)."""
@@ -192,24 +206,21 @@ def _unregister(runner) -> None:
 def build_grouped(stock_factory, kwargs: dict, plan: GroupPlan):
     """The layer's stock runner with a GroupedRoutedExperts built from one stock fused-MoE per group."""
     prefix = kwargs.get("prefix", "")
-    groups = []
-    for g, grp in enumerate(plan.groups):
-        gk = {k: kwargs[k] for k in _GROUP_KWARGS if k in kwargs}
-        gk.update(num_experts=len(grp.experts), top_k=1, intermediate_size=grp.width, renormalize=False,
-                  prefix=f"{prefix}.moetrim_group{g}")
-        runner = stock_factory(**gk)
-        _unregister(runner)
-        groups.append(runner.routed_experts)
+    groups = [stock_experts(stock_factory, kwargs, len(grp.experts), grp.width, f"{prefix}.moetrim_group{g}")
+              for g, grp in enumerate(plan.groups)]
     return stock_factory(**kwargs, routed_experts_cls=GroupedRoutedExperts,
                          routed_experts_args={"moetrim_groups": groups, "moetrim_plan": plan})
 
 
 def held_expert_params(model) -> dict:
     """Routed-expert weights a built vLLM model holds (numel of every fused-MoE w13 / w2 tensor, after the
-    kernel's own padding and packing), and the width groups of each grouped layer. For
+    kernel's own padding and packing, and of every natively served replaced layer's stored tensors), and the width groups of each grouped layer. For
     `LLM.apply_model(held_expert_params)` (needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 with a separate
     engine process)."""
+    from moetrim.model.replaced import ReplacedExperts
+
     held = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("w13_weight", "w2_weight")))
+    held += sum(p.numel() for m in model.modules() if isinstance(m, ReplacedExperts) for p in m.parameters())
     groups = {n: [(g.width, len(g.experts)) for g in m.plan.groups]
               for n, m in model.named_modules() if isinstance(m, GroupedRoutedExperts)}
     return {"held_routed_params": held, "groups": groups}

@@ -26,7 +26,13 @@ import torch
 from vllm.logger import init_logger
 
 from moetrim.integrations.vllm_plugin.families import FAMILIES, Family, family
-from moetrim.integrations.vllm_plugin.replaced import per_expert_replaced, replaced_records
+from moetrim.integrations.vllm_plugin.replaced import check_reconstructible, per_expert_replaced, replaced_records
+from moetrim.integrations.vllm_plugin.replaced_native import (
+    MODE_ENV,
+    check_native_loaded,
+    load_native_weights,
+    requested_reconstruction,
+)
 from moetrim.integrations.vllm_plugin.routed import (
     ServedRouting,
     check_routing_loaded,
@@ -100,11 +106,17 @@ _OTHER_ROUTING = ("custom_routing_function", "use_grouped_topk", "e_score_correc
 
 @contextlib.contextmanager
 def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict[int, int], plans: dict, fallback: dict,
-                      reroute=None):
+                      reroute=None, native: dict | None = None, reconstructed: dict | None = None):
     """While the model is built, the family's MoE block class builds each layer at its recorded size, and
     its fused-MoE factory builds a layer listed in `plans` as width groups (one it cannot group is recorded
     in `fallback` with the reason, and built padded at the layer's widest width). With `reroute`
-    (index, factory kwargs) -> ServedRouting, every MoE layer's fused MoE routes with moetrim's routing."""
+    (index, factory kwargs) -> ServedRouting, every MoE layer's fused MoE routes with moetrim's routing.
+    A replaced layer in `native` (index -> record) is built with moetrim's replaced experts module; one that
+    cannot be is recorded in `reconstructed` with the reason (and built stock, to be loaded reconstructed)."""
+    from moetrim.integrations.vllm_plugin.replaced_native import build_replaced_native, native_reason
+
+    native = native or {}
+    reconstructed = {} if reconstructed is None else reconstructed
     from moetrim.integrations.vllm_plugin.grouped import (
         build_grouped,
         unsupported_reason,
@@ -133,6 +145,12 @@ def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict
                                 f"{'positional arguments' if args else ', '.join(other)}; a rerouted checkpoint needs a "
                                 "softmax top-k fused MoE whose routing function the plugin can set")
             kwargs = routing_kwargs(kwargs, reroute(index, kwargs))
+        if index in native:
+            reason = "positional arguments" if args else native_reason(kwargs, native[index])
+            if reason:
+                reconstructed[index] = reason
+                return stock_factory(*args, **kwargs)
+            return build_replaced_native(stock_factory, kwargs, native[index])
         if index not in plans:
             return stock_factory(*args, **kwargs)
         reason = "positional arguments" if args else unsupported_reason(kwargs)
@@ -146,9 +164,10 @@ def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict
     if reroute is not None and stock_factory is None:
         raise RuntimeError(f"moetrim: vllm.model_executor.models.{fam.module} has no FusedMoEFactory, through which the "
                            "plugin sets a rerouted checkpoint's routing; this vLLM differs from the one the plugin was written for")
-    if plans and stock_factory is None:
+    if stock_factory is None:
         fallback.update({i: f"vllm.model_executor.models.{fam.module} has no FusedMoEFactory" for i in plans})
-    elif plans or reroute is not None:
+        reconstructed.update({i: f"vllm.model_executor.models.{fam.module} has no FusedMoEFactory" for i in native})
+    elif plans or reroute is not None or native:
         setattr(module, "FusedMoEFactory", factory)
     try:
         yield
@@ -170,12 +189,9 @@ class _Varwidth:
         config = vllm_config.model_config.hf_config
         fam = family(config.model_type)
         layouts = read_layouts(config) if getattr(config, VARWIDTH_KEY, None) else {}
-        self.moetrim_replaced = replaced_records(config)
-        if self.moetrim_replaced:
-            logger.warning("moetrim: replaced experts in layers %s are served RECONSTRUCTED: each replaced expert is rebuilt "
-                           "as its base + low-rank correction into the family's stock fused MoE at load (exact, but the "
-                           "memory the shared bases save is not kept in vLLM; no native shared-base kernel yet)",
-                           sorted(self.moetrim_replaced))
+        records = replaced_records(config)
+        native = {} if requested_reconstruction() else records
+        reconstructed: dict[int, str] = {i: f"{MODE_ENV}=reconstructed" for i in records} if not native else {}
         widths, mixed = served_widths(layouts)
         padded_by_request = os.environ.get(PADDED_ENV, "") not in ("", "0")
         align = group_alignment()
@@ -189,9 +205,11 @@ class _Varwidth:
                                             kwargs.get("params_dtype") or torch.get_default_dtype())
             return routings[index]
 
-        with _per_layer_blocks(fam, layouts, widths, plans, fallback, reroute if spec is not None else None):
+        with _per_layer_blocks(fam, layouts, widths, plans, fallback, reroute if spec is not None else None, native,
+                               reconstructed):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.moetrim_family, self.moetrim_layouts = fam, layouts
+        self._moetrim_replaced_layers(records, reconstructed)
         self.moetrim_routing = torch.nn.ModuleDict({str(i): m for i, m in sorted(routings.items())})
         if spec is not None:
             logger.info("moetrim: %d MoE layers route with the checkpoint's fine-tuned routing (bias: %s, condensers: %d, "
@@ -217,12 +235,35 @@ class _Varwidth:
                            "; ".join(sorted(set(fallback.values()))))
         self.moetrim_pad_to = {i: widths[i] for i in padded}
 
+    def _moetrim_replaced_layers(self, records: dict, reconstructed: dict[int, str]) -> None:
+        """Which replaced layers are served natively (their modules) and which reconstructed (their records)."""
+        from moetrim.integrations.vllm_plugin.replaced_native import ReplacedRoutedExperts
+
+        self.moetrim_native, self.moetrim_native_extra = {}, set()
+        for name, module in self.named_modules():
+            if isinstance(module, ReplacedRoutedExperts):
+                self.moetrim_native[_layer_index(name)] = (f"{name}.experts", module.experts)
+                self.moetrim_native_extra |= {f"{name}.traits.{n}" for n, _ in module.traits.named_parameters()}
+        self.moetrim_replaced = {i: records[i] for i in sorted(reconstructed)}
+        check_reconstructible(self.moetrim_replaced)
+        if self.moetrim_native:
+            logger.info("moetrim: replaced experts in layers %s served NATIVELY: the stored kept experts, group bases and "
+                        "low-rank corrections run as they are (each base once per token routed to any member), so the "
+                        "memory replacing saves is kept", sorted(self.moetrim_native))
+        if self.moetrim_replaced:
+            logger.warning("moetrim: replaced experts in layers %s are served RECONSTRUCTED: each replaced expert is rebuilt "
+                           "as its base + low-rank correction into the family's stock fused MoE at load (exact, but the "
+                           "memory the shared bases save is not kept in vLLM), because: %s", sorted(self.moetrim_replaced),
+                           "; ".join(sorted(set(reconstructed.values()))))
+
     def load_weights(self, weights):
         fam = self.moetrim_family
         loaded: set[str] = set()
         routings = {int(i): m for i, m in self.moetrim_routing.items()}
         if routings:
             weights = load_routing_weights(weights, routings, "moetrim_routing", loaded)
+        if self.moetrim_native:
+            weights = load_native_weights(weights, self.moetrim_native, loaded)
         if self.moetrim_replaced:
             weights = per_expert_replaced(weights, self.moetrim_replaced, fam.names)
         stock = super().load_weights(per_expert_tensors(
@@ -230,6 +271,9 @@ class _Varwidth:
             self.moetrim_pad_to, dict(fam.rename)))
         if routings:
             check_routing_loaded(routings, "moetrim_routing", loaded)
+        if self.moetrim_native:
+            check_native_loaded(self.moetrim_native, loaded)
+            loaded |= self.moetrim_native_extra  # the trait donors: never run, nothing to load
         return (set(stock) if stock is not None else set()) | loaded
 
     def _moetrim_grouped_weights(self, weights, loaded: set[str]):

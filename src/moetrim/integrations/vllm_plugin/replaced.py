@@ -36,11 +36,18 @@ def replaced_records(config) -> dict[int, dict]:
     for key, spec in layers.items():
         if not str(key).isdigit() or not isinstance(spec, Mapping) or not set(_SPEC_FIELDS) <= set(spec):
             raise LayoutError(f"config.json's '{REPLACED_KEY}' layer {key!r} needs {', '.join(_SPEC_FIELDS)}")
-        if spec.get("novices"):
-            raise LayoutError(f"layer {key} has novice experts (MoNE): a constant output that vLLM's fused MoE cannot compute; "
-                              "serve this checkpoint with transformers")
         out[int(key)] = dict(spec)
     return out
+
+
+def check_reconstructible(records: Mapping[int, Mapping]) -> None:
+    """LayoutError in one line for a layer the reconstruction cannot serve: novices (MoNE) output a constant
+    vector that no stock expert computes (the native path serves them)."""
+    for index, spec in sorted(records.items()):
+        if spec.get("novices"):
+            raise LayoutError(f"layer {index} has novice experts (MoNE): a constant output that vLLM's stock fused MoE cannot "
+                              "compute, and this layer is served reconstructed; serve it natively (unset "
+                              "MOETRIM_VLLM_REPLACED, one GPU or CPU process) or with transformers")
 
 
 def _needed(spec: Mapping) -> set[str]:
@@ -90,6 +97,7 @@ def per_expert_replaced(weights: Iterable[tuple[str, torch.Tensor]], records: Ma
     """Stream a replaced checkpoint's tensors with every replaced layer's stacks and factors turned into the
     engine's per-expert tensors (each layer once all of its tensors have been seen); every other tensor
     passes through unchanged."""
+    check_reconstructible(records)
     pending: dict[int, dict[str, torch.Tensor]] = {}
     done: set[int] = set()
     for name, t in weights:
