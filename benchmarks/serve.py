@@ -272,12 +272,30 @@ def served_routed_params(path: Path, padded: bool) -> int:
                for l in record["layers"].values())
 
 
+def alternate(name: str, llm, dense, prompts: list[str], bench_tokens: int, rounds: int, speeds: dict, ratios: dict) -> None:
+    """Decode throughput of `llm` and dense in rounds that alternate which goes first; round 0 warms both
+    engines up and is not counted. Appends each round's tokens/s to speeds[name] and speeds["dense"], and
+    its ratio to ratios[name]."""
+    for r in range(rounds + 1):
+        order = [("dense", dense), (name, llm)] if r % 2 else [(name, llm), ("dense", dense)]
+        got = {n: tokens_per_s(e, prompts, bench_tokens) for n, e in order}
+        if r:
+            ratios[name].append(got[name] / got["dense"])
+            speeds[name].append(got[name])
+            speeds["dense"].append(got["dense"])
+
+
+def common_arguments(ap: argparse.ArgumentParser, prompts: int, new_tokens: int, bench_tokens: int) -> None:
+    """The options serve.py and serve_shapes.py share: how much is compared and timed."""
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--new-tokens", type=int, default=new_tokens, help="greedy tokens compared per prompt")
+    ap.add_argument("--bench-tokens", type=int, default=bench_tokens, help="new tokens per prompt in throughput rounds")
+    ap.add_argument("--rounds", type=int, default=3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=100)
-    ap.add_argument("--new-tokens", type=int, default=48, help="greedy tokens compared per prompt")
-    ap.add_argument("--bench-tokens", type=int, default=64, help="new tokens per prompt in throughput rounds")
-    ap.add_argument("--rounds", type=int, default=3)
+    common_arguments(ap, 100, 48, 64)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--only", default=None, help="serve only these rows (comma-separated names; dense always runs)")
@@ -301,6 +319,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    started = time.perf_counter()
     prompts = prompts_for(args.prompts)
     results: dict = {"prompts": len(prompts), "new_tokens": args.new_tokens, "bench_tokens": args.bench_tokens,
                      "rounds": args.rounds, "ratio": args.ratio, "vllm": vllm.__version__, "models": {}, "tiny": {}}
@@ -326,13 +345,7 @@ def main() -> None:
             print(f"{name}: vLLM = transformers on {row['equal']}/{row['n']} prompts", flush=True)
             if name == "dense":
                 continue
-            for r in range(args.rounds + 1):  # round 0 warms both engines up and is not counted
-                order = [("dense", dense), (name, llm)] if r % 2 else [(name, llm), ("dense", dense)]
-                got = {n: tokens_per_s(e, prompts, args.bench_tokens) for n, e in order}
-                if r:
-                    ratios[name].append(got[name] / got["dense"])
-                    speeds[name].append(got[name])
-                    speeds["dense"].append(got["dense"])
+            alternate(name, llm, dense, prompts, args.bench_tokens, args.rounds, speeds, ratios)
             del llm
             gc.collect()
         for name, row in results["models"].items():
@@ -352,6 +365,7 @@ def main() -> None:
                 print(f"{name}: vLLM = transformers on {results['tiny'][name]['equal']}/20 prompts", flush=True)
                 del llm
                 gc.collect()
+    results["wall_s"] = round(time.perf_counter() - started, 1)
     report(results, args.out)
 
 
@@ -379,13 +393,16 @@ def report(results: dict, out: Path) -> None:
     spread = [r for row in results["models"].values() for r in row.get("speedup_rounds", [])]
     if spread:
         lines += ["", f"Per-round throughput ratios ranged {min(spread):.2f}-{max(spread):.2f} across rows (`speedup_rounds` in "
-                  "serve.json): on this shared machine differences of that size are noise. Grouped rows pay one "
-                  "kernel call per width group per layer, which this tiny (hidden 128), overhead-bound model feels; "
-                  "docs/serving.md has the kernel-level time at real layer sizes."]
+                  "serve.json): differences of that size are noise here, and every row is a second engine measured "
+                  "against dense in the first, which by itself measured 1.04-1.18x per round at a real layer shape "
+                  "(`serve_shapes.py`'s control row). Grouped and native replaced rows pay extra calls per layer, "
+                  "which this tiny (hidden 128), overhead-bound model feels; `serve_shapes.py` measures a real layer "
+                  "shape, and docs/serving.md has the grouped kernels' time at real layer sizes."]
     if results["tiny"]:
         lines += ["", "Tiny random-weight models through the plugin (20 prompts, 24 tokens): " + ", ".join(
             f"{n.removeprefix('tiny ')} {r['equal']}/{r['n']}" for n, r in results["tiny"].items()) + "."]
-    lines += ["", "`/path/to/vllm-venv/bin/python benchmarks/serve.py` (about 30 minutes on this 2-core machine, shared with other jobs)."]
+    took = f"{results['wall_s'] / 60:.0f} minutes" if "wall_s" in results else "about 30 minutes"
+    lines += ["", f"`/path/to/vllm-venv/bin/python benchmarks/serve.py` ({took} on this 2-core machine)."]
     table = "\n".join(lines)
     if out.resolve() == (RESULTS / "serve.json").resolve():  # a partial run (--only, another --out) leaves the README alone
         update_section("serve", "## Serving in vLLM (`benchmarks/serve.py`)\n\n" + table)

@@ -112,23 +112,21 @@ class QuantMethodView:
         return getattr(self._source().quant_method, name)
 
 
-class GroupedRoutedExperts(nn.Module):
-    """Stands in for the layer runner's `RoutedExperts`: one stock RoutedExperts per width group."""
+class PluginRoutedExperts(nn.Module):
+    """What a layer runner's `RoutedExperts` must offer, for the plugin's stand-ins: the attributes the runner
+    reads, kernel traits from a stock RoutedExperts (`trait_source()`), and forward_modular as the plugin's
+    opaque custom op, which calls `run(x, topk_weights, topk_ids)` of the layer found by name."""
 
-    def __init__(self, layer_name, params_dtype, moe_config, quant_config, expert_map_manager, *,
-                 moetrim_groups: list, moetrim_plan: GroupPlan, **_routing_args):
+    def __init__(self, layer_name, params_dtype, moe_config, quant_config, expert_map_manager, hidden_size: int,
+                 trait_source, **trait_overrides):
         super().__init__()
         self.layer_name, self.params_dtype, self.moe_config = layer_name, params_dtype, moe_config
         self.quant_config, self.expert_map_manager = quant_config, expert_map_manager
         self.activation, self.top_k = moe_config.activation, moe_config.experts_per_token
         self.global_num_experts = self.local_num_experts = moe_config.num_experts
-        self.hidden_size = moe_config.hidden_dim
+        self.hidden_size = hidden_size
         self.apply_router_weight_on_input = False
-        self.plan = moetrim_plan
-        self.groups = nn.ModuleList(moetrim_groups)
-        self.register_buffer("group_of", torch.tensor(moetrim_plan.group_of, dtype=torch.long), persistent=False)
-        self.register_buffer("local_of", torch.tensor(moetrim_plan.local_of, dtype=torch.long), persistent=False)
-        self._quant_view = QuantMethodView(lambda: self.groups[0])
+        self._quant_view = QuantMethodView(trait_source, **trait_overrides)
         register_op()
         _LAYERS[layer_name] = self
 
@@ -140,10 +138,6 @@ class GroupedRoutedExperts(nn.Module):
     def expert_map(self):
         return None
 
-    def _ensure_moe_quant_config_init(self):
-        for g in self.groups:
-            g._ensure_moe_quant_config_init()
-
     def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
         if shared_experts is not None:  # runs only if the kernel would have run them itself (MK-internal)
             from vllm.model_executor.layers.fused_moe.runner.shared_experts import (
@@ -154,6 +148,29 @@ class GroupedRoutedExperts(nn.Module):
         return getattr(torch.ops.vllm, _OP)(x, topk_weights, topk_ids, self.layer_name)
 
     def run(self, x, topk_weights, topk_ids):
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("Call forward_modular instead.")
+
+
+class GroupedRoutedExperts(PluginRoutedExperts):
+    """Stands in for the layer runner's `RoutedExperts`: one stock RoutedExperts per width group."""
+
+    def __init__(self, layer_name, params_dtype, moe_config, quant_config, expert_map_manager, *,
+                 moetrim_groups: list, moetrim_plan: GroupPlan, **_routing_args):
+        super().__init__(layer_name, params_dtype, moe_config, quant_config, expert_map_manager, moe_config.hidden_dim,
+                         lambda: self.groups[0])
+        self.plan = moetrim_plan
+        self.groups = nn.ModuleList(moetrim_groups)
+        self.register_buffer("group_of", torch.tensor(moetrim_plan.group_of, dtype=torch.long), persistent=False)
+        self.register_buffer("local_of", torch.tensor(moetrim_plan.local_of, dtype=torch.long), persistent=False)
+
+    def _ensure_moe_quant_config_init(self):
+        for g in self.groups:
+            g._ensure_moe_quant_config_init()
+
+    def run(self, x, topk_weights, topk_ids):
         if self.groups[0].quant_method.is_monolithic:
             raise RuntimeError("moetrim: this vLLM's fused-MoE kernel routes internally (monolithic); grouped "
                                "variable-width layers need a modular kernel. Serve padded: MOETRIM_VLLM_PADDED=1")
@@ -162,9 +179,6 @@ class GroupedRoutedExperts(nn.Module):
             return self.groups[g].forward_modular(x=rows, topk_weights=weights, topk_ids=ids)
 
         return grouped_forward(x, topk_weights, topk_ids, self.group_of, self.local_of, len(self.groups), run)
-
-    def forward(self, *args, **kwargs):
-        raise AssertionError("Call forward_modular instead.")
 
     def load_expert(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> list[str]:
         """Load expert `e` (router order) into its group through the group's own weight loader (which

@@ -8,7 +8,7 @@ moetrim's `ReplacedExperts` module, which holds exactly the stored tensors and r
 or group base) once per (token, unit) pair, the low-rank corrections batched per factor row, and novices
 as a gathered constant. That call is the plugin's opaque custom op (as the grouped path's is).
 
-A one-expert stock RoutedExperts of small width is kept per layer only for its kernel traits (what the
+A one-expert stock RoutedExperts of width ≤ 32 is kept per layer only for its kernel traits (what the
 runner reads from `quant_method`); it is never run. Layers that cannot be served this way (tensor or expert
 parallelism, quantisation, a non-SiLU activation, or MOETRIM_VLLM_REPLACED=reconstructed) fall back to the
 labelled reconstruction in `replaced.py`, with a warning. vLLM is imported inside functions only.
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrim.integrations.vllm_plugin.grouped import QuantMethodView, register_op, stock_experts, unsupported_reason, _LAYERS
+from moetrim.integrations.vllm_plugin.grouped import PluginRoutedExperts, stock_experts, unsupported_reason
 from moetrim.integrations.vllm_plugin.unpack import LayoutError
 from moetrim.model.replaced import _FACTORS, ReplacedExperts
 
 MODE_ENV = "MOETRIM_VLLM_REPLACED"  # "reconstructed": rebuild every replaced expert as stock weights (the fallback)
 _STORED = ("kept_gate_up", "kept_down", "base_gate_up", "base_down", *_FACTORS, "novice_out")
 _TENSOR = re.compile(r"(?:^|\.)layers\.(?P<index>\d+)\.mlp\.experts\.(?P<what>" + "|".join(_STORED) + r")$")
-_TRAITS_WIDTH = 128  # the trait donor's width (never run; small, so it costs next to no memory)
+_TRAITS_WIDTH = 32  # the trait donor's width: never run; the CPU kernel's smallest width (it pads to multiples of 32)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -59,49 +59,23 @@ def native_reason(kwargs: dict, spec: Mapping) -> str | None:
     return None
 
 
-class ReplacedRoutedExperts(nn.Module):
+class ReplacedRoutedExperts(PluginRoutedExperts):
     """Stands in for a replaced layer runner's `RoutedExperts`: moetrim's ReplacedExperts on vLLM's routing."""
 
     def __init__(self, layer_name, params_dtype, moe_config, quant_config, expert_map_manager, *,
                  moetrim_spec: Mapping, moetrim_hidden: int, moetrim_traits: nn.Module, **_routing_args):
-        super().__init__()
-        self.layer_name, self.params_dtype, self.moe_config = layer_name, params_dtype, moe_config
-        self.quant_config, self.expert_map_manager = quant_config, expert_map_manager
-        self.activation, self.top_k = moe_config.activation, moe_config.experts_per_token
-        self.global_num_experts = self.local_num_experts = moe_config.num_experts
-        self.hidden_size = moetrim_hidden
-        self.apply_router_weight_on_input = False
+        super().__init__(layer_name, params_dtype, moe_config, quant_config, expert_map_manager, moetrim_hidden,
+                         lambda: self.traits, is_monolithic=False)
         self.traits = moetrim_traits
         self.experts = ReplacedExperts(int(moetrim_spec["num_experts"]), moetrim_hidden, int(moetrim_spec["width"]),
                                        moetrim_spec["kept"], moetrim_spec["groups"], int(moetrim_spec["rank"]), silu_and_mul,
                                        novices=moetrim_spec.get("novices", ()), dtype=params_dtype)
-        self._quant_view = QuantMethodView(lambda: self.traits, is_monolithic=False)
-        register_op()
-        _LAYERS[layer_name] = self
-
-    @property
-    def quant_method(self):
-        return self._quant_view
-
-    @property
-    def expert_map(self):
-        return None
 
     def _ensure_moe_quant_config_init(self):
         self.traits._ensure_moe_quant_config_init()
 
-    def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-        if shared_experts is not None:  # runs only if the kernel would have run them itself (MK-internal)
-            from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
-
-            shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
-        return getattr(torch.ops.vllm, "moetrim_grouped_experts")(x, topk_weights, topk_ids, self.layer_name)
-
     def run(self, x, topk_weights, topk_ids):
         return self.experts(x, topk_ids.long(), topk_weights)
-
-    def forward(self, *args, **kwargs):
-        raise AssertionError("Call forward_modular instead.")
 
 
 def build_replaced_native(stock_factory, kwargs: dict, spec: Mapping):
