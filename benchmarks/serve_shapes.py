@@ -164,7 +164,8 @@ def report(results: dict, out: Path) -> None:
               "same routing, on the stock kernel) isolates the kernel."]
     native, rebuilt = results["models"].get("replace 50% (native)"), results["models"].get("replace 50% (reconstructed)")
     if native and rebuilt:
-        lines[-1] += (f" Here that is {native['tokens_per_s'] / rebuilt['tokens_per_s']:.2f} (median tokens/s), holding "
+        lines[-1] += (f" Here that is {native['speedup_vs_dense'] / rebuilt['speedup_vs_dense']:.2f} (their ratios to dense, "
+                      "each taken against dense in the same rounds), holding "
                       f"{native['served_routed_params'] / rebuilt['served_routed_params']:.2f} of the weights.")
     lines += ["", f"`/path/to/vllm-venv/bin/python benchmarks/serve_shapes.py` ({results.get('wall_s', 0) / 60:.0f} minutes "
               "on this 2-core machine)."]

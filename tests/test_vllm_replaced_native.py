@@ -8,15 +8,16 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 import moetrim
 from moetrim.assets.tiny import tiny_model, tiny_tokenizer
 from moetrim.integrations.vllm_plugin.replaced import replaced_records
-from moetrim.integrations.vllm_plugin.replaced_native import check_native_loaded, load_native_weights, silu_and_mul
+from moetrim.integrations.vllm_plugin.replaced_native import check_native_loaded, load_native_weights
 from moetrim.integrations.vllm_plugin.unpack import LayoutError
 from moetrim.model.replaced import ReplacedExperts
-from moetrim.model.view import find_moe_layers
+from moetrim.model.view import _GatedActivation, find_moe_layers
 
 
 def _saved(tmp_path, family: str, novices: bool):
@@ -44,7 +45,7 @@ def _saved(tmp_path, family: str, novices: bool):
 
 def _native(config: dict, hidden: int) -> dict:
     return {i: (f"model.layers.{i}.mlp.experts.routed_experts.experts",
-                ReplacedExperts(s["num_experts"], hidden, s["width"], s["kept"], s["groups"], s["rank"], silu_and_mul,
+                ReplacedExperts(s["num_experts"], hidden, s["width"], s["kept"], s["groups"], s["rank"], _GatedActivation(F.silu),
                                 novices=s.get("novices", ())))
             for i, s in replaced_records(config).items()}
 
@@ -79,3 +80,15 @@ def test_bad_native_checkpoints_stop_in_one_line(tmp_path):
             list(load_native_weights(tensors.items(), native, loaded))
             check_native_loaded(native, loaded)
         assert "\n" not in str(err.value)
+
+
+def test_the_serving_mode_variable_takes_two_values_and_refuses_others_in_one_line(monkeypatch):
+    from moetrim.integrations.vllm_plugin.replaced_native import MODE_ENV, requested_reconstruction
+
+    for value, want in (("", False), ("native", False), ("Reconstructed", True)):
+        monkeypatch.setenv(MODE_ENV, value)
+        assert requested_reconstruction() is want
+    monkeypatch.setenv(MODE_ENV, "reconstruct")
+    with pytest.raises(LayoutError) as err:
+        requested_reconstruction()
+    assert "\n" not in str(err.value) and "'reconstruct'" in str(err.value) and "native" in str(err.value)

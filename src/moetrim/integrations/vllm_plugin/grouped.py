@@ -228,8 +228,8 @@ def build_grouped(stock_factory, kwargs: dict, plan: GroupPlan):
 
 def held_expert_params(model) -> dict:
     """Routed-expert weights a built vLLM model holds (numel of every fused-MoE w13 / w2 tensor, after the
-    kernel's own padding and packing, and of every natively served replaced layer's stored tensors), and the width groups of each grouped layer. For
-    `LLM.apply_model(held_expert_params)` (needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 with a separate
+    kernel's own padding and packing, and of every natively served replaced layer's stored tensors), and the
+    width groups of each grouped layer. For `LLM.apply_model(held_expert_params)` (needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 with a separate
     engine process)."""
     from moetrim.model.replaced import ReplacedExperts
 

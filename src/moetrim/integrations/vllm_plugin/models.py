@@ -29,8 +29,10 @@ from moetrim.integrations.vllm_plugin.families import FAMILIES, Family, family
 from moetrim.integrations.vllm_plugin.replaced import check_reconstructible, per_expert_replaced, replaced_records
 from moetrim.integrations.vllm_plugin.replaced_native import (
     MODE_ENV,
+    build_replaced_native,
     check_native_loaded,
     load_native_weights,
+    native_reason,
     requested_reconstruction,
 )
 from moetrim.integrations.vllm_plugin.routed import (
@@ -113,14 +115,13 @@ def _per_layer_blocks(fam: Family, layouts: dict[int, LayerLayout], widths: dict
     (index, factory kwargs) -> ServedRouting, every MoE layer's fused MoE routes with moetrim's routing.
     A replaced layer in `native` (index -> record) is built with moetrim's replaced experts module; one that
     cannot be is recorded in `reconstructed` with the reason (and built stock, to be loaded reconstructed)."""
-    from moetrim.integrations.vllm_plugin.replaced_native import build_replaced_native, native_reason
-
-    native = native or {}
-    reconstructed = {} if reconstructed is None else reconstructed
     from moetrim.integrations.vllm_plugin.grouped import (
         build_grouped,
         unsupported_reason,
     )
+
+    native = native or {}
+    reconstructed = {} if reconstructed is None else reconstructed
 
     module = importlib.import_module(f"vllm.model_executor.models.{fam.module}")
     stock = getattr(module, fam.block)

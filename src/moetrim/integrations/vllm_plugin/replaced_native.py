@@ -25,21 +25,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrim.integrations.vllm_plugin.grouped import PluginRoutedExperts, stock_experts, unsupported_reason
+from moetrim.integrations.vllm_plugin.replaced import _STACKS
 from moetrim.integrations.vllm_plugin.unpack import LayoutError
 from moetrim.model.replaced import _FACTORS, ReplacedExperts
+from moetrim.model.view import _GatedActivation
 
 MODE_ENV = "MOETRIM_VLLM_REPLACED"  # "reconstructed": rebuild every replaced expert as stock weights (the fallback)
-_STORED = ("kept_gate_up", "kept_down", "base_gate_up", "base_down", *_FACTORS, "novice_out")
+_STORED = (*_STACKS, *_FACTORS, "novice_out")
 _TENSOR = re.compile(r"(?:^|\.)layers\.(?P<index>\d+)\.mlp\.experts\.(?P<what>" + "|".join(_STORED) + r")$")
 _TRAITS_WIDTH = 32  # the trait donor's width: never run; the CPU kernel's smallest width (it pads to multiples of 32)
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
 def requested_reconstruction() -> bool:
-    return os.environ.get(MODE_ENV, "").strip().lower() == "reconstructed"
+    """Whether $MOETRIM_VLLM_REPLACED asks for the reconstruction ("native" or unset: the native path); any
+    other value stops in one line, rather than a typo silently serving the other way."""
+    value = os.environ.get(MODE_ENV, "").strip().lower()
+    if value not in ("", "native", "reconstructed"):
+        raise LayoutError(f"{MODE_ENV}={os.environ[MODE_ENV]!r}: use 'native' (the default) or 'reconstructed'")
+    return value == "reconstructed"
 
 
 def native_reason(kwargs: dict, spec: Mapping) -> str | None:
@@ -68,7 +71,8 @@ class ReplacedRoutedExperts(PluginRoutedExperts):
                          lambda: self.traits, is_monolithic=False)
         self.traits = moetrim_traits
         self.experts = ReplacedExperts(int(moetrim_spec["num_experts"]), moetrim_hidden, int(moetrim_spec["width"]),
-                                       moetrim_spec["kept"], moetrim_spec["groups"], int(moetrim_spec["rank"]), silu_and_mul,
+                                       moetrim_spec["kept"], moetrim_spec["groups"], int(moetrim_spec["rank"]),
+                                       _GatedActivation(F.silu),
                                        novices=moetrim_spec.get("novices", ()), dtype=params_dtype)
 
     def _ensure_moe_quant_config_init(self):

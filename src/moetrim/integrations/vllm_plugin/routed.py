@@ -60,7 +60,7 @@ class ServedRouting(nn.Module):
 
     def __init__(self, spec: RoutingSpec, num_experts: int, hidden_size: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.spec = spec
+        self.spec, self.num_experts = spec, int(num_experts)
         self.r = int(spec.condensers)
         self.learned = bool(self.r and spec.gate == "learned")
         if spec.bias:
@@ -88,11 +88,10 @@ class ServedRouting(nn.Module):
         if not self.r:
             return
         ids = self.condensers.tolist()
-        n = self.bias.numel() if self.spec.bias else None
         if min(ids) < 0:
             raise LayoutError(f"layer {index}: this checkpoint's condensers were never chosen (it was saved during the "
                               "sparsifying phase); serve the final fine-tuned model, or this one with transformers")
-        if len(set(ids)) != len(ids) or (n is not None and max(ids) >= n):
+        if len(set(ids)) != len(ids) or max(ids) >= self.num_experts:
             raise LayoutError(f"layer {index}: condenser ids {ids} must be distinct expert ids")
 
 
