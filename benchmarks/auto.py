@@ -4,10 +4,11 @@ On a bundled reference model, per seed (each seed draws its own calibration text
 same for every seed, so methods are compared paired): calibrate once on the mixture of every skill (the
 calib split), then compress at each `--ratios` with
 
-- auto: per layer, trim dims (Fisher or CAMERA-P) or remove experts (REAP), and how much, by the
-  final-logit KL on the calibration texts (moetrim.plan.auto), guarded against each candidate alone;
+- auto: per layer, trim dims (Fisher or CAMERA-P), remove experts (REAP), make novices (MoNE), merge
+  (HC-SMoE) or replace (rank 16, as built), and how much, by the final-logit KL on the calibration texts
+  (moetrim.plan.auto), guarded against each candidate alone;
 - every single training-free method, each with its own defaults: Fisher dims (global), CAMERA-P dims,
-  REAP experts, AIMER experts (no data), MoNE novices, REAM merging;
+  REAP experts, AIMER experts (no data), MoNE novices, HC-SMoE merging, REAM merging;
 
 and evaluate every skill on the eval split (never seen by any choice). The best single method is picked
 per ratio by its mean over seeds, and auto is compared with it paired over seeds.
@@ -46,7 +47,8 @@ from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.plan import make_plan  # noqa: E402
 from moetrim.plan.auto import make_auto_plan  # noqa: E402
 
-SINGLE = (("dims", "fisher"), ("dims", "camera"), ("experts", "reap"), ("experts", "aimer"), ("novice", "mone"), ("ream", None))
+SINGLE = (("dims", "fisher"), ("dims", "camera"), ("experts", "reap"), ("experts", "aimer"), ("novice", "mone"), ("merge", None),
+          ("ream", None))
 DEFAULT_OUT = HERE / "results" / "auto.json"
 
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     rows = []
     for seed in seeds:
         texts = calibration_texts(domains, n_per_domain=args.calib, seed=seed)
-        profile = calibrate(model, texts, tokenizer=tok, seq_len=256, batch_size=8, seed=seed)
+        profile = calibrate(model, texts, tokenizer=tok, seq_len=256, batch_size=8, seed=seed, dense_outputs=True)
         calib_batches = batches(select_chunks(texts, tok, seq_len=256, max_tokens=None, seed=seed), 8)
         for ratio in ratios:
             t1 = time.perf_counter()
@@ -80,13 +82,14 @@ def main(argv=None) -> int:
                 except UsageError as exc:
                     log(f"seed {seed} {ratio:.0%} {name_of(granularity, criterion)}: skipped ({exc})")
             for name, plan in plans.items():
-                m = copy.deepcopy(model) if getattr(plan, "granularity", "") in ("novice", "ream") else shared_copy(model)
+                m = copy.deepcopy(model) if getattr(plan, "granularity", "") in ("novice", "ream", "merge") else shared_copy(model)
                 apply_plan(m, plan, profile)
                 acc = evaluate_tasks(m, tok, domains, n=args.items)["accuracy"]
                 row = {"seed": seed, "ratio": ratio, "method": name, "removed_fraction": round(plan.removed_fraction, 4),
                        "accuracy": acc, "mean": sum(acc.values()) / len(acc)}
                 if name == "auto":
                     row["chosen"] = next(n for n in plan.notes if n.startswith("auto:"))
+                    row["layer_choices"] = [n.split(" (final-logit")[0] for n in plan.notes if n.startswith("layer ")]
                     row["plan_seconds"] = round(auto_seconds, 1)
                 rows.append(row)
                 log(f"seed {seed} {ratio:.0%} {name:14s}: removed {plan.removed_fraction:.3f}  mean {row['mean']:.3f}  "
@@ -164,7 +167,18 @@ def markdown(result: dict, png: Path) -> str:
                 else "best single method" if s["best_single"] else "")
         lines.append(f"| {s['ratio']:.0%} | {s['method']} | {s['mean']:.3f} ± {s['ci95']:.3f} | {cell} |")
     picks = sorted({r["chosen"].split("chosen: ")[-1] for r in result["rows"] if r["method"] == "auto"})
-    lines += ["", f"What auto chose (by calib KL): {'; '.join(picks)}.", "", f"![auto](results/{png.name})", ""]
+    lines += ["", f"What auto chose (by calib KL): {'; '.join(picks)}."]
+    kinds = {}  # per ratio: how often each method won a layer in the per-layer allocation, over seeds
+    for r in result["rows"]:
+        if r["method"] == "auto":
+            for c in r.get("layer_choices", []):
+                method = c.split(": ", 1)[1].split(" at ")[0].split(" (")[0]
+                kinds.setdefault(r["ratio"], {}).setdefault(method, 0)
+                kinds[r["ratio"]][method] += 1
+    for ratio, counts in sorted(kinds.items()):
+        lines.append(f"Per-layer allocation at {ratio:.0%}, layers won over all seeds: "
+                     + ", ".join(f"{m} {n}" for m, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ".")
+    lines += ["", f"![auto](results/{png.name})", ""]
     return "\n".join(lines)
 
 

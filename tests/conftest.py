@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moetrim.assets.tiny import FAMILIES, save_tiny, tiny_model  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("MOETRIM_TEST_THREADS", "2")))  # 1 beside a background job: two threads on a busy 2-core machine spin
 
 
 @pytest.fixture(scope="session")

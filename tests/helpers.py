@@ -83,3 +83,22 @@ def auto_equals_moetrim_load(path, ids) -> bool:
 
     auto = AutoModelForCausalLM.from_pretrained(path)
     return torch.equal(run_logits(auto, ids), run_logits(moetrim.load(path), ids))
+
+
+def mixed_auto_plan(model, profile):
+    """An auto plan that mixes both kinds of layer, built by hand: layer 1 half novices (MoNE), every other
+    layer trimmed (dims, 50% in each layer), the way `make_auto_plan` writes a mixed choice."""
+    import dataclasses
+
+    from moetrim.plan import LayerPlan, make_plan
+    from moetrim.plan.replace import stored_params
+
+    layers = find_moe_layers(model)
+    dims = make_plan(model, profile, granularity="dims", ratio=0.5, allocation="layer")
+    novices = make_plan(model, profile, granularity="novice", ratio=0.5)
+    l1 = layers[1]
+    whole = LayerPlan(1, l1.num_experts, l1.widths[0], l1.top_k, list(range(l1.num_experts)), [l1.widths[0]] * l1.num_experts, None)
+    after = stored_params(l1, novices.layers[1]) + sum(l.params_at(p.widths) for l, p in zip(layers, dims.layers) if l.index != 1)
+    rows = [whole if p.layer == 1 else p for p in dims.layers]
+    return dataclasses.replace(dims, granularity="auto", criterion="auto", layers=rows, replaced_layers=[novices.layers[1]],
+                               params_after=after), dims, novices

@@ -92,6 +92,22 @@ def _random_bytes(path: Path) -> None:
     path.write_bytes(os.urandom(4096))
 
 
+def _mixed_plan(ws: Path, edit=None) -> None:
+    """mx.json: an auto plan with a trimmed layer and a layer of novices (tests/helpers.mixed_auto_plan), edited by `edit`."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import mixed_auto_plan
+
+    from moetrim.calibrate import load_profile
+    from moetrim.checkpoint import load_model
+
+    plan = mixed_auto_plan(load_model(ws / "m"), load_profile(ws / "P.safetensors"))[0]
+    plan.save(ws / "mx.json")
+    if edit is not None:
+        _edit_json(ws / "mx.json", edit)
+
+
 def _edit_plan_layer(fn):
     def edit(d):
         fn(d["layers"][0])
@@ -349,6 +365,20 @@ CASES = [
     ("plan-schema", lambda ws: _edit_json(ws / "p.json", lambda d: d.update(schema_version=7)),
      ["apply", M, "--plan", PLAN, "--out", "{ws}/o"], 2, "schema version", None),
     ("plan-missing", None, ["apply", M, "--plan", "{ws}/nope.json", "--out", "{ws}/o"], 2, "plan not found", None),
+    # -- auto plans that mix sliced and replaced layers -------------------------------------------
+    ("apply-auto-replaced-streaming", _mixed_plan, ["apply", M, "--plan", "{ws}/mx.json", "--profile", "{P}", "--streaming", "--out", "{ws}/o"],
+     2, "without --streaming", None),
+    ("apply-auto-novices-no-profile", _mixed_plan, ["apply", M, "--plan", "{ws}/mx.json", "--out", "{ws}/o"], 2, "--profile", None),
+    ("plan-replaced-layer-also-sliced", lambda ws: _mixed_plan(ws, lambda d: d["replaced_layers"][0].update(layer=0)),
+     ["apply", M, "--plan", "{ws}/mx.json", "--profile", "{P}", "--out", "{ws}/o"], 2, "both sliced and replaced", None),
+    ("plan-replaced-layer-unknown", lambda ws: _mixed_plan(ws, lambda d: d["replaced_layers"][0].update(layer=9)),
+     ["apply", M, "--plan", "{ws}/mx.json", "--profile", "{P}", "--out", "{ws}/o"], 2, "is not a layer of the plan", None),
+    ("plan-replaced-novice-also-kept", lambda ws: _mixed_plan(ws, lambda d: d["replaced_layers"][0]["kept"].append(d["replaced_layers"][0]["novices"][0])),
+     ["apply", M, "--plan", "{ws}/mx.json", "--profile", "{P}", "--out", "{ws}/o"], 2, "replaced layer 1:", None),
+    ("plan-replaced-in-dims-plan", lambda ws: _mixed_plan(ws, lambda d: d.update(granularity="dims")),
+     ["apply", M, "--plan", "{ws}/mx.json", "--profile", "{P}", "--out", "{ws}/o"], 2, "only an auto plan", None),
+    ("plan-replaced-layer-field", lambda ws: _mixed_plan(ws, lambda d: d["replaced_layers"][0].pop("rank")),
+     ["apply", M, "--plan", "{ws}/mx.json", "--profile", "{P}", "--out", "{ws}/o"], 2, "a replaced layer has fields", None),
     # -- hand-edited variable-width checkpoints ------------------------------------------------------
     ("varwidth-swapped-widths", lambda ws: _edit_json(ws / "vw" / "config.json", _swap_widths), ["eval", "{ws}/vw", "--n", 1], 1,
      "disagrees with its weight files", None),

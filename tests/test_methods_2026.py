@@ -351,7 +351,10 @@ def test_auto_plan_keeps_the_lowest_kl_and_says_why(qwen3, tmp_path):
     assert plan.removed_fraction >= 0.5 - 1e-9 and plan.removed_fraction <= 0.5 + plan.ratio_tolerance
     guard = next(n for n in plan.notes if n.startswith("auto:"))
     kls = {name: float(v) for name, v in re.findall(r"(auto \(per-layer allocation\)|[a-z]+:[a-z]+ alone) ([0-9.e+-]+)", guard)}
-    assert len(kls) == 4 and guard.endswith(f"chosen: {min(kls, key=kls.get)}")
+    # every candidate alone that plans here (merge needs dense outputs this profile lacks; rank-16 corrections
+    # store more than a tiny expert holds, so replace cannot reach 50%)
+    assert set(kls) == {"auto (per-layer allocation)", "dims:fisher alone", "dims:camera alone", "experts:reap alone", "novice:mone alone"}
+    assert guard.endswith(f"chosen: {min(kls, key=kls.get)}")
     assert sum(n.startswith("layer ") for n in plan.notes) == len(find_moe_layers(model))
     m = copy.deepcopy(model)
     moetrim.apply_plan(m, plan)

@@ -246,6 +246,15 @@ def _formats(tmp_path):
     out["rerouted"] = moetrim.save(reroute(copy.deepcopy(dense)), tmp_path / "rr", tokenizer=tok)
     m, plan = varwidth(copy.deepcopy(dense))
     out["rerouted varwidth grouped"] = moetrim.save(reroute(m), tmp_path / "rrvw", tokenizer=tok, plan=plan)
+    from helpers import mixed_auto_plan
+
+    from moetrim.calibrate import calibrate
+
+    m = copy.deepcopy(dense)
+    prof = calibrate(m, [torch.randint(0, 127, (4, 32), generator=torch.Generator().manual_seed(5))], seq_len=32, batch_size=2)
+    mixed = mixed_auto_plan(m, prof)[0]
+    moetrim.apply_plan(m, mixed, prof)
+    out["auto mix: varwidth grouped and replaced native"] = moetrim.save(m, tmp_path / "mix", tokenizer=tok, plan=mixed, profile=prof)
     return out
 
 

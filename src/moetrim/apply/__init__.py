@@ -17,7 +17,8 @@ __all__ = ["ApplyResult", "apply_plan", "apply_sliced_plan"]
 
 def apply_plan(model, plan, profile=None, **options) -> ApplyResult:
     """Apply any plan in place, so that `make_plan` + `apply_plan` serve every granularity: a dims or
-    experts `Plan` slices tensors (options: check_fingerprint, force_varwidth); a `ReplacePlan`
+    experts `Plan` slices tensors (options: check_fingerprint, force_varwidth), and an auto plan also builds
+    its replaced layers (novices, merged or replaced groups; save writes varwidth or replaced); a `ReplacePlan`
     (replace, naive, merge, d2) builds replaced experts from the model's own weights, and needs the
     profile when the plan whitens its corrections. The result names the checkpoint format
     save writes: standard, varwidth or replaced.
@@ -35,4 +36,4 @@ def apply_plan(model, plan, profile=None, **options) -> ApplyResult:
             raise TypeError(f"apply_plan with a {plan.granularity} plan takes no {', '.join(options)}")
         apply_replace_plan(model, plan, profile)
         return ApplyResult(plan.checkpoint_format)
-    return apply_sliced_plan(model, plan, **options)
+    return apply_sliced_plan(model, plan, profile=profile, **options)

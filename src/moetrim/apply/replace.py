@@ -178,20 +178,25 @@ def apply_replace_plan(model: nn.Module, plan: ReplacePlan, profile=None) -> nn.
         layer = layers.get(lp.layer)
         if layer is None or layer.num_experts != lp.experts_before:
             raise UsageError(f"plan layer {lp.layer} does not match the model's MoE layers")
-        gram = mid_gram = None
-        if lp.whiten:
-            if profile is None or not profile_has(profile, [layer], "in_gram") or not profile_has(profile, [layer], "mid_gram"):
-                raise UsageError("this plan whitens its corrections: give the profile with the experts' input Grams (calibrate --whiten)")
-            gram, mid_gram = profile.get(lp.layer, "in_gram"), profile.get(lp.layer, "mid_gram")
-        novice_out = None
-        if lp.novices:
-            if profile is None:
-                raise UsageError("this plan has novices (MoNE): give the profile it was made from (their outputs are its mean outputs)")
-            from moetrim.plan.cluster import mean_outputs
-
-            novice_out = mean_outputs(profile, lp.layer)[lp.novices]
-        weights = {int(e): w for e, w in lp.base_weights.items()}
-        new = build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, mid_gram=mid_gram,
-                             seed=plan.seed, novices=lp.novices, novice_out=novice_out)
-        install_layer(model, layer, new)
+        install_layer(model, layer, build_planned_layer(layer, lp, profile, plan.seed))
     return model
+
+
+def build_planned_layer(layer: MoELayer, lp, profile=None, seed: int = 0) -> ReplacedExperts:
+    """The `ReplacedExperts` one planned layer (a ReplaceLayer) describes, built from `layer`'s own weights
+    (not installed); the profile gives whitening Grams and novices' mean outputs where the plan asks for them."""
+    gram = mid_gram = None
+    if lp.whiten:
+        if profile is None or not profile_has(profile, [layer], "in_gram") or not profile_has(profile, [layer], "mid_gram"):
+            raise UsageError("this plan whitens its corrections: give the profile with the experts' input Grams (calibrate --whiten)")
+        gram, mid_gram = profile.get(lp.layer, "in_gram"), profile.get(lp.layer, "mid_gram")
+    novice_out = None
+    if lp.novices:
+        if profile is None:
+            raise UsageError("this plan has novices (MoNE): give the profile it was made from (--profile; their outputs are its mean outputs)")
+        from moetrim.plan.cluster import mean_outputs
+
+        novice_out = mean_outputs(profile, lp.layer)[lp.novices]
+    weights = {int(e): w for e, w in lp.base_weights.items()}
+    return build_replaced(layer, lp.kept, lp.groups, lp.rank, base_weights=weights, init=lp.init, gram=gram, mid_gram=mid_gram,
+                          seed=seed, novices=lp.novices, novice_out=novice_out)

@@ -42,16 +42,37 @@ class ApplyResult:
     note: str = ""
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, force_varwidth: bool = False) -> ApplyResult:
+def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, force_varwidth: bool = False,
+               profile=None) -> ApplyResult:
     """Compress `model` in place according to `plan` (torchao-style: one verb, model changed).
 
     New tensors are allocated for everything that changes; tensors of `model` are never written
     in place, so a shallow copy sharing them with another model is safe to compress.
-    force_varwidth: use the variable-width experts even where a standard checkpoint is possible."""
-    job = prepare_apply(model, plan, check_fingerprint=check_fingerprint, force_varwidth=force_varwidth)
+    force_varwidth: use the variable-width experts even where a standard checkpoint is possible.
+    An auto plan's replaced layers (novices, merged or replaced groups) are built from the layers' own
+    weights before anything is sliced; `profile` gives novices' outputs and whitening Grams."""
+    from moetrim.apply.replace import build_planned_layer
+    from moetrim.model.replaced import install_layer
+
+    job = prepare_apply(model, plan, check_fingerprint=check_fingerprint, force_varwidth=force_varwidth, streaming=False)
+    replaced = {r.layer: r for r in plan.replaced_layers or []}
+    built = {l.index: build_planned_layer(l, replaced[l.index], profile, plan.seed) for l in job.layers if l.index in replaced}
+    sliced = [l for l in job.layers if l.index not in replaced]
+    if replaced and all(_whole(job.by_index[l.index]) for l in sliced):
+        result = ApplyResult("replaced")  # nothing is sliced: a model with replaced layers and stock ones
+    else:
+        for layer in sliced:
+            apply_layer(job, layer)
+        result = finish_apply(model, job)
     for layer in job.layers:
-        apply_layer(job, layer)
-    return finish_apply(model, job)
+        if layer.index in built:
+            install_layer(model, layer, built[layer.index])
+    return result
+
+
+def _whole(p: LayerPlan) -> bool:
+    """Whether a plan row keeps every expert at full width."""
+    return p.kept_experts == list(range(p.experts_before)) and all(w == p.width_before for w in p.widths)
 
 
 @dataclass
@@ -66,8 +87,10 @@ class ApplyJob:
     note: str = ""
 
 
-def prepare_apply(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, force_varwidth: bool = False) -> ApplyJob:
-    """Every check of a plan against a model, and the outcome's format; reads no expert weight."""
+def prepare_apply(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, force_varwidth: bool = False,
+                  streaming: bool = True) -> ApplyJob:
+    """Every check of a plan against a model, and the outcome's format; reads no expert weight.
+    streaming: the caller slices layer by layer from disk, which an auto plan with replaced layers cannot use."""
     layers = find_moe_layers(model)
     require_uniform_widths(layers, "apply plans to")
     check_plan(plan)  # a Plan built or edited in Python gets the checks a plan file gets
@@ -78,14 +101,26 @@ def prepare_apply(model: nn.Module, plan: Plan, *, check_fingerprint: bool = Tru
         raise UsageError(f"the plan covers layers {sorted(by_index)} but the model's MoE layers are {[l.index for l in layers]}")
     for layer in layers:
         _check_layer_plan(layer, by_index[layer.index])
+    replaced = {r.layer: r for r in plan.replaced_layers or []}
+    if replaced and streaming:
+        raise UsageError(f"this auto plan replaces the experts of layers {sorted(replaced)} (novices, merged or replaced groups), "
+                         "which are built from whole layers in memory: apply it without --streaming")
     before = sum(l.routed_params() for l in layers)
-    after = sum(l.params_at(by_index[l.index].widths) for l in layers)
+    after = sum(l.params_at(by_index[l.index].widths) for l in layers if l.index not in replaced)
+    if replaced:
+        from moetrim.plan.replace import stored_params
+
+        for l in layers:
+            if l.index in replaced:
+                if (l.num_experts, l.widths[0], l.top_k) != (replaced[l.index].experts_before, replaced[l.index].width, replaced[l.index].top_k):
+                    raise UsageError(f"replaced layer {l.index} of the plan does not match the model's layer (experts, width or top-k)")
+                after += stored_params(l, replaced[l.index])
     if (plan.params_before, plan.params_after) != (before, after):
         raise UsageError(f"the plan's params_before/params_after ({plan.params_before}, {plan.params_after}) are not what its widths "
                          f"give on this model ({before}, {after}); was it edited? fix them or re-run `moetrim plan`")
     counts = {len(p.kept_experts) for p in plan.layers}
     widths = {w for p in plan.layers for w in p.widths}
-    if len(counts) == 1 and len(widths) == 1 and not force_varwidth:
+    if len(counts) == 1 and len(widths) == 1 and not force_varwidth and not replaced:
         config = _standard_config(model, layers, counts.pop(), widths.pop(), min(p.top_k for p in plan.layers))
         if config is not None:
             return ApplyJob(plan, layers, by_index, config)
@@ -115,7 +150,9 @@ def finish_apply(model: nn.Module, job: ApplyJob) -> ApplyResult:
 
 def varwidth_record(plan: Plan) -> dict:
     """The config's record of a variable-width model: each layer's expert widths, count and top-k."""
-    layers = {str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)} for p in plan.layers}
+    replaced = set(plan.replaced_layer_indices)  # their record is the replaced one (moetrim.model.replaced)
+    layers = {str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)}
+              for p in plan.layers if p.layer not in replaced}
     # version 2: blocks stored sorted by width ("by_width"); version 1 files have no layout and are by expert
     return {"version": 2, "layout": "by_width", "layers": layers}
 

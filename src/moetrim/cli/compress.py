@@ -32,8 +32,9 @@ def compress(
     granularity: str = GranularityOpt,
     novice: bool = NoviceOpt,
     merge_method: str = MergeMethodOpt,
-    auto: Optional[str] = typer.Option(None, "--method", help="auto: per layer, trim dims (Fisher or CAMERA-P) or remove experts "
-                                       "(REAP), and how much, whichever costs least on --data (final-logit KL); see the plan's notes"),
+    auto: Optional[str] = typer.Option(None, "--method", help="auto: per layer, trim dims (Fisher or CAMERA-P), remove experts "
+                                       "(REAP), make novices (MoNE), merge (HC-SMoE) or replace them, and how much, whichever "
+                                       "costs least on --data (final-logit KL); see the plan's notes"),
     criterion: Optional[str] = criterion_option(),
     ratio: float = RatioOpt,
     allocation: Optional[str] = allocation_option(),

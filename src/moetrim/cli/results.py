@@ -13,6 +13,12 @@ from moetrim.errors import UsageError
 
 
 def report_plan(plan, fmt: str | None = None, note: str = "") -> None:
+    from moetrim.plan import ReplacePlan
+
+    if isinstance(plan, ReplacePlan):  # --method auto chose a replace method alone
+        report_replace_plan(plan)
+        _report_auto_notes(plan, note)
+        return
     t = Table(title="plan", show_header=False)
     t.add_row("method", f"{plan.granularity} / {plan.criterion} / {plan.allocation}")
     t.add_row("routed-expert params", f"{plan.params_before:,} -> {plan.params_after:,}")
@@ -22,9 +28,18 @@ def report_plan(plan, fmt: str | None = None, note: str = "") -> None:
     widths = [w for l in plan.layers for w in l.widths]
     t.add_row("experts per layer", f"{min(experts)}..{max(experts)} of {plan.layers[0].experts_before}")
     t.add_row("expert widths", f"{min(widths)}..{max(widths)} of {plan.layers[0].width_before}")
+    if plan.replaced_layers:
+        t.add_row("replaced layers", "; ".join(f"{r.layer}: {len(r.kept)} kept, {len(r.novices)} novices, "
+                                               f"{sum(len(g) for g in r.groups)} in {len(r.groups)} groups (rank {r.rank})"
+                                               for r in plan.replaced_layers))
     if fmt:
-        t.add_row("checkpoint", "standard (loads in plain transformers)" if fmt == "standard" else "variable-width (load with moetrim.load)")
+        t.add_row("checkpoint", {"standard": "standard (loads in plain transformers)", "replaced": "replaced experts (load with moetrim.load)"}
+                  .get(fmt, "variable-width (load with moetrim.load)"))
     out.print(t)
+    _report_auto_notes(plan, note)
+
+
+def _report_auto_notes(plan, note: str) -> None:
     for line in (n for n in getattr(plan, "notes", []) if n.startswith("auto:")):  # what --method auto chose, and why
         out.print(line)
     if note:

@@ -4,7 +4,8 @@ The CLI command loads, checks its outputs, calls this and saves; a Python user g
 plan and profile without the files in between. Methods (the CLI's --granularity):
 
 - dims, experts: trim intermediate dimensions or remove whole experts (moetrim.plan.allocate,
-  moetrim.apply.slicing); auto: per layer, whichever of those costs least (moetrim.plan.auto);
+  moetrim.apply.slicing); auto: per layer, whichever of those, novices, merging or replacing costs least
+  (moetrim.plan.auto);
 - replace, naive, merge, d2: experts become shared bases plus low-rank corrections
   (moetrim.plan.replace, moetrim.apply.replace), optionally recovered by training what was built
   (moetrim.train.recovery).
@@ -65,8 +66,8 @@ def statistics_needed(method: str, criterion: str | None, *, base_weighting: str
     read them, input Grams for whitening, every expert on every token for merge's clustering."""
     from moetrim import criteria
 
-    if method == "auto":  # its candidates include Fisher dimension trimming
-        return {"fisher": True, "grad_checkpoint": grad_checkpoint}
+    if method == "auto":  # its candidates include Fisher dimension trimming and HC-SMoE merging (outputs on the same tokens)
+        return {"fisher": True, "dense_outputs": True, "grad_checkpoint": grad_checkpoint}
     if method in REPLACE_METHODS:
         fisher = base_weighting in ("fisher", "fisher_usage") or method == "d2"
         return {"fisher": fisher, "whiten": whiten, "dense_outputs": method == "merge", "grad_checkpoint": grad_checkpoint and fisher}
@@ -167,8 +168,8 @@ def compress(
                          min_width=min_width, round_to=round_to, protect=protect, seed=seed,
                          exponents=None if exponents is None else list(exponents))
     original = copy.deepcopy(model) if recover_steps and teacher is None else None
-    if replacing:
-        with status("building replaced experts", progress):
+    if replacing or method == "auto":  # auto may have chosen novices, merged or replaced groups
+        with status("building replaced experts" if replacing else "building the chosen layers", progress):
             built = apply_plan(model, plan, profile)
     else:
         built = apply_plan(model, plan)

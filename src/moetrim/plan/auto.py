@@ -5,7 +5,9 @@ gracefully where coarse ones do not), and no paper says which to use where. So a
 guessing, on the calibration split only (never eval):
 
 1. Candidates. Each candidate method (trimming dimensions by Fisher or CAMERA-P's energy, removing whole
-   experts by REAP) is planned at every ratio of `RATIO_GRID` with the same ratio in every layer.
+   experts by REAP, turning experts into MoNE novices, merging them HC-SMoE's way, replacing them by
+   shared bases plus rank-16 corrections) is planned at every ratio of `RATIO_GRID` with the same ratio
+   in every layer (replacing, whose plan ranks experts globally, only with its own plans near the ratio).
 2. Cost. Each candidate layer is swapped alone into the dense model, and its cost is the KL of the
    final next-token distributions to the dense model's on the calibration tokens (at most `MAX_TOKENS`).
 3. Allocation. One option per layer (a method and a ratio, or nothing) minimising the summed cost while
@@ -17,10 +19,13 @@ guessing, on the calibration split only (never eval):
    allocation); the lowest KL wins. By
    construction auto is never worse than the best single candidate on that calibration criterion.
 
-The plan is a slicing plan (granularity "auto": a layer may lose dimensions or whole experts); its notes
-record every layer's choice with its measured cost, and every guard KL, so a reviewer sees what was
-chosen and why. Novices, replacing and merging are not candidates yet: they need another checkpoint
-format per layer, which a slicing plan cannot mix.
+The plan is a slicing plan (granularity "auto": a layer may lose dimensions or whole experts) whose
+`replaced_layers` hold the layers that became novices, merged or replaced groups (their slicing row keeps
+every expert whole); applying it builds those from the dense layers and slices the rest, and the checkpoint
+carries both layer records (moetrim.apply.slicing). Where the guard picks a candidate alone, the plan is
+that candidate's own (a ReplacePlan for the replace methods). Its notes record every layer's choice with its
+measured cost, and every guard KL, so a reviewer sees what was chosen and why. Training (LightMoE's
+recovery, Router KD) is not part of the choice: every option is measured as built.
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ from torch import nn
 
 from moetrim.errors import UsageError
 from moetrim.model.view import find_moe_layers
+from moetrim.plan.schema import REPLACE_METHODS
 
-CANDIDATES: tuple[tuple[str, str], ...] = (("dims", "fisher"), ("dims", "camera"), ("experts", "reap"))
+CANDIDATES: tuple[tuple[str, str | None], ...] = (
+    ("dims", "fisher"), ("dims", "camera"), ("experts", "reap"), ("novice", "mone"), ("merge", None), ("replace", "reap"))
+GLOBAL_ONLY = ("replace",)  # planned only at the ratios near the target (a global ranking; no per-layer ratio)
+REPLACE_RANK = 16  # the replace candidate's correction rank (the CLI's default)
 RATIO_GRID = tuple(i / 16 for i in range(1, 16))  # per-layer ratios, in steps of 1/16
 NEAR_OFFSETS = (-0.1, -0.05, 0.0, 0.05, 0.1)  # each candidate's own (global) plan around the asked ratio
 MAX_TOKENS = 4096  # calibration tokens each option's KL is measured on: enough to rank options, bounded cost on large models
@@ -69,37 +78,60 @@ def layer_options(model: nn.Module, profile, batches: list[torch.Tensor], candid
     compressed layer's block swapped in by a forward hook), on at most MAX_TOKENS calibration tokens. With
     `near`, each candidate is also planned with its own default allocation (global for dims) at ratios around
     it, so the per-layer widths a global ranking gives are options too."""
-    from moetrim.apply.slicing import apply_plan, shared_copy
-    from moetrim.plan.allocate import make_plan
+    from moetrim.apply import apply_plan
+    from moetrim.apply.slicing import shared_copy
 
     batches = _capped(batches, MAX_TOKENS)
     dense_logp = [_logp(model, b) for b in batches]
     layers = find_moe_layers(model)
     options = {l.index: [Option("keep", 0.0, 0, 0.0)] for l in layers}
-    trials = [(g, c, r, "layer") for g, c in candidates for r in grid]
+    candidates = usable_candidates(profile, candidates)
+    trials = [(g, c, r, "layer") for g, c in candidates if g not in GLOBAL_ONLY for r in grid]
     if near is not None:
         trials += [(g, c, round(near + d, 6), None) for g, c in candidates for d in NEAR_OFFSETS if 0 < near + d < 1]
     for granularity, criterion, ratio, allocation in trials:
+        replacing = granularity in REPLACE_METHODS
         m = shared_copy(model)
         try:
-            plan = make_plan(m, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation, seed=seed)
+            plan = _plan(m, profile, granularity, criterion, ratio, None if replacing else allocation, seed)
         except UsageError:  # this ratio is unreachable for this method here (too few experts ...)
             continue
-        apply_plan(m, plan)
+        apply_plan(m, plan, profile)
         by_index = {lp.layer: lp for lp in plan.layers}
         for orig, new in zip(layers, find_moe_layers(m)):
             removed = orig.routed_params() - new.routed_params()
-            if allocation is None and any(o.removed == removed and o.layer_plan == by_index[orig.index] for o in options[orig.index]):
+            if replacing and removed <= 0:
+                continue  # this layer is not replaced at this ratio (or stores more than it had)
+            if (allocation is None or replacing) and any(o.removed == removed and o.layer_plan == by_index[orig.index] for o in options[orig.index]):
                 continue  # the same layer row as an option already measured
             hook = orig.block.register_forward_hook(lambda mod, args, out, block=new.block: block(*args))
             try:
                 cost = _kl(dense_logp, model, batches)
             finally:
                 hook.remove()
-            name = f"{granularity}:{criterion}" + ("" if allocation == "layer" else f" ({plan.allocation} plan at {ratio:g})")
+            name = f"{granularity}:{criterion or plan.criterion}"
+            if allocation is None and (not replacing or granularity in GLOBAL_ONLY):  # novice and merge plans are per layer anyway
+                name += f" ({plan.allocation} plan at {ratio:g})"
             options[orig.index].append(Option(name, removed / orig.routed_params(), removed, cost, by_index[orig.index]))
         del m
     return options
+
+
+def usable_candidates(profile, candidates=CANDIDATES) -> tuple[tuple[str, str | None], ...]:
+    """The candidates this profile can plan: merge clusters experts by their outputs on the same tokens, which
+    only a profile calibrated with dense outputs (calibrate --dense-outputs) holds."""
+    dense = profile is not None and any(k.endswith(".dense_out_sum") for k in profile.stats)
+    return tuple((g, c) for g, c in candidates if g != "merge" or dense)
+
+
+def _plan(model: nn.Module, profile, granularity: str, criterion: str | None, ratio: float, allocation: str | None, seed: int):
+    """One candidate's plan: a slicing Plan (dims, experts) or a ReplacePlan (novice, merge, replace)."""
+    from moetrim.plan import make_plan
+
+    if granularity in REPLACE_METHODS:
+        rank = REPLACE_RANK if granularity == "replace" else 16
+        return make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, rank=rank, seed=seed)
+    return make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation, seed=seed)
 
 
 def _logp(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -144,53 +176,60 @@ def make_auto_plan(model: nn.Module, profile, batches: list[torch.Tensor], *, ra
                    candidates=CANDIDATES, grid=RATIO_GRID, progress: bool = False):
     """The auto plan for `model` at `ratio` (see the module docstring): per-layer choices by measured layer
     error, guarded by the final-logit KL against each candidate alone. `batches`: calibration token batches."""
-    from moetrim.apply.slicing import apply_plan, shared_copy
+    from moetrim.apply import apply_plan
+    from moetrim.apply.slicing import shared_copy
     from moetrim.model.identity import model_fingerprint
-    from moetrim.plan.allocate import check_method, make_plan
+    from moetrim.plan.allocate import check_method
     from moetrim.plan.constraints import ratio_tolerance
+    from moetrim.plan.replace import ReplaceLayer, stored_params
     from moetrim.plan.schema import LayerPlan, Plan
     from moetrim.progress import status
 
     check_method("dims", None, ratio, None)  # the ratio's own checks
     for granularity, criterion in candidates:
-        check_method(granularity, criterion, ratio, None)
+        if granularity not in REPLACE_METHODS:
+            check_method(granularity, criterion, ratio, None)
     layers = find_moe_layers(model)
     total = sum(l.routed_params() for l in layers)
     with status("auto: measuring every method at every ratio, layer by layer", progress):
         options = layer_options(model, profile, batches, candidates, grid, seed, near=ratio)
     chosen = allocate(options, math.ceil(ratio * total - 1e-9), total)
-    plan_layers = []
+    plan_layers, replaced = [], []
     for l in layers:
-        opt = chosen[l.index]
-        if opt.layer_plan is None:
+        picked = chosen[l.index].layer_plan
+        if picked is None or isinstance(picked, ReplaceLayer):
             plan_layers.append(LayerPlan(l.index, l.num_experts, l.widths[0], l.top_k, list(range(l.num_experts)),
                                          [l.widths[0]] * l.num_experts, None))
+            if picked is not None:
+                replaced.append(picked)
         else:
-            plan_layers.append(opt.layer_plan)
-    after = sum(l.params_at(lp.widths) for l, lp in zip(layers, plan_layers))
+            plan_layers.append(picked)
+    by_index = {r.layer: r for r in replaced}
+    after = sum(stored_params(l, by_index[l.index]) if l.index in by_index else l.params_at(lp.widths)
+                for l, lp in zip(layers, plan_layers))
     notes = [f"layer {l.index}: {chosen[l.index].method} at {chosen[l.index].ratio:.3f} (final-logit KL with only "
              f"this layer compressed {chosen[l.index].cost:.4g}; the cheapest others removing as much: "
-             + ", ".join(f"{o.method}@{o.ratio:g} {o.cost:.3g}" for o in sorted(options[l.index], key=lambda o: o.cost)
+             + ", ".join(f"{o.method}@{o.ratio:.3g} {o.cost:.3g}" for o in sorted(options[l.index], key=lambda o: o.cost)
                          if o is not chosen[l.index] and o.removed >= chosen[l.index].removed)[:3 * 40] + ")"
              for l in layers]
     auto = Plan("auto", "auto", float(ratio), "layer", int(seed), None, 1, 0, None, model_fingerprint(model),
                 profile.digest() if profile is not None else None, int(total), int(after), plan_layers, notes=notes,
-                ratio_tolerance=ratio_tolerance(layers, "experts", "layer", 1))
+                ratio_tolerance=ratio_tolerance(layers, "experts", "layer", 1), replaced_layers=replaced or None)
     auto.ratio_tolerance = max(auto.ratio_tolerance, round(abs(auto.removed_fraction - ratio), 6) + 1e-6)
     # the guard: the allocated plan against each candidate alone, by the final-logit KL on the calibration tokens
     contenders = {"auto (per-layer allocation)": auto}
     batches = _capped(batches, GUARD_TOKENS)
-    for granularity, criterion in candidates:
+    for granularity, criterion in usable_candidates(profile, candidates):
         try:
-            contenders[f"{granularity}:{criterion} alone"] = make_plan(model, profile, granularity=granularity, criterion=criterion,
-                                                                        ratio=ratio, seed=seed)
+            alone = _plan(model, profile, granularity, criterion, ratio, None, seed)
         except UsageError:
             continue
+        contenders[f"{granularity}:{criterion or alone.criterion} alone"] = alone
     kls = {}
     with status("auto: comparing the allocation with each method alone (final-logit KL)", progress):
         for name, plan in contenders.items():
             m = shared_copy(model)
-            apply_plan(m, plan)
+            apply_plan(m, plan, profile)
             kls[name] = _kl(model, m, batches)
             del m
     winner = min(kls, key=lambda k: (kls[k], k != "auto (per-layer allocation)"))

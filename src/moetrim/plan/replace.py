@@ -124,6 +124,11 @@ def _stored(layer: MoELayer, kept: int, groups: int, replaced: int, rank: int, n
     return (kept + groups) * expert_params(layer) + replaced * factor_params(layer, rank) + novices * layer.hidden_size
 
 
+def stored_params(layer: MoELayer, rl: ReplaceLayer) -> int:
+    """The routed-expert parameters `layer` stores under this replaced layout (how every replace plan prices it)."""
+    return _stored(layer, len(rl.kept), len(rl.groups), sum(len(g) for g in rl.groups), rl.rank, len(rl.novices))
+
+
 def _base_weights(profile, layer: MoELayer, members: list[int], weighting: str) -> dict[str, float]:
     """Each member's (unnormalised) weight in its base: 1, its routed-token count, its Fisher (summed over
     its intermediate dimensions: already a sum over the sequences routed to it), or Fisher × count
@@ -313,7 +318,6 @@ def _finish(method, criterion, ratio, rank, max_group, weighting, seed, model, p
     from moetrim.model.identity import model_fingerprint
 
     by_index = {l.index: l for l in layers}
-    after = sum(_stored(by_index[p.layer], len(p.kept), len(p.groups), sum(len(g) for g in p.groups), p.rank, len(p.novices))
-                for p in plan_layers)
+    after = sum(stored_params(by_index[p.layer], p) for p in plan_layers)
     return ReplacePlan(method, criterion, float(ratio), int(rank), int(max_group), weighting, int(seed), model_fingerprint(model),
                        profile.meta.get("data_digest"), int(before), int(after), plan_layers, notes=notes)

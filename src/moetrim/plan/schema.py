@@ -50,10 +50,13 @@ class PlanFile:
     def to_json(self) -> str:
         # Fixed key order and compact dim lists: the same plan is the same bytes.
         d = self.to_dict()
-        layers = d.pop("layers")
+        lists = {k: d.pop(k) for k in ("layers", "replaced_layers") if k in d}  # a layer a line
+
+        def rows(items: list) -> str:
+            return ",\n".join("  " + json.dumps(l, sort_keys=True, separators=(",", ":")) for l in items)
+
         head = json.dumps(d, indent=1, sort_keys=True)
-        rows = ",\n".join("  " + json.dumps(l, sort_keys=True, separators=(",", ":")) for l in layers)
-        return head[:-2] + ',\n "layers": [\n' + rows + "\n ]\n}\n"
+        return head[:-2] + "".join(f',\n "{k}": [\n' + rows(v) + "\n ]" for k, v in lists.items()) + "\n}\n"
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_text(path, self.to_json())
@@ -78,14 +81,31 @@ class Plan(PlanFile):
     schema_version: int = SCHEMA_VERSION
     notes: list[str] = field(default_factory=list)
     ratio_tolerance: float | None = None  # the removed fraction is within ratio ± this (None: plans before it was stated)
+    # --method auto only: layers whose experts become novices, merged or replaced groups (moetrim.plan.replace's
+    # ReplaceLayer); their row in `layers` keeps every expert whole. None (and absent from the file) otherwise.
+    replaced_layers: list | None = None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if d.get("replaced_layers") is None:
+            d.pop("replaced_layers", None)  # plans without replaced layers keep the bytes they always had
+        return d
+
+    @property
+    def replaced_layer_indices(self) -> list[int]:
+        return [r.layer for r in self.replaced_layers or []]
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         """Build a plan from its JSON dict, refusing anything `make_plan` would not have written."""
+        from moetrim.plan.replace import ReplaceLayer
+
         _check_plan_dict(d)
         d = dict(d)
         d.pop("removed_fraction", None)
         d["layers"] = [LayerPlan(**l) for l in d["layers"]]
+        if d.get("replaced_layers") is not None:
+            d["replaced_layers"] = [ReplaceLayer(**r) for r in d["replaced_layers"]]
         return cls(**d)
 
 
@@ -133,7 +153,7 @@ def _check_plan_dict(d) -> None:
         raise UsageError(f"the plan's granularity {d['granularity']!r} is not one moetrim knows "
                          f"({', '.join([*GRANULARITIES, *REPLACE_METHODS])}); re-run `moetrim plan`")
     known = {f.name for f in fields(Plan)} | {"removed_fraction"}
-    required = {f.name for f in fields(Plan) if f.name not in ("schema_version", "notes", "ratio_tolerance")}
+    required = {f.name for f in fields(Plan) if f.name not in ("schema_version", "notes", "ratio_tolerance", "replaced_layers")}
     if missing := sorted(required - set(d)):
         raise UsageError(f"the plan lacks {', '.join(missing)}")
     if unknown := sorted(set(d) - known):
@@ -162,6 +182,44 @@ def _check_plan_dict(d) -> None:
         if l["layer"] in seen:
             raise UsageError(f"the plan lists layer {l['layer']} twice")
         seen.add(l["layer"])
+    if d.get("replaced_layers") is not None:
+        _check_replaced_layers(d, {l["layer"]: l for l in layers})
+
+
+def _check_replaced_layers(d: dict, layers: dict[int, dict]) -> None:
+    """An auto plan's replaced layers: each a ReplaceLayer of a layer the plan keeps whole, with a valid layout."""
+    from moetrim.model.replaced import check_layout
+    from moetrim.plan.replace import ReplaceLayer
+
+    rows = d["replaced_layers"]
+    if d["granularity"] != "auto":
+        raise UsageError("only an auto plan (granularity auto) has replaced_layers")
+    names = {f.name for f in fields(ReplaceLayer)}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UsageError("the plan's replaced_layers must be a list of objects")
+    seen = set()
+    for r in rows:
+        if set(r) != names:
+            raise UsageError(f"a replaced layer has fields {sorted(r)}, expected {sorted(names)}")
+        index = r["layer"]
+        if not _is_int(index) or index not in layers:
+            raise UsageError(f"replaced layer {index!r} is not a layer of the plan")
+        if index in seen:
+            raise UsageError(f"the plan replaces layer {index} twice")
+        seen.add(index)
+        row = layers[index]
+        whole = (row["kept_experts"] == list(range(row["experts_before"])) and row.get("kept_dims") is None
+                 and all(w == row["width_before"] for w in row["widths"]))
+        if not whole:
+            raise UsageError(f"plan layer {index} is both sliced and replaced; a replaced layer's row keeps every expert whole")
+        if (r["experts_before"], r["width"], r["top_k"]) != (row["experts_before"], row["width_before"], row["top_k"]):
+            raise UsageError(f"replaced layer {index}: experts_before, width and top_k must be the layer row's")
+        if r["init"] not in ("svd", "zero") or not isinstance(r["whiten"], bool) or not isinstance(r["base_weights"], dict):
+            raise UsageError(f"replaced layer {index}: init must be svd or zero, whiten true or false, base_weights an object")
+        try:
+            check_layout(r["experts_before"], r["width"], r["width"], r["kept"], r["groups"], r["rank"], r["novices"])
+        except UsageError as exc:
+            raise UsageError(f"replaced layer {index}: {exc}") from None
 
 
 def _check_layer_dict(l: dict) -> None:
