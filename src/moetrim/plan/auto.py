@@ -128,9 +128,8 @@ def _plan(model: nn.Module, profile, granularity: str, criterion: str | None, ra
     """One candidate's plan: a slicing Plan (dims, experts) or a ReplacePlan (novice, merge, replace)."""
     from moetrim.plan import make_plan
 
-    if granularity in REPLACE_METHODS:
-        rank = REPLACE_RANK if granularity == "replace" else 16
-        return make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, rank=rank, seed=seed)
+    if granularity in REPLACE_METHODS:  # the rank is read by replace only (novices and merges store no corrections)
+        return make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, rank=REPLACE_RANK, seed=seed)
     return make_plan(model, profile, granularity=granularity, criterion=criterion, ratio=ratio, allocation=allocation, seed=seed)
 
 
