@@ -19,6 +19,7 @@ from moetrim.calibrate import calibrate
 from moetrim.checkpoint import load_model
 from moetrim.cli import app
 from moetrim.errors import UsageError
+from moetrim.evaluate.summary import summarize
 from moetrim.plan import load_plan
 from moetrim.plan.auto import layer_options, make_auto_plan
 
@@ -56,7 +57,9 @@ def test_a_mixed_plan_builds_each_layer_by_its_own_method_and_round_trips(qwen3,
     moetrim.save(m, tmp_path / "mx", plan=mixed, profile=prof)
     config = json.loads((tmp_path / "mx" / "config.json").read_text())
     assert list(config["moetrim_varwidth"]["layers"]) == ["0"] and list(config["moetrim_replaced"]["layers"]) == ["1"]
-    assert torch.equal(_logits(load_model(tmp_path / "mx"), ids), _logits(m, ids))
+    back = load_model(tmp_path / "mx")
+    assert torch.equal(_logits(back, ids), _logits(m, ids))
+    assert summarize(back)["format"] == "varwidth + replaced"  # what `moetrim inspect` prints
     mixed.save(tmp_path / "p.json")
     back = load_plan(tmp_path / "p.json")
     assert back.to_json() == mixed.to_json() and back.replaced_layers[0].novices == novices.layers[1].novices
@@ -93,7 +96,10 @@ def test_auto_of_novices_alone_writes_a_replaced_model_whose_guard_kl_holds(qwen
     assert float((p.exp() * (p - q)).sum(-1).mean()) == pytest.approx(min(kls.values()), rel=2e-3)
     moetrim.save(m, tmp_path / "nov", plan=plan, profile=prof)
     ids = batches[0]
-    assert torch.equal(_logits(load_model(tmp_path / "nov"), ids), _logits(m, ids))
+    back = load_model(tmp_path / "nov")
+    assert torch.equal(_logits(back, ids), _logits(m, ids))
+    if plan.granularity == "auto":
+        assert summarize(back)["format"] == "replaced"
 
 
 def test_compress_method_auto_from_the_cli_saves_what_it_chose(tmp_path, calib_text):

@@ -6,6 +6,9 @@ from collections import defaultdict
 
 from torch import nn
 
+from moetrim.model.replaced import REPLACED_KEY
+from moetrim.model.routing import ROUTING_KEY
+from moetrim.model.varwidth import VARWIDTH_KEY
 from moetrim.model.view import find_moe_layers
 
 PARTS = ("routed_experts", "routers", "shared_experts", "attention", "dense_mlp", "embeddings", "other")
@@ -68,9 +71,14 @@ def summarize(model: nn.Module) -> dict:
         "bytes": {k: nbytes.get(k, 0) for k in PARTS},
         "total_params": sum(params.values()),
         "total_bytes": sum(nbytes.values()),
-        "format": "varwidth" if getattr(cfg, "moetrim_varwidth", None) else "standard",
+        "format": " + ".join(name for name, key in _RECORDS if getattr(cfg, key, None)) or "standard",
         "recipe": getattr(cfg, "moetrim", None),
     }
+
+
+# moetrim's layer records, by the format each names; a checkpoint may carry several (an auto plan's sliced
+# and replaced layers; a fine-tuned compressed model's routing)
+_RECORDS = (("varwidth", VARWIDTH_KEY), ("replaced", REPLACED_KEY), ("routed", ROUTING_KEY))
 
 
 def weight_bytes(model: nn.Module) -> int:
