@@ -33,7 +33,7 @@ from moetrim.model.view import (
     resize_expert_tensors,
 )
 from moetrim.plan import LayerPlan, Plan
-from moetrim.plan.schema import check_plan
+from moetrim.plan.schema import check_plan, keeps_every_expert_whole
 
 
 @dataclass
@@ -58,7 +58,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     replaced = {r.layer: r for r in plan.replaced_layers or []}
     built = {l.index: build_planned_layer(l, replaced[l.index], profile, plan.seed) for l in job.layers if l.index in replaced}
     sliced = [l for l in job.layers if l.index not in replaced]
-    if replaced and all(_whole(job.by_index[l.index]) for l in sliced):
+    if replaced and all(keeps_every_expert_whole(p.kept_experts, p.experts_before, p.widths, p.width_before)
+                        for p in (job.by_index[l.index] for l in sliced)):
         result = ApplyResult("replaced")  # nothing is sliced: a model with replaced layers and stock ones
     else:
         for layer in sliced:
@@ -68,11 +69,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
         if layer.index in built:
             install_layer(model, layer, built[layer.index])
     return result
-
-
-def _whole(p: LayerPlan) -> bool:
-    """Whether a plan row keeps every expert at full width."""
-    return p.kept_experts == list(range(p.experts_before)) and all(w == p.width_before for w in p.widths)
 
 
 @dataclass
@@ -150,7 +146,7 @@ def finish_apply(model: nn.Module, job: ApplyJob) -> ApplyResult:
 
 def varwidth_record(plan: Plan) -> dict:
     """The config's record of a variable-width model: each layer's expert widths, count and top-k."""
-    replaced = set(plan.replaced_layer_indices)  # their record is the replaced one (moetrim.model.replaced)
+    replaced = {r.layer for r in plan.replaced_layers or []}  # their record is the replaced one (moetrim.model.replaced)
     layers = {str(p.layer): {"widths": p.widths, "top_k": p.top_k, "num_experts": len(p.kept_experts)}
               for p in plan.layers if p.layer not in replaced}
     # version 2: blocks stored sorted by width ("by_width"); version 1 files have no layout and are by expert

@@ -85,7 +85,7 @@ def layer_options(model: nn.Module, profile, batches: list[torch.Tensor], candid
     dense_logp = [_logp(model, b) for b in batches]
     layers = find_moe_layers(model)
     options = {l.index: [Option("keep", 0.0, 0, 0.0)] for l in layers}
-    candidates = usable_candidates(profile, candidates)
+    candidates = usable_candidates(profile, layers, candidates)
     trials = [(g, c, r, "layer") for g, c in candidates if g not in GLOBAL_ONLY for r in grid]
     if near is not None:
         trials += [(g, c, round(near + d, 6), None) for g, c in candidates for d in NEAR_OFFSETS if 0 < near + d < 1]
@@ -93,7 +93,7 @@ def layer_options(model: nn.Module, profile, batches: list[torch.Tensor], candid
         replacing = granularity in REPLACE_METHODS
         m = shared_copy(model)
         try:
-            plan = _plan(m, profile, granularity, criterion, ratio, None if replacing else allocation, seed)
+            plan = _plan(m, profile, granularity, criterion, ratio, allocation, seed)
         except UsageError:  # this ratio is unreachable for this method here (too few experts ...)
             continue
         apply_plan(m, plan, profile)
@@ -117,15 +117,18 @@ def layer_options(model: nn.Module, profile, batches: list[torch.Tensor], candid
     return options
 
 
-def usable_candidates(profile, candidates=CANDIDATES) -> tuple[tuple[str, str | None], ...]:
+def usable_candidates(profile, layers, candidates=CANDIDATES) -> tuple[tuple[str, str | None], ...]:
     """The candidates this profile can plan: merge clusters experts by their outputs on the same tokens, which
     only a profile calibrated with dense outputs (calibrate --dense-outputs) holds."""
-    dense = profile is not None and any(k.endswith(".dense_out_sum") for k in profile.stats)
+    from moetrim.plan.replace import profile_has
+
+    dense = profile is not None and profile_has(profile, layers, "dense_out_sum")
     return tuple((g, c) for g, c in candidates if g != "merge" or dense)
 
 
 def _plan(model: nn.Module, profile, granularity: str, criterion: str | None, ratio: float, allocation: str | None, seed: int):
-    """One candidate's plan: a slicing Plan (dims, experts) or a ReplacePlan (novice, merge, replace)."""
+    """One candidate's plan: a slicing Plan (dims, experts) or a ReplacePlan (novice, merge, replace: planned
+    per layer or globally by their own rule, so `allocation` is not theirs)."""
     from moetrim.plan import make_plan
 
     if granularity in REPLACE_METHODS:  # the rank is read by replace only (novices and merges store no corrections)
@@ -218,7 +221,7 @@ def make_auto_plan(model: nn.Module, profile, batches: list[torch.Tensor], *, ra
     # the guard: the allocated plan against each candidate alone, by the final-logit KL on the calibration tokens
     contenders = {"auto (per-layer allocation)": auto}
     batches = _capped(batches, GUARD_TOKENS)
-    for granularity, criterion in usable_candidates(profile, candidates):
+    for granularity, criterion in usable_candidates(profile, layers, candidates):
         try:
             alone = _plan(model, profile, granularity, criterion, ratio, None, seed)
         except UsageError:

@@ -91,10 +91,6 @@ class Plan(PlanFile):
             d.pop("replaced_layers", None)  # plans without replaced layers keep the bytes they always had
         return d
 
-    @property
-    def replaced_layer_indices(self) -> list[int]:
-        return [r.layer for r in self.replaced_layers or []]
-
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         """Build a plan from its JSON dict, refusing anything `make_plan` would not have written."""
@@ -186,6 +182,11 @@ def _check_plan_dict(d) -> None:
         _check_replaced_layers(d, {l["layer"]: l for l in layers})
 
 
+def keeps_every_expert_whole(kept_experts: list[int], experts_before: int, widths: list[int], width_before: int) -> bool:
+    """Whether a plan row keeps every expert at its full width (an auto plan's row for a replaced layer)."""
+    return kept_experts == list(range(experts_before)) and all(w == width_before for w in widths)
+
+
 def _check_replaced_layers(d: dict, layers: dict[int, dict]) -> None:
     """An auto plan's replaced layers: each a ReplaceLayer of a layer the plan keeps whole, with a valid layout."""
     from moetrim.model.replaced import check_layout
@@ -208,9 +209,8 @@ def _check_replaced_layers(d: dict, layers: dict[int, dict]) -> None:
             raise UsageError(f"the plan replaces layer {index} twice")
         seen.add(index)
         row = layers[index]
-        whole = (row["kept_experts"] == list(range(row["experts_before"])) and row.get("kept_dims") is None
-                 and all(w == row["width_before"] for w in row["widths"]))
-        if not whole:
+        whole = keeps_every_expert_whole(row["kept_experts"], row["experts_before"], row["widths"], row["width_before"])
+        if not whole or row.get("kept_dims") is not None:
             raise UsageError(f"plan layer {index} is both sliced and replaced; a replaced layer's row keeps every expert whole")
         if (r["experts_before"], r["width"], r["top_k"]) != (row["experts_before"], row["width_before"], row["top_k"]):
             raise UsageError(f"replaced layer {index}: experts_before, width and top_k must be the layer row's")
