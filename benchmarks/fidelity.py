@@ -1,13 +1,15 @@
 """Does each paper's finding hold on the bundled models? One table, read off the committed results.
 
-Runs no model: it reads what quality.py, replace.py and finetune.py wrote under benchmarks/results/
-(quality.json, replace.json, finetune.json and their -longtail twins) and answers, per model
-("reference" and "longtail"):
+Runs no model: it reads what quality.py, replace.py, recovery.py and finetune.py wrote under
+benchmarks/results/ (quality.json, replace.json, recovery.json, finetune.json and their -longtail
+twins) and answers, per model ("reference" and "longtail"):
 
 - a: dimension trimming beats whole-expert pruning at equal parameters (50% removed, task-agnostic);
 - b: a few critical dimensions (at most 16 removed, ranked by math-calibrated Fisher) carry a skill;
 - c1/c2: MAN/MSAN are the best expert criteria task-agnostic; frequency/gate-based ones task-specific;
-- d1/d2: replacing beats merging and expert pruning at 50%, and is about equal to LoRA at 30%;
+- d1/d2: replacing beats merging and expert pruning at 50%, and is about equal to LoRA at 30%
+  (d2 from recovery.py's real budget and seeds where recovery.json has a 30% ratio, else replace.py);
+- d3: LightMoE's annealed recovery (blend + distillation) beats plain recovery (recovery.py, 50%);
 - e1/e2: condensers beat DenseMixer and ESFT on the new domain, and keep the long tail (retention);
 - f1: CAMERA-P's micro-experts beat D²-MoE and REAP at equal parameters (50%, as built);
 - f2: MoNE's novices beat pruning the same experts by the expert criteria (quality.py);
@@ -40,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from report import for_model, interval, paired_difference, section, update_section, write_json  # noqa: E402
 
 MODELS = ("reference", "longtail")
-SOURCES = ("quality", "replace", "finetune")
+SOURCES = ("quality", "replace", "recovery", "finetune")
 TOL = 0.01  # single seed: point estimates closer than this are a tie
 RATIO = 0.5  # findings a and c are read at 50% removed
 FEW = 16  # "a few" critical dimensions: at most this many removed
@@ -200,6 +202,10 @@ def finding_d1(d: dict) -> Comparison | str:
 
 
 def finding_d2(d: dict) -> Comparison | str:
+    if "controls" in d:  # recovery.json: per-seed runs at a real budget
+        return recovery_d2(d)
+    if "as_built" in d:
+        return "an older single-ratio recovery.json (rerun recovery.py --ratios 0.3,0.5,0.625 --seeds 0,1,2)"
     rows = replace_rows(d, 0.3)
     if not rows:
         return "no 30% ratio in replace rows: evidence missing"
@@ -215,6 +221,49 @@ def finding_d2(d: dict) -> Comparison | str:
     return Comparison(f"replace {val['replace']:.3f} vs " + ", ".join(f"{m} {val[m]:.3f}" for m in lora) + " (30%)",
                       {m: round(v, 4) for m, v in val.items()}, {seed: val["replace"]},
                       {m: {seed: val[m]} for m in lora}, equal=True, protocol=replace_protocol(d))
+
+
+# ---- recovery.json: d2 at a real budget, d3 ----
+
+PAPER_ANNEAL = "blend,kd"  # LightMoE's recipe: the original expert blended in and distillation, both fading
+
+
+def recovery_protocol(d: dict) -> str:
+    m = d["meta"]
+    return (f"recovery.py, {m['recovery_steps']} recovery steps, lr {m['lr']}, rank grid {','.join(map(str, m['rank_grid']))}, "
+            f"{m['items_per_domain']} eval items/domain")
+
+
+def recovery_means(d: dict, ratio: float, anneal: str) -> dict[int, float]:
+    """Per seed: recovered replace's mean accuracy at `ratio` under `anneal` (recovery.json's layout)."""
+    if "runs" not in d:
+        raise KeyError("runs (an older single-ratio recovery.json: rerun recovery.py --ratios 0.3,0.5,0.625 --seeds 0,1,2)")
+    return {r["seed"]: next(row["mean"] for row in r["rows"] if row["anneal"] == anneal)
+            for r in d["runs"] if abs(r["ratio"] - ratio) < 1e-9 and any(row["anneal"] == anneal for row in r["rows"])}
+
+
+def recovery_d2(d: dict) -> Comparison | str:
+    mine = recovery_means(d, 0.3, PAPER_ANNEAL)
+    if not mine:
+        return f"recovery.json has no 30% run with anneal {PAPER_ANNEAL} (rerun recovery.py --ratios 0.3,...)"
+    lora = {c["seed"]: c["mean"] for c in d["controls"]}
+    text = (f"replace {mean(mine.values()):.3f} vs dense+LoRA {mean(lora.values()):.3f} after the same training (30%, "
+            f"mean of {len(mine)} seed{'s' if len(mine) > 1 else ''})")
+    return Comparison(text, {"replace": round(mean(mine.values()), 4), "dense+LoRA": round(mean(lora.values()), 4)}, mine,
+                      {"dense+LoRA": lora}, equal=True, protocol=recovery_protocol(d))
+
+
+def finding_d3(d: dict) -> Comparison | str:
+    ratio = 0.5
+    mine, plain = recovery_means(d, ratio, PAPER_ANNEAL), recovery_means(d, ratio, "none")
+    if not mine or not plain:
+        return f"recovery.json lacks a 50% run with anneal {PAPER_ANNEAL} and with none"
+    others = {a: recovery_means(d, ratio, a) for a in ("kd", "blend")}
+    outside = ", ".join(f"{a} only {mean(v.values()):.3f}" for a, v in others.items() if v)
+    text = (f"blend+KD {mean(mine.values()):.3f} vs plain {mean(plain.values()):.3f} (50%)"
+            + (f" (ablations: {outside})" if outside else ""))
+    return Comparison(text, {"blend+KD": round(mean(mine.values()), 4), "none": round(mean(plain.values()), 4)}, mine,
+                      {"none": plain}, protocol=recovery_protocol(d))
 
 
 # ---- finetune.json: finding e ----
@@ -320,7 +369,8 @@ def recovered_pair(d: dict, ratio: float, trained: str, built: str) -> Compariso
                       {f"{built} as built": {seed: before}}, protocol=replace_protocol(d))
 
 
-FINDINGS: list[tuple[str, str, str, Callable[[dict], Comparison | str]]] = [
+# A finding's source, or its sources in order of preference: the first whose JSON gives the evidence is read.
+FINDINGS: list[tuple[str, str, str | tuple[str, ...], Callable[[dict], Comparison | str]]] = [
     ("a", "dimension trimming beats whole-expert pruning at equal parameters", "quality", finding_a),
     ("b", "a few critical dimensions carry a skill (math)", "quality", finding_b),
     ("c1", "MAN/MSAN are the best expert criteria task-agnostic", "quality",
@@ -328,7 +378,8 @@ FINDINGS: list[tuple[str, str, str, Callable[[dict], Comparison | str]]] = [
     ("c2", "frequency/gate-based criteria are the best task-specific", "quality",
      lambda d: expert_picks(d, "task-specific", SPECIFIC_PICKS)),
     ("d1", "replacing beats merging and expert pruning at 50%", "replace", finding_d1),
-    ("d2", "replacing is about equal to LoRA at 30%", "replace", finding_d2),
+    ("d2", "replacing is about equal to LoRA at 30%", ("recovery", "replace"), finding_d2),
+    ("d3", "LightMoE's annealed recovery beats plain recovery", "recovery", finding_d3),
     ("e1", "condensers beat DenseMixer and ESFT in-domain", "finetune", finding_e1),
     ("e2", "condensers keep the long tail better than DenseMixer and ESFT", "finetune", finding_e2),
     ("f1", "CAMERA-P's micro-experts beat D²-MoE and expert pruning at equal parameters", "replace",
@@ -352,21 +403,27 @@ def build(results: Path) -> dict:
             path = for_model(results / f"{src}.json", model)
             loaded[src, model] = json.loads(path.read_text()) if path.exists() else f"{path.name} not found in {results}"
     cells, missing = [], []
-    for fid, text, src, fn in FINDINGS:
+    for fid, text, srcs, fn in FINDINGS:
         for model in MODELS:
-            name = for_model(Path(f"{src}.json"), model).name
-            head = {"finding": f"{fid}: {text}", "model": model, "source": name}
-            data = loaded[src, model]
-            try:
-                comp = fn(data) if isinstance(data, dict) else data
-            except (KeyError, TypeError, ValueError, IndexError) as exc:  # a JSON of another layout: say so, guess nothing
-                comp = f"{name} lacks what this finding needs ({type(exc).__name__}: {exc})"
-            if isinstance(comp, str):
-                missing.append({**head, "reason": comp})
-                continue
-            verdict, ci, seeds = judge(comp)
-            cells.append({**head, "figure": {"text": comp.text, "values": comp.values}, "interval": ci, "verdict": verdict,
-                          "protocol": f"{comp.protocol}; {seeds}"})
+            reasons, cell = [], None
+            for src in (srcs,) if isinstance(srcs, str) else srcs:
+                name = for_model(Path(f"{src}.json"), model).name
+                data = loaded[src, model]
+                try:
+                    comp = fn(data) if isinstance(data, dict) else data
+                except (KeyError, TypeError, ValueError, IndexError, StopIteration) as exc:  # another layout: say so, guess nothing
+                    comp = f"{name} lacks what this finding needs ({type(exc).__name__}: {exc})"
+                if isinstance(comp, str):
+                    reasons.append(comp)
+                    continue
+                verdict, ci, seeds = judge(comp)
+                cell = {"finding": f"{fid}: {text}", "model": model, "source": name, "figure": {"text": comp.text, "values": comp.values},
+                        "interval": ci, "verdict": verdict, "protocol": f"{comp.protocol}; {seeds}"}
+                break
+            if cell is not None:
+                cells.append(cell)
+            else:
+                missing.append({"finding": f"{fid}: {text}", "model": model, "source": name, "reason": "; ".join(reasons)})
     found = sorted(for_model(Path(f"{s}.json"), m).name for (s, m), v in loaded.items() if isinstance(v, dict))
     return {"meta": {"results": str(results), "found": found, "tolerance_single_seed": TOL,
                      "decision_rule": "holds: paired 95% t-interval over seeds excludes 0 in the finding's direction; refuted: "
@@ -378,7 +435,7 @@ def build(results: Path) -> dict:
 def markdown(result: dict) -> str:
     """Rows = findings, columns = models; each cell 'figure — verdict'; then each source's protocol."""
     lines = ["### Do the papers' findings hold here? (read off the committed results)", "",
-             "`python benchmarks/fidelity.py`: runs no model, reads quality, replace and finetune JSON. "
+             "`python benchmarks/fidelity.py`: runs no model, reads quality, replace, recovery and finetune JSON. "
              f"Verdict: {result['meta']['decision_rule']}.", "",
              "| finding | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
     for fid, text, _, _ in FINDINGS:

@@ -4,9 +4,10 @@ On a bundled reference model (``--model reference``, the default, or ``longtail`
 training.json records), at 30% and 50% of routed-expert parameters removed (bases and
 low-rank factors counted against the budget):
 
-- replace: REAP-selected experts, clustered by mean output into groups (at most 8) with a
-  usage-weighted base each and whitened-SVD corrections at the rank of `--ranks` (4, 8, 16, 32)
-  that the budget reaches with the lowest calib-split answer loss (chosen per ratio, never on eval);
+- replace: REAP-selected experts, clustered by mean output into groups with a usage-weighted base
+  each and SVD corrections; the rank (`--ranks` 4, 8, 16, 32), the largest group (`--groups` 4, 8, 16)
+  and whitening (`--whiten` on, off) are the configuration the budget reaches with the lowest
+  calib-split answer loss (chosen per ratio, never on eval; naive: the rank);
 - naive: the same selection, one base per layer, corrections starting at zero, no annealing;
 - merge: HC-SMoE (every expert's mean output over the same tokens, average-linkage Euclidean
   clustering, usage-weighted merge, members' routing weights summed);
@@ -99,38 +100,67 @@ def prepare(seed: int):
     return base, tok, profile, records
 
 
+# The configuration grid replace is chosen from (besides --ranks): the largest group a base serves and whether
+# the corrections are whitened. Set by --groups / --whiten; naive has one base per layer and corrections that
+# start at zero, so only its rank is chosen.
+GROUPS: tuple[int, ...] = (4, 8, 16)
+WHITEN: tuple[bool, ...] = (True, False)
+
+
+def parse_grid(groups: str, whiten: str) -> tuple[tuple[int, ...], tuple[bool, ...]] | None:
+    """--groups (whole numbers >= 2) and --whiten (on, off or on,off); None after one error line."""
+    try:
+        g = tuple(int(x) for x in groups.split(",") if x.strip())
+    except ValueError:
+        g = ()
+    w = tuple({"on": True, "off": False}.get(x.strip()) for x in whiten.split(",") if x.strip())
+    if not g or min(g) < 2 or not w or None in w:
+        print(f"error: --groups takes whole numbers of at least 2 and --whiten on, off or on,off (got {groups!r}, {whiten!r})",
+              file=sys.stderr)
+        return None
+    return g, w
+
+
 def build_chosen(method: str, ratio: float, base, profile, tok, ranks: list[int]):
-    """Build ``method`` at ``ratio``; replace and naive try every rank of the grid that the budget reaches and
-    keep the one with the lowest calib-split loss. Returns (model, removed, choice), or raises UsageError
-    (with every reason) when no rank reaches the ratio."""
+    """Build ``method`` at ``ratio``; replace tries every (rank, largest group, whitening) of the grid
+    (--ranks x --groups x --whiten) that the budget reaches, naive every rank, and each keeps the
+    configuration with the lowest calib-split loss (never eval). Returns (model, removed, choice), or raises
+    UsageError (with every reason) when no configuration reaches the ratio."""
     from moetrim.errors import UsageError
 
     if method not in ("replace", "naive"):
         model, removed = build(method, ratio, base, profile, ranks[0])
         return model, removed, {}
+    grid = [(r, g, w) for r in ranks for g in GROUPS for w in WHITEN] if method == "replace" else [(r, None, None) for r in ranks]
     tried, best = {}, None
-    for r in ranks:
+    for r, g, w in grid:
+        name = f"rank {r}" + ("" if g is None else f", group {g}, {'whitened' if w else 'plain'}")
         try:
-            model, removed = build(method, ratio, base, profile, r)
+            model, removed = build(method, ratio, base, profile, r, max_group=g, whiten=w)
         except UsageError as exc:
-            tried[r] = f"unreachable: {exc}"
+            tried[name] = f"unreachable: {exc}"
             continue
         loss = calib_loss(model, tok)
-        tried[r] = round(loss, 4)
+        tried[name] = round(loss, 4)
         if best is None or loss < best[0]:
-            best = (loss, r, model, removed)
+            best = (loss, (r, g, w), model, removed)
         else:
             del model
     if best is None:
-        raise UsageError(f"no rank of {ranks} reaches {ratio:.0%}: " + "; ".join(f"{r}: {w}" for r, w in tried.items()))
-    log(f"{ratio:.0%} {method}: rank by calib loss {tried} -> {best[1]}")
-    return best[2], best[3], {"rank_grid": tried, "rank_chosen": best[1]}
+        raise UsageError(f"no configuration of {method} reaches {ratio:.0%}: " + "; ".join(f"{n}: {why}" for n, why in tried.items()))
+    (r, g, w) = best[1]
+    log(f"{ratio:.0%} {method}: configuration by calib loss {tried} -> rank {r}" + ("" if g is None else f", group {g}, whiten {w}"))
+    choice = {"config_grid": tried, "rank_chosen": r}
+    if g is not None:
+        choice.update(group_chosen=g, whiten_chosen=w)
+    return best[2], best[3], choice
 
 
-def build(method: str, ratio: float, base, profile, rank: int):
+def build(method: str, ratio: float, base, profile, rank: int, *, max_group: int | None = None, whiten: bool | None = None):
     if method in ("replace", "naive", "merge", "ream", "d2", "novice"):
         model, _ = moetrim.reference_model(MODEL)
-        plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank)
+        extra = {k: v for k, v in (("max_group", max_group), ("whiten", whiten)) if v is not None}
+        plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank, **extra)
         apply_replace_plan(model, plan, profile)
         return model, plan.removed_fraction
     model = shared_copy(base)
@@ -160,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5, help="recovery learning rate (2e-4 already costs the dense model accuracy here)")
     ap.add_argument("--rank", type=int, default=16, help="the rank of --curve")
     ap.add_argument("--ranks", default="4,8,16,32", help="replace/naive: rank grid, chosen per ratio by calib-split loss")
+    ap.add_argument("--groups", default="4,8,16", help="replace: largest-group grid, chosen with the rank")
+    ap.add_argument("--whiten", default="on,off", help="replace: whitened corrections or not (on, off or on,off), chosen with the rank")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -175,9 +207,11 @@ def main(argv=None) -> int:
     steps = args.steps or (100 if args.quick else 300)
     n_items = args.items or (128 if args.quick else 256)
     methods = [m for m in args.methods.split(",") if m]
-    ranks = parse_ranks(args.ranks)
-    if ranks is None:
+    ranks, grid = parse_ranks(args.ranks), parse_grid(args.groups, args.whiten)
+    if ranks is None or grid is None:
         return 2
+    global GROUPS, WHITEN
+    GROUPS, WHITEN = grid
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     base, tok, profile, records = prepare(args.seed)
@@ -228,7 +262,7 @@ def main(argv=None) -> int:
     dense["decode_tokens_per_s"] = speeds["dense"]["decode_tokens_per_s"]
     for r in rows:
         r["decode_tokens_per_s"] = speeds[f"{r['method']}@{r['ratio']}"]["decode_tokens_per_s"]
-    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "recovery_steps": steps, "lr": args.lr, "rank_grid": ranks, "items_per_domain": n_items,
+    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "recovery_steps": steps, "lr": args.lr, "rank_grid": ranks, "group_grid": list(GROUPS), "whiten_grid": list(WHITEN), "items_per_domain": n_items,
                        "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
               "dense": dense, "rows": rows, "skipped": skipped}

@@ -92,6 +92,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     serve.common_arguments(ap, 16, 16, 32)
+    ap.add_argument("--only", default=None, help="serve only these rows (comma-separated names; dense always runs); "
+                    "the README is left alone")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_shapes.json")
     args = ap.parse_args()
     try:
@@ -109,6 +111,12 @@ def main() -> None:
                      "rounds": args.rounds, "vllm": vllm.__version__, "models": {}}
     with tempfile.TemporaryDirectory(prefix="moetrim-serve-shapes-") as tmp:
         paths = build(Path(tmp))
+        if args.only:
+            keep = {n.strip() for n in args.only.split(",") if n.strip()}
+            unknown = sorted(keep - set(paths))
+            if unknown:
+                sys.exit(f"--only: no row named {', '.join(unknown)}; rows: {', '.join(paths)}")
+            paths = {n: p for n, p in paths.items() if n == "dense" or n in keep}
         dense = serve.vllm_engine(paths["dense"], "dense")
         speeds = {n: [] for n in paths}
         ratios = {n: [] for n in paths if n != "dense"}
@@ -135,6 +143,7 @@ def main() -> None:
                 row["speedup_rounds"] = ratios[name]
         del dense
     results["wall_s"] = round(time.perf_counter() - started, 1)
+    results["only"] = args.only
     report(results, args.out)
 
 
@@ -170,7 +179,7 @@ def report(results: dict, out: Path) -> None:
     lines += ["", f"`/path/to/vllm-venv/bin/python benchmarks/serve_shapes.py` ({results.get('wall_s', 0) / 60:.0f} minutes "
               "on this 2-core machine)."]
     table = "\n".join(lines)
-    if out.resolve() == (HERE / "results" / "serve_shapes.json").resolve():
+    if out.resolve() == (HERE / "results" / "serve_shapes.json").resolve() and not results.get("only"):
         update_section("serve_shapes", "## Serving in vLLM at a real layer shape (`benchmarks/serve_shapes.py`)\n\n" + table)
     print(table)
 

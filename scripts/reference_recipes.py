@@ -92,6 +92,7 @@ LONGTAIL: dict[str, Any] = {
     "initializer_range": 0.06,
     "max_position_embeddings": 256,
     "vocab_size": 1024,  # byte-level BPE trained on the training text; digits one token each
+    "digit_pattern": r" ?[0-9]",  # what one digit token holds: here a space may lead it
     "tokenizer_items_per_skill": 4000,
     # data
     "train_items_per_domain": {"math": 150_000, "code": 150_000, "strings": 120_000, "sorting": 100_000,
@@ -177,7 +178,7 @@ def bpe_tokenizer(hp: dict) -> PreTrainedTokenizerFast:
     """
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),  # one digit a token, a space may lead it
+        pre_tokenizers.Split(Regex(hp.get("digit_pattern", r" ?[0-9]")), behavior="isolated"),  # one digit a token
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     core.decoder = decoders.ByteLevel()

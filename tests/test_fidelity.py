@@ -148,3 +148,36 @@ def test_committed_results_give_complete_cells(fid, tmp_path, capsys):
         assert m["reason"] and m["model"] in fid.MODELS
     table = capsys.readouterr().out
     assert table.count("\n| ") == len(fid.FINDINGS) + 1  # header + one row per finding
+
+
+def _recovery_json(seeds=(0, 1, 2)) -> dict:
+    """recovery.py's layout: per (ratio, seed) a run with as-built and per-anneal means; a control per seed."""
+    runs = []
+    for seed in seeds:
+        for ratio, built in ((0.3, 0.90), (0.5, 0.60)):
+            rows = [{"anneal": "blend,kd", "mean": built + 0.05 + 0.002 * seed},
+                    {"anneal": "none", "mean": built + 0.02 + 0.003 * seed}]
+            runs.append({"ratio": ratio, "seed": seed, "as_built": {"mean": built}, "rows": rows})
+    controls = [{"seed": s, "mean": 0.951 + 0.001 * s} for s in seeds]
+    meta = {"recovery_steps": 1000, "lr": 5e-5, "rank_grid": [4, 8, 16], "items_per_domain": 128, "seeds": list(seeds)}
+    return {"meta": meta, "dense": {"mean": 0.96}, "controls": controls, "runs": runs}
+
+
+def test_recovery_json_decides_d2_and_d3_over_seeds(fid, tmp_path):
+    (tmp_path / "recovery.json").write_text(json.dumps(_recovery_json()))
+    rows = [{"method": "replace", "ratio": 0.3, "recovered_mean": 0.5}, {"method": "lora", "ratio": 0.3, "recovered_mean": 0.9}]
+    (tmp_path / "replace.json").write_text(json.dumps({"meta": {"seed": 0}, "rows": rows}))
+    result = fid.build(tmp_path)
+    d2, d3 = _cell(result, "d2", "reference"), _cell(result, "d3", "reference")
+    # recovery.json is preferred: 0.950-0.954 vs 0.951-0.953 over 3 seeds is a tie, so "about equal" holds
+    # (replace.json alone, 0.5 vs 0.9, would refute it)
+    assert d2["source"] == "recovery.json" and d2["verdict"] == "holds" and d2["interval"] is not None
+    assert "1000 recovery steps" in d2["protocol"] and "seeds 0,1,2" in d2["protocol"]
+    assert d3["verdict"] == "holds"  # blend+KD above none in every seed
+    # an older single-ratio file is named as such; d2 then falls back to replace.json and d3 is missing
+    (tmp_path / "recovery.json").write_text(json.dumps({"meta": {}, "as_built": {"mean": 0.6}, "rows": [{"anneal": "none", "mean": 0.9}]}))
+    result = fid.build(tmp_path)
+    assert _cell(result, "d2", "reference")["source"] == "replace.json"
+    assert _cell(result, "d2", "reference")["verdict"] == "refuted"
+    reason = next(m["reason"] for m in result["missing"] if m["finding"].startswith("d3:") and m["model"] == "reference")
+    assert "older single-ratio recovery.json" in reason

@@ -271,6 +271,12 @@ def test_every_format_builds_loads_and_computes_what_transformers_does(plugin_mo
         assert (ReplacedRoutedExperts in kinds) == ("replaced" in what), what
         assert bool(len(served.moetrim_routing)) == ("rerouted" in what), what
         assert not [n for n, _ in served.named_parameters() if n not in loaded and ".mlp." in n and "traits" not in n], what
+        for m in served.modules():  # kept experts live once, in the family's stock kernel (FakeRoutedExperts here)
+            if isinstance(m, ReplacedRoutedExperts):
+                assert m.experts.kept_gate_up is None and m.experts.kept_down is None, what
+                assert (m.kept_experts is not None) == bool(m.experts.kept), what
+                if m.kept_experts is not None:
+                    assert m.kept_experts.w13_weight.shape[0] == len(m.experts.kept) and m.kept_experts.w13_weight.abs().sum() > 0
         x = torch.randn(24, 128, generator=torch.Generator().manual_seed(5))
         for layer in find_moe_layers(want):
             with torch.no_grad():

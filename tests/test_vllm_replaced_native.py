@@ -92,3 +92,34 @@ def test_the_serving_mode_variable_takes_two_values_and_refuses_others_in_one_li
     with pytest.raises(LayoutError) as err:
         requested_reconstruction()
     assert "\n" not in str(err.value) and "'reconstruct'" in str(err.value) and "native" in str(err.value)
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # the CPU's host walk (few slots) and the grouped path
+@pytest.mark.parametrize("novices", [False, True])
+def test_leaving_the_kept_experts_out_adds_exactly_their_share_less(tmp_path, tokens, novices):
+    """kept=False (the plugin runs kept experts in vLLM's stock kernel): the output is the whole layer's minus
+    the kept experts' weighted outputs, computed here expert by expert from their stored tensors."""
+    model, _, _ = _saved(tmp_path, "qwen3_moe", novices)
+    layer = find_moe_layers(model)[1]
+    experts = layer.experts
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, model.config.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
+    w = torch.rand(tokens, 2, generator=g)
+    kept_share = torch.zeros_like(x)
+    for t in range(tokens):
+        for s in range(2):
+            e = int(ids[t, s])
+            if e in experts.kept:
+                u = experts.kept.index(e)
+                gu = experts.kept_gate_up[u] @ x[t]
+                h = F.silu(gu[:experts.width]) * gu[experts.width:]
+                kept_share[t] += w[t, s] * (experts.kept_down[u] @ h)
+    with torch.no_grad():
+        whole = experts(x, ids, w)
+        rest = experts(x, ids, w, kept=False)
+    assert kept_share.abs().sum() > 0
+    torch.testing.assert_close(rest + kept_share, whole, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the kept stacks are never read: the plugin drops them
+        experts.kept_gate_up, experts.kept_down = None, None
+        torch.testing.assert_close(experts(x, ids, w, kept=False), rest)

@@ -186,15 +186,17 @@ class ReplacedExperts(nn.Module):
         return ExpertWeights(gate, up, down)
 
     # -- compute ----------------------------------------------------------------------------
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit, factor row) of every expert id as tensors on `device` (factor row R for kept experts), built
-        once per device (not buffers: a checkpoint holds weights only, the record rebuilds the rest)."""
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unit, factor row, novice row, unit with kept experts as padding) of every expert id as tensors on
+        `device` (factor row R for kept experts), built once per device (not buffers: a checkpoint holds weights
+        only, the record rebuilds the rest)."""
         cache = self.__dict__.setdefault("_table_cache", {})
         if device not in cache:
-            R, N = len(self.replaced), len(self.novices)
+            K, G, R, N = len(self.kept), len(self.groups), len(self.replaced), len(self.novices)
             cache[device] = (torch.tensor(self.unit_of_expert, dtype=torch.long, device=device),
                              torch.tensor([m if m >= 0 else R for m in self.member_of_expert], dtype=torch.long, device=device),
-                             torch.tensor([n if n >= 0 else N for n in self.novice_of_expert], dtype=torch.long, device=device))
+                             torch.tensor([n if n >= 0 else N for n in self.novice_of_expert], dtype=torch.long, device=device),
+                             torch.tensor([K + G if u < K else u for u in self.unit_of_expert], dtype=torch.long, device=device))
         return cache[device]
 
     def _add_novices(self, out: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -203,19 +205,29 @@ class ReplacedExperts(nn.Module):
         table = torch.cat([self.novice_out.to(out.dtype), out.new_zeros(1, out.shape[1])])
         return out.index_add_(0, token, table.index_select(0, novice_of[flat]) * weight[:, None])
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+                kept: bool = True) -> torch.Tensor:
         """Fixed shapes and no host sync: every step is a sort, a gather or a grouped GEMM over all T*k slots,
         with the rows past each call's last offset computed by no kernel and masked out (as the stock
-        grouped experts do). A unit (kept expert or group base) runs once per (token, unit) pair."""
+        grouped experts do). A unit (kept expert or group base) runs once per (token, unit) pair.
+
+        kept=False leaves the kept experts' slots out (they add nothing): for a caller that runs the kept
+        experts elsewhere, as the vLLM plugin does in the family's stock fused MoE. The kept stacks are then
+        never read, so such a caller may drop them."""
         x = hidden_states
         T, k = top_k_index.shape
         S, dev = T * k, x.device
         if dev.type == "cpu" and S <= _HOST_SLOTS and self.width * x.shape[1] <= _HOST_ELEMENTS:
-            return self._forward_host(x, top_k_index, top_k_weights)
+            return self._forward_host(x, top_k_index, top_k_weights, kept=kept)
         K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
-        unit_of, member_of, _ = self._tables(dev)
+        unit_of, member_of, _, unit_of_unkept = self._tables(dev)
         flat = top_k_index.reshape(-1)
-        unit, member = unit_of[flat], member_of[flat]
+        unit, member = (unit_of if kept else unit_of_unkept)[flat], member_of[flat]
+        if not kept and not G:  # nothing but novices to compute
+            out = x.new_zeros(T, x.shape[1])
+            return self._add_novices(out, flat, top_k_weights.reshape(-1).to(x.dtype), torch.arange(S, device=dev) // k) \
+                if self.novices else out
+        kept_gate_up, kept_down, ends_from = (self.kept_gate_up, self.kept_down, 0) if kept else (None, None, K)
         rows = torch.arange(S, device=dev)
         token = rows // k
         weight = top_k_weights.reshape(-1).to(x.dtype)
@@ -228,10 +240,10 @@ class ReplacedExperts(nn.Module):
         pair_unit = torch.full((S,), K + G, dtype=torch.long, device=dev).scatter_(0, pair_rank, unit[order])
         pair_token = torch.zeros(S, dtype=torch.long, device=dev).scatter_(0, pair_rank, token[order])
         ends = _ends(pair_unit, K + G)
-        gu = self._units(x.index_select(0, pair_token), ends, self.kept_gate_up, self.base_gate_up)
+        gu = self._units(x.index_select(0, pair_token), ends[ends_from:], kept_gate_up, self.base_gate_up)
         gu = gu.index_select(0, pair_of_slot)
-        if self.novices:  # a novice's slot sits in a padding row no kernel wrote: zero it, or its garbage (0 · NaN) reaches the gradients
-            gu = gu.masked_fill((unit == K + G)[:, None], 0)
+        if self.novices or not kept:  # a novice's (or left-out kept) slot sits in a padding row no kernel wrote: zero it,
+            gu = gu.masked_fill((unit == K + G)[:, None], 0)  # or its garbage (0 · NaN) reaches the output and gradients
         gate, up = gu[:, :I], gu[:, I:]
         if r and R:  # the replaced slots' corrections, grouped by factor row (kept slots sort last, masked)
             m_sorted, m_order = torch.sort(member)
@@ -248,7 +260,7 @@ class ReplacedExperts(nn.Module):
         h = self.activation(gate, up) * weight[:, None]
         # each unit's down product once per pair, on the pair's summed Σ_e w_e h_e (linear, so exact)
         acc = h.new_zeros(S, I).index_add_(0, pair_of_slot, h)
-        down = self._units(acc, ends, self.kept_down, self.base_down)
+        down = self._units(acc, ends[ends_from:], kept_down, self.base_down)
         out = x.new_zeros(T, x.shape[1]).index_add_(0, pair_token, down.masked_fill_((rows >= ends[-1])[:, None], 0))
         if r and R:
             out.index_add_(0, token[m_order], corr(self.down_a, self.down_b, h.index_select(0, m_order)))
@@ -256,7 +268,8 @@ class ReplacedExperts(nn.Module):
             self._add_novices(out, flat, weight, token)
         return out
 
-    def _forward_host(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _forward_host(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+                      kept: bool = True) -> torch.Tensor:
         """A few slots on the CPU (decode): there a host read costs nothing and the sort and offset kernels
         of the grouped path cost more than the products, so walk the units that received slots. As in the
         grouped path a unit's products run once per token (a group's down product on Σ_e w_e h_e); the
@@ -267,7 +280,7 @@ class ReplacedExperts(nn.Module):
         weight = top_k_weights.reshape(-1).to(x.dtype)
         slots_of: dict[int, list[int]] = {}
         for s, e in enumerate(experts):
-            if self.novice_of_expert[e] < 0:
+            if self.novice_of_expert[e] < 0 and (kept or self.unit_of_expert[e] >= K):
                 slots_of.setdefault(self.unit_of_expert[e], []).append(s)
         out = x.new_zeros(T, x.shape[1])
         if self.novices:

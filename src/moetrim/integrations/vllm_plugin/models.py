@@ -240,17 +240,20 @@ class _Varwidth:
         """Which replaced layers are served natively (their modules) and which reconstructed (their records)."""
         from moetrim.integrations.vllm_plugin.replaced_native import ReplacedRoutedExperts
 
-        self.moetrim_native, self.moetrim_native_extra = {}, set()
+        self.moetrim_native, self.moetrim_native_kept, self.moetrim_native_extra = {}, {}, set()
         for name, module in self.named_modules():
             if isinstance(module, ReplacedRoutedExperts):
                 self.moetrim_native[_layer_index(name)] = (f"{name}.experts", module.experts)
-                self.moetrim_native_extra |= {f"{name}.traits.{n}" for n, _ in module.traits.named_parameters()}
+                if module.kept_experts is not None:
+                    self.moetrim_native_kept[_layer_index(name)] = (name, module.load_kept)
+                else:
+                    self.moetrim_native_extra |= {f"{name}.traits.{n}" for n, _ in module.traits.named_parameters()}
         self.moetrim_replaced = {i: records[i] for i in sorted(reconstructed)}
         check_reconstructible(self.moetrim_replaced)
         if self.moetrim_native:
-            logger.info("moetrim: replaced experts in layers %s served NATIVELY: the stored kept experts, group bases and "
-                        "low-rank corrections run as they are (each base once per token routed to any member), so the "
-                        "memory replacing saves is kept", sorted(self.moetrim_native))
+            logger.info("moetrim: replaced experts in layers %s served NATIVELY: the kept experts in the family's stock "
+                        "fused MoE, the group bases and low-rank corrections as stored (each base once per token routed to "
+                        "any member), so the memory replacing saves is kept", sorted(self.moetrim_native))
         if self.moetrim_replaced:
             logger.warning("moetrim: replaced experts in layers %s are served RECONSTRUCTED: each replaced expert is rebuilt "
                            "as its base + low-rank correction into the family's stock fused MoE at load (exact, but the "
@@ -264,7 +267,7 @@ class _Varwidth:
         if routings:
             weights = load_routing_weights(weights, routings, "moetrim_routing", loaded)
         if self.moetrim_native:
-            weights = load_native_weights(weights, self.moetrim_native, loaded)
+            weights = load_native_weights(weights, self.moetrim_native, loaded, self.moetrim_native_kept)
         if self.moetrim_replaced:
             weights = per_expert_replaced(weights, self.moetrim_replaced, fam.names)
         stock = super().load_weights(per_expert_tensors(
@@ -273,7 +276,8 @@ class _Varwidth:
         if routings:
             check_routing_loaded(routings, "moetrim_routing", loaded)
         if self.moetrim_native:
-            check_native_loaded(self.moetrim_native, loaded)
+            check_native_loaded(self.moetrim_native, loaded, [f"{q}.kept_experts.{w}" for q, _ in self.moetrim_native_kept.values()
+                                                              for w in ("w13_weight", "w2_weight")])
             loaded |= self.moetrim_native_extra  # the trait donors: never run, nothing to load
         return (set(stock) if stock is not None else set()) | loaded
 
