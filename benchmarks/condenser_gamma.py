@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import bundled_model, for_model, save_figure, section, update_section, versions, write_json  # noqa: E402
+from report import bundled_model, for_model, publish, save_figure, versions  # noqa: E402
 
 import moetrim  # noqa: E402
 from moetrim.data.tasks import calibration_texts, get_items, to_sft_records  # noqa: E402
@@ -102,12 +102,7 @@ def main(argv=None) -> int:
     result = {"meta": {"model": key, "new_domain": new, "steps": args.steps, "lr": args.lr, "seed": args.seed,
                        "condensers": CONDENSERS, "calib_items": args.items, "seconds": round(time.perf_counter() - t0, 1),
                        "torch_threads": torch.get_num_threads(), "versions": versions()}, "rows": rows}
-    write_json(out, result)
-    png = plot(result, out.with_suffix(".png"))
-    table = markdown(result, png)
-    print(table)
-    if out.resolve() == for_model(DEFAULT_OUT, key).resolve():
-        update_section(section("condenser-gamma", key), table)
+    publish(result, out, DEFAULT_OUT, "condenser-gamma", key, plot, markdown)
     return 0
 
 

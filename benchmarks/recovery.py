@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import replace as rp  # noqa: E402
-from report import (bundled_model, for_model, interval, paired_difference, save_figure, section, sweep_values,  # noqa: E402
-                    update_section, versions, write_json)
+from report import (bundled_model, for_model, interval, paired_difference, publish, save_figure,  # noqa: E402
+                    sweep_values, versions)
 
 import moetrim  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
@@ -124,12 +124,7 @@ def main(argv=None) -> int:
                        "seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(), "versions": versions()},
               "dense": dense, "controls": controls, "runs": runs}
     result["summary"] = summarise(result)
-    write_json(out, result)
-    png = plot(result, out.with_suffix(".png"))
-    table = markdown(result, png, domains)
-    print(table)
-    if out.resolve() == for_model(DEFAULT_OUT, key).resolve():
-        update_section(section("recovery", key), table)
+    publish(result, out, DEFAULT_OUT, "recovery", key, plot, lambda r, png: markdown(r, png, domains))
     log(f"wrote {out} in {time.perf_counter() - t0:.0f}s")
     return 0
 
