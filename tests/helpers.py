@@ -102,3 +102,18 @@ def mixed_auto_plan(model, profile):
     rows = [whole if p.layer == 1 else p for p in dims.layers]
     return dataclasses.replace(dims, granularity="auto", criterion="auto", layers=rows, replaced_layers=[novices.layers[1]],
                                params_after=after), dims, novices
+
+
+BENCHMARKS = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """A fixture body: import benchmarks/NAME.py (with benchmarks/ on sys.path while the tests use it)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import BENCHMARKS, benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 VERDICTS = {"holds", "tie", "refuted"}
 
 
 @pytest.fixture(scope="module")
 def fid():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import fidelity
-
-        yield fidelity
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from benchmark_module("fidelity")
 
 
 def test_decide_paired_over_seeds(fid):

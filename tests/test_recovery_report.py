@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from helpers import benchmark_module
 
 @pytest.fixture(scope="module")
 def recovery():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import recovery
-
-        yield recovery
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from benchmark_module("recovery")
 
 
 def _result(seeds=(0, 1, 2)) -> dict:
