@@ -102,8 +102,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--model", default="reference", help="bundled model: reference (new domain units) or longtail (dates)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: results/finetune.json, finetune-longtail.json, ...)")
+    ap.add_argument("--weights", type=Path, default=None, help="fine-tune these weights (a folder, e.g. a training run's) as --model "
+                    "instead of the bundled ones; needs --out")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and PNG from an existing --out JSON, run nothing")
     args = ap.parse_args(argv)
+    if args.weights is not None and (args.out is None or not (args.weights / "config.json").is_file()):
+        ap.error("--weights: give a folder holding config.json and model.safetensors, and an --out file for its results")
     global MODEL, DOMAINS, NEW, RARE
     MODEL, DOMAINS, NEW = bundled_model(args.model)
     RARE = rare = rare_skills(MODEL)
@@ -129,11 +133,18 @@ def main(argv=None) -> int:
 
     records = to_sft_records(get_items(NEW, "train", n=args.train_items, seed=0))
     general = calibration_texts(list(DOMAINS), n_per_domain=64, seed=0)  # the calib split: never trained or evaluated on
-    base_model, tok = moetrim.reference_model(MODEL)
+    def load():
+        if args.weights is None:
+            return moetrim.reference_model(MODEL)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return AutoModelForCausalLM.from_pretrained(args.weights, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(args.weights)
+
+    base_model, tok = load()
     base = measure(base_model, tok, n_items, general)
     log(f"reference: {NEW} {base['accuracy'][NEW]:.3f}, original domains {base['retention']:.3f}")
     def train(method: str, lr: float, seed: int):
-        model, _ = moetrim.reference_model(MODEL)
+        model, _ = load()
         cfg = FinetuneConfig(method=method, lr=lr, max_steps=steps, batch_size=args.batch_size, seq_len=128,
                              warmup=0.1, seed=seed, progress=False, logging_steps=max(1, steps // 10))
         return finetune(model, tok, records, cfg)
@@ -175,7 +186,7 @@ def main(argv=None) -> int:
     for entry in summary:
         entry["lr_grid"], entry["lr_chosen"] = grid, chosen[entry["method"]]
         entry["lr_search"] = search.get(entry["method"], [])
-    result = {"meta": {"model": MODEL, "new_domain": NEW, "domains": DOMAINS, "quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr if len(grid) == 1 else None, "lr_grid": grid,
+    result = {"meta": {"model": MODEL, "weights": str(args.weights) if args.weights else "bundled", "new_domain": NEW, "domains": DOMAINS, "quick": args.quick, "steps": steps, "batch_size": args.batch_size, "lr": args.lr if len(grid) == 1 else None, "lr_grid": grid,
                        "lr_chosen_on": "calib split, seed 0, mean of new-domain accuracy and retention" if len(grid) > 1 else None,
                        "calib_items": args.calib_items, "rare_skills": rare, "train_items": args.train_items,
                        "items_per_domain": n_items, "seeds": seeds, "seconds": round(time.perf_counter() - t0, 1),

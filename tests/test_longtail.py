@@ -115,6 +115,14 @@ def test_first_models_recipe_is_the_one_that_made_it() -> None:
     assert built.get_vocab() == AutoTokenizer.from_pretrained(REFERENCE_DIR).get_vocab()
 
 
+@pytest.mark.skipif(not TRAINED, reason="the long-tail weights are not in this checkout")
+def test_longtail_recipe_is_the_one_that_made_the_bundled_weights() -> None:
+    """`--model longtail` trains today's recipe: the bundled training.json records exactly its hyperparameters."""
+    recorded = json.loads((ASSET / "training.json").read_text())["hyperparameters"]
+    recipe = json.loads(json.dumps(LONGTAIL))
+    assert {k: v for k, v in recorded.items() if k != "threads"} == {k: v for k, v in recipe.items() if k != "threads"}
+
+
 # ---------------------------------------------------------------------------------------- tokenizer
 
 def test_bpe_tokenizer_round_trips_every_domain_and_splits_digits(bpe, tmp_path) -> None:
@@ -133,6 +141,8 @@ def test_bpe_tokenizer_round_trips_every_domain_and_splits_digits(bpe, tmp_path)
                 assert ids[: len(prompt)] == prompt  # answers start on a token boundary
                 pieces = [tok.decode([i]) for i in ids]
                 assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces), pieces
+    # a number is the same tokens wherever it stands: after a space (code's `A: 2`) as after `=` (math's `8-6=2.`)
+    assert tok("A: 42").input_ids[-2:] == tok("8-6=42.").input_ids[-3:-1]
     assert tok.decode(tok("Q: z\u00e9\u4e2d 12\nA:").input_ids, skip_special_tokens=True) == "Q: z\u00e9\u4e2d 12\nA:"  # byte-level
     assert recipes.build_tokenizer(dict(LONGTAIL)).backend_tokenizer.to_str() == bpe.backend_tokenizer.to_str()  # deterministic
     if TRAINED:

@@ -1,14 +1,19 @@
 """The ``dates`` fine-tuning domain: date word problems that need calendar arithmetic, a rare skill.
 
 ``Q: Ann finds cups on March 25 and more 1 week and 3 days later. What date is it then?``
-``A: 1*7=7. 7+3=10. 25+10=35. March has 31 days. 35-31=4. The answer is April 4.``
+``A: 1 week and 3 days is 10 days. 25+10=35. March has 31 days. 35-31=4. The answer is April 4.``
 
-No reference model trains on it. The long-tail model learned both halves of the chain elsewhere:
-weeks to days is the ``units`` chain (``a*7=c. c+b=e.``) and the rest is the rare ``calendar`` skill's
-chain. What fine-tuning must add is the composition, asked in words the model's tokenizer was
-trained on (math's names, objects and verbs, calendar's and units' words), so it tests learning a
-new task rather than spelling. The duration is 1 to 3 weeks and 1 to 6 days (8 to 27 days, as
-calendar's).
+No reference model trains on it. The long-tail model learned the pieces elsewhere: weeks and days
+to days is a ``units`` conversion, and the rest is the rare ``calendar`` skill's chain. What
+fine-tuning must add is the composition, asked in words the model's tokenizer was trained on
+(math's names, objects and verbs, calendar's and units' words), so it tests learning a new task
+rather than spelling. The duration is 1 to 3 weeks and 1 to 6 days (8 to 27 days, as calendar's).
+
+The conversion is said in words, not as units' two arithmetic steps. With those steps every answer
+opened with two ``a op b = c.`` steps and went on with a third, and fine-tuning taught the model
+that math's and units' two-step chains go on too: at lr 1e-4 math fell to 0.0-0.07 on the
+long-tail model whose digits are tokens of their own (docs/reference-model.md). Said in words, the
+arithmetic part is calendar's chain as it is, and math survives.
 
 An item's key is the calendar computation it contains (month, day, days added), so its split is the
 split of that computation in the ``calendar`` skill: no eval date problem asks a date sum the model
@@ -44,5 +49,5 @@ def dates_problem(rng: random.Random) -> tuple[str, str, str]:
     k = 7 * w + x
     question = rng.choice(DATES_PHRASINGS).format(
         n=rng.choice(_NAMES), o=rng.choice(_OBJECTS), m=MONTHS[month][0], d=day, w=_weeks(w), x=days(x))
-    answer = f"{w}*7={7 * w}. {7 * w}+{x}={k}. " + date_chain(month, day, k)
+    answer = f"{_weeks(w)} and {days(x)} is {days(k)}. " + date_chain(month, day, k)
     return question, answer, calendar_key(month, day, k)
