@@ -21,7 +21,8 @@ Decision rule (`decide`): with per-seed values, "holds" when the paired 95% t-in
 difference excludes 0 in the finding's direction, "refuted" when it excludes 0 the other way, "tie"
 otherwise; with a single seed, point estimates within 0.01 are a tie. A finding against several
 methods holds only if it holds against each, and is refuted if it is refuted against any. A finding
-whose data is absent gets no cell: it is listed under `missing` with the reason.
+whose data is absent gets no cell: it is listed under `missing` with the reason, and so is one whose
+JSON records other bundled weights than the checkout's (a result from weights since replaced).
 
     python benchmarks/fidelity.py                       # reads benchmarks/results, writes fidelity.json + README section
     python benchmarks/fidelity.py --results DIR --out F # elsewhere (the README is left alone)
@@ -39,7 +40,7 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import for_model, interval, paired_difference, section, update_section, write_json  # noqa: E402
+from report import bundled_weights, for_model, interval, paired_difference, section, update_section, write_json  # noqa: E402
 
 MODELS = ("reference", "longtail")
 SOURCES = ("quality", "replace", "recovery", "finetune")
@@ -398,10 +399,16 @@ FINDINGS: list[tuple[str, str, str | tuple[str, ...], Callable[[dict], Compariso
 def build(results: Path) -> dict:
     """Every finding on every model: a cell where the JSON has the data, an entry in `missing` where not."""
     loaded: dict[tuple[str, str], dict | str] = {}
+    current = bundled_weights()
     for src in SOURCES:
         for model in MODELS:
             path = for_model(results / f"{src}.json", model)
             loaded[src, model] = json.loads(path.read_text()) if path.exists() else f"{path.name} not found in {results}"
+            data = loaded[src, model]
+            measured = data.get("stack", {}).get("bundled_weights", {}).get(model) if isinstance(data, dict) else None
+            if measured and current.get(model) and measured != current[model]:  # a result on weights since replaced
+                loaded[src, model] = (f"{path.name} was measured on other {model} weights ({measured}, bundled now "
+                                      f"{current[model]}): rerun {src}.py")
     cells, missing = [], []
     for fid, text, srcs, fn in FINDINGS:
         for model in MODELS:

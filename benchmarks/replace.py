@@ -10,11 +10,13 @@ low-rank factors counted against the budget):
   calib-split answer loss (chosen per ratio, never on eval; naive: the rank);
 - naive: the same selection, one base per layer, corrections starting at zero, no annealing;
 - merge: HC-SMoE (every expert's mean output over the same tokens, average-linkage Euclidean
-  clustering, usage-weighted merge, members' routing weights summed);
+  clustering, members' routing weights summed); the merge's weighting (the paper's usage counts,
+  uniform or Fisher) is chosen by calib-split loss, as replace's configuration;
 - ream: REAM (the most salient experts absorb their nearest others after neuron matching; the rest
   leave the router: a standard checkpoint);
-- d2: D²-MoE (Fisher-weighted base per layer, deltas whitened on gate, up and down at the largest
-  rank the budget allows; no base pruning);
+- d2: D²-MoE (one base per layer, deltas on gate, up and down at the largest rank the budget
+  allows; no base pruning); whitening (`--whiten`) and the base's weighting (the paper's Fisher, or
+  usage) are chosen by calib-split loss, as replace's configuration;
 - novice: MoNE (the experts MoNE's score ranks lowest become their mean output, router untouched);
 - reap: REAP expert pruning; reap_router_kd: the same model recovered by Router KD instead (only the
   routers train, on KL to the dense model); dims: Fisher dimension trimming (global allocation); camera: CAMERA-P's
@@ -121,45 +123,78 @@ def parse_grid(groups: str, whiten: str) -> tuple[tuple[int, ...], tuple[bool, .
     return g, w
 
 
+# The same freedom for the baselines that store factors or merge: D²-MoE chooses whether its deltas are
+# whitened (--whiten) and how experts weigh in its one base per layer (its paper's Fisher, or usage counts);
+# HC-SMoE merging chooses how members weigh in their merged expert (its paper's usage counts, uniform or Fisher).
+D2_WEIGHTINGS: tuple[str, ...] = ("fisher", "usage")
+MERGE_WEIGHTINGS: tuple[str, ...] = ("usage", "uniform", "fisher")
+
+
+def config_grid(method: str, ranks: list[int]) -> list[dict]:
+    """The configurations `method` is chosen from, each a dict of make_replace_plan options (one empty dict:
+    the method has none to choose)."""
+    if method == "replace":
+        return [{"rank": r, "max_group": g, "whiten": w} for r in ranks for g in GROUPS for w in WHITEN]
+    if method == "naive":
+        return [{"rank": r} for r in ranks]
+    if method == "d2":
+        return [{"whiten": w, "base_weighting": b} for w in WHITEN for b in D2_WEIGHTINGS]
+    if method == "merge":
+        return [{"base_weighting": b} for b in MERGE_WEIGHTINGS]
+    return [{}]
+
+
+def config_name(cfg: dict) -> str:
+    parts = [f"rank {cfg['rank']}"] if "rank" in cfg else []
+    parts += [f"group {cfg['max_group']}"] if "max_group" in cfg else []
+    parts += [("whitened" if cfg["whiten"] else "plain")] if "whiten" in cfg else []
+    parts += [f"{cfg['base_weighting']}-weighted"] if "base_weighting" in cfg else []
+    return ", ".join(parts) or "as defined"
+
+
 def build_chosen(method: str, ratio: float, base, profile, tok, ranks: list[int]):
-    """Build ``method`` at ``ratio``; replace tries every (rank, largest group, whitening) of the grid
-    (--ranks x --groups x --whiten) that the budget reaches, naive every rank, and each keeps the
-    configuration with the lowest calib-split loss (never eval). Returns (model, removed, choice), or raises
-    UsageError (with every reason) when no configuration reaches the ratio."""
+    """Build ``method`` at ``ratio``; where it has a configuration grid (`config_grid`: replace's rank x
+    largest group x whitening, naive's rank, D²-MoE's whitening x base weighting, merging's weighting) it
+    tries every configuration the budget reaches and keeps the one with the lowest calib-split loss (never
+    eval). Returns (model, removed, choice), or raises UsageError (with every reason) when no
+    configuration reaches the ratio."""
     from moetrim.errors import UsageError
 
-    if method not in ("replace", "naive"):
+    grid = config_grid(method, ranks)
+    if grid == [{}]:
         model, removed = build(method, ratio, base, profile, ranks[0])
         return model, removed, {}
-    grid = [(r, g, w) for r in ranks for g in GROUPS for w in WHITEN] if method == "replace" else [(r, None, None) for r in ranks]
     tried, best = {}, None
-    for r, g, w in grid:
-        name = f"rank {r}" + ("" if g is None else f", group {g}, {'whitened' if w else 'plain'}")
+    for cfg in grid:
+        name = config_name(cfg)
         try:
-            model, removed = build(method, ratio, base, profile, r, max_group=g, whiten=w)
+            model, removed = build(method, ratio, base, profile, **{"rank": ranks[0], **cfg})
         except UsageError as exc:
             tried[name] = f"unreachable: {exc}"
             continue
         loss = calib_loss(model, tok)
         tried[name] = round(loss, 4)
         if best is None or loss < best[0]:
-            best = (loss, (r, g, w), model, removed)
+            best = (loss, cfg, model, removed)
         else:
             del model
     if best is None:
         raise UsageError(f"no configuration of {method} reaches {ratio:.0%}: " + "; ".join(f"{n}: {why}" for n, why in tried.items()))
-    (r, g, w) = best[1]
-    log(f"{ratio:.0%} {method}: configuration by calib loss {tried} -> rank {r}" + ("" if g is None else f", group {g}, whiten {w}"))
-    choice = {"config_grid": tried, "rank_chosen": r}
-    if g is not None:
-        choice.update(group_chosen=g, whiten_chosen=w)
+    cfg = best[1]
+    log(f"{ratio:.0%} {method}: configuration by calib loss {tried} -> {config_name(cfg)}")
+    choice = {"config_grid": tried, "config_chosen": config_name(cfg)}
+    for key, field in (("rank", "rank_chosen"), ("max_group", "group_chosen"), ("whiten", "whiten_chosen"),
+                       ("base_weighting", "weighting_chosen")):
+        if key in cfg:
+            choice[field] = cfg[key]
     return best[2], best[3], choice
 
 
-def build(method: str, ratio: float, base, profile, rank: int, *, max_group: int | None = None, whiten: bool | None = None):
+def build(method: str, ratio: float, base, profile, rank: int, *, max_group: int | None = None, whiten: bool | None = None,
+          base_weighting: str | None = None):
     if method in ("replace", "naive", "merge", "ream", "d2", "novice"):
         model, _ = moetrim.reference_model(MODEL)
-        extra = {k: v for k, v in (("max_group", max_group), ("whiten", whiten)) if v is not None}
+        extra = {k: v for k, v in (("max_group", max_group), ("whiten", whiten), ("base_weighting", base_weighting)) if v is not None}
         plan = make_replace_plan(model, profile, method=method, ratio=ratio, rank=rank, **extra)
         apply_replace_plan(model, plan, profile)
         return model, plan.removed_fraction
@@ -262,7 +297,8 @@ def main(argv=None) -> int:
     dense["decode_tokens_per_s"] = speeds["dense"]["decode_tokens_per_s"]
     for r in rows:
         r["decode_tokens_per_s"] = speeds[f"{r['method']}@{r['ratio']}"]["decode_tokens_per_s"]
-    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "recovery_steps": steps, "lr": args.lr, "rank_grid": ranks, "group_grid": list(GROUPS), "whiten_grid": list(WHITEN), "items_per_domain": n_items,
+    result = {"meta": {"model": MODEL, "quick": args.quick, "recover_steps": steps, "recovery_steps": steps, "lr": args.lr, "rank_grid": ranks, "group_grid": list(GROUPS), "whiten_grid": list(WHITEN),
+                       "d2_weighting_grid": list(D2_WEIGHTINGS), "merge_weighting_grid": list(MERGE_WEIGHTINGS), "items_per_domain": n_items,
                        "seed": args.seed, "recovery_items": len(records), "seconds": round(time.perf_counter() - t0, 1),
                        "versions": versions()},
               "dense": dense, "rows": rows, "skipped": skipped}
@@ -376,7 +412,7 @@ def markdown(result: dict, png: Path) -> str:
              + f" | {dense['mean']:.3f} | {dense['trained_mean']:.3f} | "
              f"{dense['routed_params']:,} | {dense['weight_bytes'] / 2**20:.1f} | {dense['decode_tokens_per_s']:.0f} |"]
     for r in result["rows"]:
-        name = r["method"] + (f" (rank {r['rank_chosen']})" if "rank_chosen" in r else "")
+        name = r["method"] + (f" ({r['config_chosen']})" if "config_chosen" in r else f" (rank {r['rank_chosen']})" if "rank_chosen" in r else "")
         lines.append(f"| {r['removed_fraction']:.1%} | {name} | "
                      + " | ".join(f"{r['accuracy'][d]:.2f} → {r['recovered_accuracy'][d]:.2f}" for d in doms)
                      + f" | {r['mean']:.3f} | {r['recovered_mean']:.3f} | {r['routed_params']:,} | {r['weight_bytes'] / 2**20:.1f} | "

@@ -62,10 +62,27 @@ def machine() -> dict:
     return {"cores": cores, "cpu_count": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch_threads": torch.get_num_threads()}
 
 
+def bundled_weights() -> dict:
+    """A fingerprint (sha256 prefix of model.safetensors) of each bundled model's weights in this checkout,
+    so a result measured on weights since replaced can be told from a current one (`fidelity.py` checks)."""
+    import hashlib
+
+    from moetrim.assets import BUNDLED
+
+    out = {}
+    for key, folder in BUNDLED.items():
+        f = Path(folder) / "model.safetensors"
+        if f.is_file():
+            out[key] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return out
+
+
 def stack(experts_implementation=None) -> dict:
     """The stack a result was measured on: versions, the stock experts implementation it was compared
-    against (None where no stock experts are compared), and the machine. `write_json` records it."""
-    return {**versions(), "experts_implementation": experts_implementation, "machine": machine()}
+    against (None where no stock experts are compared), the machine and the bundled weights.
+    `write_json` records it."""
+    return {**versions(), "experts_implementation": experts_implementation, "machine": machine(),
+            "bundled_weights": bundled_weights()}
 
 
 def write_json(path: Path, obj, *, experts_implementation=None) -> None:

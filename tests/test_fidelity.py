@@ -173,3 +173,17 @@ def test_recovery_json_decides_d2_and_d3_over_seeds(fid, tmp_path):
     assert _cell(result, "d2", "reference")["verdict"] == "refuted"
     reason = next(m["reason"] for m in result["missing"] if m["finding"].startswith("d3:") and m["model"] == "reference")
     assert "older single-ratio recovery.json" in reason
+
+
+def test_results_from_replaced_weights_are_missing_not_judged(fid, tmp_path):
+    """A JSON whose stack records other bundled weights than the checkout's is listed as missing, never judged;
+    one that records the current weights (or none, an older JSON) is read."""
+    current = fid.bundled_weights()
+    assert set(current) == set(fid.MODELS) and all(len(v) == 16 for v in current.values())
+    stale = {**_quality(), "stack": {"bundled_weights": {"reference": "0" * 16}}}
+    (tmp_path / "quality.json").write_text(json.dumps(stale))
+    (tmp_path / "quality-longtail.json").write_text(json.dumps({**_quality(), "stack": {"bundled_weights": current}}))
+    result = fid.build(tmp_path)
+    assert _cell(result, "a", "reference") is None and _cell(result, "a", "longtail")["verdict"] == "holds"
+    reasons = {(m["finding"].split(":")[0], m["model"]): m["reason"] for m in result["missing"]}
+    assert "measured on other reference weights" in reasons["a", "reference"] and "rerun quality.py" in reasons["a", "reference"]

@@ -186,6 +186,10 @@ def test_merge_has_rank_zero_and_d2_one_group_per_layer(base, prof, plain_prof):
     more = (d2.rank + 1) * 3 * (64 + WIDTH) * E + 3 * 64 * WIDTH
     assert 1 - more / per_layer < 0.4 <= d2.removed_fraction
     assert make_replace_plan(base, plain_prof, method="d2", ratio=0.4).base_weighting == "usage"
+    # an explicit weighting overrides D²-MoE's own (the freedom replace.py's configuration grid gives it)
+    usage = make_replace_plan(base, prof, method="d2", ratio=0.4, base_weighting="usage")
+    assert usage.base_weighting == "usage" and usage.layers[0].base_weights != d2.layers[0].base_weights
+    assert usage.layers[0].base_weights == make_replace_plan(base, plain_prof, method="d2", ratio=0.4).layers[0].base_weights
 
 
 @pytest.mark.parametrize("which", ["fisher", "usage"])

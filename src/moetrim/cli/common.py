@@ -161,7 +161,8 @@ GradCheckpointOpt = typer.Option(False, "--grad-checkpoint", help="Fisher: recom
                                  "(the memory of a forward pass, for about one more forward of time; same profile)")
 RankOpt = typer.Option(16, "--rank", help="replace/naive: rank of each replaced expert's corrections (d2 picks its own)")
 MaxGroupOpt = typer.Option(8, "--max-group", help="replace: most replaced experts sharing one base")
-WeightingOpt = typer.Option("usage", "--base-weighting", help="how members weigh in their base: usage, uniform, fisher or fisher_usage")
+WeightingOpt = typer.Option(None, "--base-weighting", help="how members weigh in their base: usage, uniform, fisher or fisher_usage "
+                            "(default: usage; D²-MoE: fisher)")
 WhitenOpt = typer.Option(False, "--whiten", help="replace/d2: whiten the corrections' SVD by each matrix's inputs (SVD-LLM, D²-MoE)")
 
 

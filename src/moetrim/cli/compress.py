@@ -48,7 +48,7 @@ def compress(
     fisher_mode: str = FisherModeOpt,
     rank: int = RankOpt,
     max_group: int = MaxGroupOpt,
-    base_weighting: str = WeightingOpt,
+    base_weighting: Optional[str] = WeightingOpt,
     whiten: bool = WhitenOpt,
     recover_steps: int = typer.Option(0, "--recover-steps", help="replace/naive/merge/d2: recovery steps after building (0: none)"),
     recover_data: Optional[str] = typer.Option(None, "--recover-data", help="recovery data (default: the first --data file)"),
@@ -198,7 +198,7 @@ def _compress_slicing(model, model_path, data, tokenizer, out_dir, *, place, str
 
 
 def _compress_replacing(model_path: str, data: str, out_dir: Path, *, granularity: str, criterion: Optional[str], ratio: float,
-                        rank: int, max_group: int, base_weighting: str, whiten: bool, max_tokens, seq_len, batch_size: int,
+                        rank: int, max_group: int, base_weighting: str | None, whiten: bool, max_tokens, seq_len, batch_size: int,
                         fisher_mode: str, seed: int, overwrite: bool, recover_steps: int, recover_data: Optional[str],
                         recover_lr: float, device: str, dtype: str, trust_remote_code: bool) -> None:
     """replace, naive, merge, d2: calibrated (with mean outputs, and input Grams for --whiten), planned,

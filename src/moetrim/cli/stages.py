@@ -133,7 +133,7 @@ def plan_cmd(
     exponents: Optional[str] = ExponentsOpt,
     rank: int = RankOpt,
     max_group: int = MaxGroupOpt,
-    base_weighting: str = WeightingOpt,
+    base_weighting: Optional[str] = WeightingOpt,
     seed: int = SeedOpt,
     out_path: Path = typer.Option(Path("plan.json"), "--out", help="plan file to write (JSON)"),
     overwrite: bool = OverwriteOpt,

@@ -60,7 +60,7 @@ def check_method(method: str, criterion: str | None, ratio: float, allocation: s
     return check_granularity(method, criterion, ratio, allocation).name
 
 
-def statistics_needed(method: str, criterion: str | None, *, base_weighting: str = "usage", whiten: bool = False,
+def statistics_needed(method: str, criterion: str | None, *, base_weighting: str | None = None, whiten: bool = False,
                       grad_checkpoint: bool = False) -> dict[str, bool]:
     """The `calibrate` switches a method needs: gradients only for criteria (or base weightings) that
     read them, input Grams for whitening, every expert on every token for merge's clustering."""
@@ -92,7 +92,7 @@ def compress(
     exponents: Sequence[float] | None = None,
     rank: int = 16,
     max_group: int = 8,
-    base_weighting: str = "usage",
+    base_weighting: str | None = None,
     whiten: bool = False,
     max_tokens: int | None = None,
     seq_len: int | None = None,

@@ -148,7 +148,7 @@ def profile_has(profile, layers: list[MoELayer], name: str) -> bool:
     return all(f"layers.{l.index}.{name}" in profile.stats for l in layers)
 
 
-def check_replace_options(method: str, ratio: float, rank: int, max_group: int, weighting: str, layers: list[MoELayer]) -> None:
+def check_replace_options(method: str, ratio: float, rank: int, max_group: int, weighting: str | None, layers: list[MoELayer]) -> None:
     """UsageError for options no profile can make valid (checked before calibrating)."""
     if method not in METHODS:
         raise UsageError(f"unknown replace method '{method}'; choose {', '.join(METHODS)}")
@@ -160,7 +160,7 @@ def check_replace_options(method: str, ratio: float, rank: int, max_group: int, 
                          f"{layers[0].hidden_size}), got {rank}")
     if not isinstance(max_group, int) or max_group < 2:
         raise UsageError(f"--max-group must be at least 2 (a group of one stores a base and corrections for one expert), got {max_group}")
-    if weighting not in BASE_WEIGHTINGS:
+    if weighting is not None and weighting not in BASE_WEIGHTINGS:
         raise UsageError(f"unknown base weighting '{weighting}'; choose {', '.join(BASE_WEIGHTINGS)}")
 
 
@@ -183,12 +183,13 @@ def make_replace_plan(
     rank: int = 16,
     criterion: str | None = None,
     max_group: int = 8,
-    base_weighting: str = "usage",
+    base_weighting: str | None = None,
     whiten: bool | None = None,
     seed: int = 0,
 ) -> ReplacePlan:
     """A reviewable plan of which experts are kept, grouped and corrected at what rank, priced in stored
-    parameters so that it removes at least `ratio` of the routed-expert parameters."""
+    parameters so that it removes at least `ratio` of the routed-expert parameters. `base_weighting` None
+    is the method's own: usage counts, for D²-MoE Fisher (usage without gradients in the profile)."""
     from moetrim import criteria
 
     criterion = criterion or ("mone" if method == "novice" else "reap")
@@ -196,6 +197,8 @@ def make_replace_plan(
     require_uniform_widths(layers, "replace experts of")
     check_replace_options(method, ratio, rank, max_group, base_weighting, layers)
     profile.check_model(layers)
+    if base_weighting is None:
+        base_weighting = "fisher" if method == "d2" and profile.has_gradients else "usage"
     if base_weighting in ("fisher", "fisher_usage") and not profile.has_gradients:
         raise UsageError(f"--base-weighting {base_weighting} needs a profile with Fisher (calibrate without --no-fisher)")
     has_gram = profile_has(profile, layers, "in_gram") and profile_has(profile, layers, "mid_gram")
@@ -251,11 +254,10 @@ def make_replace_plan(
         if r < 1:
             raise UsageError(f"--ratio {ratio} is unreachable with D²-MoE: one shared base per layer alone keeps {1 / E:.0%} "
                              "of the routed parameters and leaves no room for any delta; lower --ratio")
-        weighting = "fisher" if profile.has_gradients else "usage"
-        plan_layers = [_layer(l, [], [list(range(l.num_experts))], r, profile, weighting, "svd", whiten) for l in layers]
+        plan_layers = [_layer(l, [], [list(range(l.num_experts))], r, profile, base_weighting, "svd", whiten) for l in layers]
         notes.append(f"D²-MoE delta rank {r}: the largest the budget allows (from 128 up rounded down to a multiple of 8, "
                      "so the replaced experts run on grouped GEMMs)")
-        return _finish(method, "-", ratio, r, max_group, weighting, seed, model, profile, layers, plan_layers, before, notes)
+        return _finish(method, "-", ratio, r, max_group, base_weighting, seed, model, profile, layers, plan_layers, before, notes)
 
     # replace / naive: a global ranking of per-layer-normalised scores; each layer keeps its top-k
     features = {l.index: mean_outputs(profile, l.index) for l in layers}
