@@ -217,7 +217,7 @@ class ReplacedExperts(nn.Module):
         x = hidden_states
         T, k = top_k_index.shape
         S, dev = T * k, x.device
-        if dev.type == "cpu" and S <= _HOST_SLOTS and self.width * x.shape[1] <= _HOST_ELEMENTS:
+        if dev.type == "cpu" and S <= _HOST_SLOTS and (S <= _HOST_SLOTS_ANY or self.width * x.shape[1] <= _HOST_ELEMENTS):
             return self._forward_host(x, top_k_index, top_k_weights, kept=kept)
         K, G, R, I, r = len(self.kept), len(self.groups), len(self.replaced), self.width, self.rank
         unit_of, member_of, _, unit_of_unkept = self._tables(dev)
@@ -301,14 +301,18 @@ class ReplacedExperts(nn.Module):
                 h = self.activation(gu[:, :I], gu[:, I:]) * w_tok[:, None]
                 out.index_add_(0, tok, F.linear(h, down))
                 continue
-            m = torch.tensor([self.member_of_expert[experts[s]] for s in slots], dtype=torch.long, device=dev)
-            gu, xm = gu.index_select(0, p), xs.index_select(0, p)
-            gate = gu[:, :I] + _low_rank(xm, self.gate_a, self.gate_b, m)
-            up = gu[:, I:] + _low_rank(xm, self.up_a, self.up_b, m)
-            h = self.activation(gate, up) * w[:, None]
+            # each slot's corrections on its member's own factor rows, read in place (a gather of large-rank
+            # factors per slot would copy them first: D²-MoE's deltas are about half an expert each)
+            members = [self.member_of_expert[experts[s]] for s in slots]
+            gu = gu.index_select(0, p)
+            corr = torch.stack([torch.cat([_apply(x[s // k], self.gate_a[m], self.gate_b[m]),
+                                           _apply(x[s // k], self.up_a[m], self.up_b[m])]) for s, m in zip(slots, members)])
+            gu = gu + corr
+            h = self.activation(gu[:, :I], gu[:, I:]) * w[:, None]
             acc = h.new_zeros(len(first), I).index_add_(0, p, h)
             out.index_add_(0, tok, F.linear(acc, down))
-            out.index_add_(0, tok.index_select(0, p), _low_rank(h, self.down_a, self.down_b, m))
+            down_corr = torch.stack([_apply(h[i], self.down_a[m], self.down_b[m]) for i, m in enumerate(members)])
+            out.index_add_(0, tok.index_select(0, p), down_corr)
         return out
 
     def _units(self, x: torch.Tensor, ends: torch.Tensor, kept: torch.Tensor | None, bases: torch.Tensor | None) -> torch.Tensor:
@@ -328,19 +332,22 @@ class ReplacedExperts(nn.Module):
         return torch.where((rows < n_kept)[:, None], y_kept, y_base.index_select(0, (rows - n_kept) % S))
 
 
-# On the CPU, at most this many (token, expert) slots of experts at most this large (width x hidden) take the host
-# walk (`_forward_host`) instead of the grouped path. Measured (speed.py --quick, replace.py --quick): at the reference
-# models' shapes (hidden 128, width 64-128) the walk decodes at 0.90-1.17x dense where the grouped path's fixed kernels
-# gave about 0.6x; at real shapes (hidden 2048, width 768-1408) it loses (D²-MoE batch 1 0.32-0.92x against 1.07-1.35x
-# grouped: gathering large-rank factors per slot), so they keep the grouped path.
+# On the CPU the host walk (`_forward_host`) takes at most _HOST_SLOTS (token, expert) slots of small experts
+# (width x hidden <= _HOST_ELEMENTS) and at most _HOST_SLOTS_ANY slots of any size; the rest take the grouped path.
+# Measured: at the reference models' shapes (hidden 128, width 64-128) the walk decodes at 0.90-1.17x dense where
+# the grouped path's fixed kernels gave about 0.6x (speed.py --quick, replace.py --quick). At real shapes (one layer,
+# bf16, 1 thread; OLMoE and Qwen3-30B-A3B, 50% removed) one decode token (8 slots) walks at 1.35x / 1.26x stock for
+# replace and 1.60x / 1.47x for D²-MoE, against 1.06x / 0.84x and 1.30x / 1.38x grouped, since the walk reads each
+# slot's factor rows in place; from 16 slots the grouped path is ahead (OLMoE 2 tokens: replace 1.12x vs 1.05x,
+# D²-MoE 1.57x vs 1.16x).
 _HOST_SLOTS = 32
+_HOST_SLOTS_ANY = 8
 _HOST_ELEMENTS = 1 << 16
 
 
-def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-    """Each row's correction B_m A_m x for its own factor row m: x [n, in], a [R, r, in], b [R, out, r]."""
-    z = torch.bmm(x[:, None, :], a.index_select(0, member).transpose(1, 2))
-    return torch.bmm(z, b.index_select(0, member).transpose(1, 2)).squeeze(1)
+def _apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One row's correction B A x: x [in], a [r, in], b [out, r] (views of the factor stacks, read in place)."""
+    return F.linear(F.linear(x, a), b)
 
 
 def _ends(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
