@@ -14,7 +14,7 @@ control, all from the same model, data, lr and seed. Per γ, on calib text only 
   experts per layer take (the experts that would become condensers);
 - calib accuracy on the new domain and the mean over the original skills: what sparsifying costs.
 
-    python benchmarks/condenser_gamma.py --model longtail            # γ 0, 1e-3, 1e-2, 3e-2, 1e-1
+    python benchmarks/condenser_gamma.py --model longtail --lr 3e-4   # γ 0, 1e-3, 1e-2, 3e-2, 1e-1
     python benchmarks/condenser_gamma.py --gammas 0,1e-3,1e-1 --steps 60
 
 Writes benchmarks/results/condenser_gamma.json (condenser_gamma-longtail.json), the PNG beside it and a
@@ -43,6 +43,7 @@ from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
 from moetrim.train import FinetuneConfig, finetune  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "condenser_gamma.json"
+DEFAULT_LR = 1e-4
 CONDENSERS = 2  # r, the authors' and moetrim's default
 
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="reference", help="bundled model: reference or longtail")
     ap.add_argument("--gammas", default="0,1e-3,1e-2,3e-2,1e-1", help="phase-1 bias steps (0: the same SFT without a bias)")
     ap.add_argument("--steps", type=int, default=125, help="phase-1 steps (finetune.py --quick's condenser: half of 250)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="the lr finetune.py's grid chose for the condenser on both models")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="phase-1 lr (the committed long-tail run uses 3e-4, the lr finetune.py's grid chose for its condenser)")
     ap.add_argument("--items", type=int, default=64, help="calib items per domain for the accuracies")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -138,7 +139,8 @@ def plot(result: dict, path: Path) -> Path:
 def markdown(result: dict, png: Path) -> str:
     meta, rows = result["meta"], result["rows"]
     r = meta["condensers"]
-    cmd = "python benchmarks/condenser_gamma.py" + ("" if meta["model"] == "reference" else f" --model {meta['model']}")
+    cmd = "python benchmarks/condenser_gamma.py" + ("" if meta["model"] == "reference" else f" --model {meta['model']}") \
+        + ("" if meta["lr"] == DEFAULT_LR else f" --lr {meta['lr']:g}")
     lines = [f"### Condenser phase 1: how much γ sparsifies routing ({meta['model']}, {meta['steps']} steps, lr {meta['lr']}, seed {meta['seed']})",
              "", f"`{cmd}` ({meta['seconds']:.0f} s). Phase 1 alone (aux-free SFT on {meta['new_domain']} with the sparsifying "
              "bias), γ = 0 the same SFT without a bias. Routing: means over layers on calib text; top-r share: the routed "
