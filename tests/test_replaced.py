@@ -286,7 +286,7 @@ def _slot_sum(mod: ReplacedExperts, x, index, weights):
     ([0, 1, 2, 3], [[4, 5], [6, 7]], 0, 64, 32),  # merge: no factors
     (KEPT, GROUPS, 3, 66, 30),          # misaligned: the fallbacks
 ])
-@pytest.mark.parametrize("path", ["grouped", "host"])
+@pytest.mark.parametrize("path", ["grouped", "host", "host-in-place"])
 def test_grouped_forward_equals_each_slot_computed_alone_and_never_reads_the_host(tokens, kept, groups, rank, hidden, width,
                                                                                   path, monkeypatch):
     """The forward equals Σ w·expert_e(x) per slot whatever the layout and token count, and the grouped path
@@ -297,6 +297,9 @@ def test_grouped_forward_equals_each_slot_computed_alone_and_never_reads_the_hos
     import moetrim.model.replaced as replaced_module
 
     monkeypatch.setattr(replaced_module, "_HOST_SLOTS", 0 if path == "grouped" else 1 << 30)
+    if path == "host-in-place":  # the walk as real shapes take it: factor rows read in place, not gathered
+        monkeypatch.setattr(replaced_module, "_HOST_ELEMENTS", 0)
+        monkeypatch.setattr(replaced_module, "_HOST_SLOTS_ANY", 1 << 30)
 
     gen = torch.Generator().manual_seed(3)
     mod = ReplacedExperts(8, hidden, width, kept, groups, rank, lambda g, u: F.silu(g) * u)

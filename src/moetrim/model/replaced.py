@@ -276,6 +276,7 @@ class ReplacedExperts(nn.Module):
         corrections of a group's slots take one gathered bmm each."""
         T, k = top_k_index.shape
         K, I, dev = len(self.kept), self.width, x.device
+        small = self.width * x.shape[1] <= _HOST_ELEMENTS
         experts = top_k_index.reshape(-1).tolist()
         weight = top_k_weights.reshape(-1).to(x.dtype)
         slots_of: dict[int, list[int]] = {}
@@ -301,17 +302,21 @@ class ReplacedExperts(nn.Module):
                 h = self.activation(gu[:, :I], gu[:, I:]) * w_tok[:, None]
                 out.index_add_(0, tok, F.linear(h, down))
                 continue
-            # each slot's corrections on its member's own factor rows, read in place (a gather of large-rank
-            # factors per slot would copy them first: D²-MoE's deltas are about half an expert each)
             members = [self.member_of_expert[experts[s]] for s in slots]
             gu = gu.index_select(0, p)
-            corr = torch.stack([torch.cat([_apply(x[s // k], self.gate_a[m], self.gate_b[m]),
-                                           _apply(x[s // k], self.up_a[m], self.up_b[m])]) for s, m in zip(slots, members)])
-            gu = gu + corr
+            if small:  # small factors: gather the slots' rows and take one bmm per product (fewer calls)
+                m = torch.tensor(members, dtype=torch.long, device=dev)
+                xm = xs.index_select(0, p)
+                gu = gu + torch.cat([_low_rank(xm, self.gate_a, self.gate_b, m), _low_rank(xm, self.up_a, self.up_b, m)], 1)
+            else:  # each slot's corrections on its member's own factor rows, read in place (a gather would copy
+                # them first: D²-MoE's deltas are about half an expert each)
+                gu = gu + torch.stack([torch.cat([_apply(x[s // k], self.gate_a[e], self.gate_b[e]),
+                                                  _apply(x[s // k], self.up_a[e], self.up_b[e])]) for s, e in zip(slots, members)])
             h = self.activation(gu[:, :I], gu[:, I:]) * w[:, None]
             acc = h.new_zeros(len(first), I).index_add_(0, p, h)
             out.index_add_(0, tok, F.linear(acc, down))
-            down_corr = torch.stack([_apply(h[i], self.down_a[m], self.down_b[m]) for i, m in enumerate(members)])
+            down_corr = _low_rank(h, self.down_a, self.down_b, m) if small else \
+                torch.stack([_apply(h[i], self.down_a[e], self.down_b[e]) for i, e in enumerate(members)])
             out.index_add_(0, tok.index_select(0, p), down_corr)
         return out
 
@@ -348,6 +353,12 @@ _HOST_ELEMENTS = 1 << 16
 def _apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """One row's correction B A x: x [in], a [r, in], b [out, r] (views of the factor stacks, read in place)."""
     return F.linear(F.linear(x, a), b)
+
+
+def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Each row's correction B_m A_m x for its own factor row m, gathered: x [n, in], a [R, r, in], b [R, out, r]."""
+    z = torch.bmm(x[:, None, :], a.index_select(0, member).transpose(1, 2))
+    return torch.bmm(z, b.index_select(0, member).transpose(1, 2)).squeeze(1)
 
 
 def _ends(group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
