@@ -42,9 +42,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import bundled_model, for_model, interval, paired_difference, save_figure, section, update_section, versions, write_json  # noqa: E402
+from report import bundled_model, for_model, interval, load_model, paired_difference, save_figure, section, update_section, versions, write_json  # noqa: E402
 
-import moetrim  # noqa: E402
 from moetrim.data.tasks import calibration_texts, get_items, to_sft_records  # noqa: E402
 from moetrim.evaluate.routing import routing_health  # noqa: E402
 from moetrim.evaluate.tasks_eval import evaluate_tasks  # noqa: E402
@@ -133,18 +132,11 @@ def main(argv=None) -> int:
 
     records = to_sft_records(get_items(NEW, "train", n=args.train_items, seed=0))
     general = calibration_texts(list(DOMAINS), n_per_domain=64, seed=0)  # the calib split: never trained or evaluated on
-    def load():
-        if args.weights is None:
-            return moetrim.reference_model(MODEL)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        return AutoModelForCausalLM.from_pretrained(args.weights, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(args.weights)
-
-    base_model, tok = load()
+    base_model, tok = load_model(MODEL, args.weights)
     base = measure(base_model, tok, n_items, general)
     log(f"reference: {NEW} {base['accuracy'][NEW]:.3f}, original domains {base['retention']:.3f}")
     def train(method: str, lr: float, seed: int):
-        model, _ = load()
+        model, _ = load_model(MODEL, args.weights)
         cfg = FinetuneConfig(method=method, lr=lr, max_steps=steps, batch_size=args.batch_size, seq_len=128,
                              warmup=0.1, seed=seed, progress=False, logging_steps=max(1, steps // 10))
         return finetune(model, tok, records, cfg)

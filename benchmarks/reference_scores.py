@@ -27,9 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import bundled_model, update_section, write_json  # noqa: E402
+from report import bundled_model, load_model, update_section, write_json  # noqa: E402
 
-import moetrim  # noqa: E402
 from moetrim.assets import BUNDLED, training_record  # noqa: E402
 from moetrim.data.tasks import get_items, normalise_program  # noqa: E402
 from moetrim.evaluate.tasks_eval import _encode_pairs, evaluate_tasks, greedy_generate  # noqa: E402
@@ -62,12 +61,7 @@ def code_breakdown(model, tok, n: int | None) -> dict:
 
 def score(key: str, n: int | None, weights: Path | None = None) -> dict:
     _, skills, new = bundled_model(key)
-    if weights is None:
-        model, tok = moetrim.reference_model(key)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model, tok = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(weights)
+    model, tok = load_model(key, weights)
     t0 = time.perf_counter()
     res = evaluate_tasks(model, tok, [*skills, new], n=n, batch_size=64)
     record = training_record(Path(weights) if weights else BUNDLED[key]) or {}

@@ -62,6 +62,20 @@ def machine() -> dict:
     return {"cores": cores, "cpu_count": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch_threads": torch.get_num_threads()}
 
 
+def load_model(key: str, weights: Path | None = None):
+    """(model, tokenizer) of a bundled model in fp32, eval mode; `weights` (a folder, e.g. a training run's
+    candidate) in its place where given, so a benchmark can score weights before they are bundled."""
+    import torch
+
+    if weights is None:
+        import moetrim
+
+        return moetrim.reference_model(key)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(weights)
+
+
 def bundled_weights() -> dict:
     """A fingerprint (sha256 prefix of model.safetensors) of each bundled model's weights in this checkout,
     so a result measured on weights since replaced can be told from a current one (`fidelity.py` checks)."""

@@ -37,6 +37,7 @@ def test_build_chosen_keeps_the_lowest_calib_loss_and_says_what_it_tried(rp, mon
     monkeypatch.setattr(rp, "calib_loss", lambda model, tok: losses[model["cfg"]["whiten"], model["cfg"]["base_weighting"]])
     model, removed, choice = rp.build_chosen("d2", 0.5, None, None, None, [16])
     assert model["cfg"] == {"whiten": True, "base_weighting": "usage"} and removed == 0.5
+    assert len(built) == 3  # every configuration the budget reaches was built and scored
     assert choice["whiten_chosen"] is True and choice["weighting_chosen"] == "usage" and "rank_chosen" not in choice
     assert choice["config_grid"]["plain, fisher-weighted"].startswith("unreachable") and len(choice["config_grid"]) == 4
     monkeypatch.setattr(rp, "build", lambda *a, **k: (_ for _ in ()).throw(UsageError("too far")))

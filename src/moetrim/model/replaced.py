@@ -272,8 +272,9 @@ class ReplacedExperts(nn.Module):
                       kept: bool = True) -> torch.Tensor:
         """A few slots on the CPU (decode): there a host read costs nothing and the sort and offset kernels
         of the grouped path cost more than the products, so walk the units that received slots. As in the
-        grouped path a unit's products run once per token (a group's down product on Σ_e w_e h_e); the
-        corrections of a group's slots take one gathered bmm each."""
+        grouped path a unit's products run once per token (a group's down product on Σ_e w_e h_e). The
+        corrections of a group's slots (`_slot_corrections`) gather the slots' factor rows into one bmm for
+        small experts and read them in place, two linears a slot, for large ones."""
         T, k = top_k_index.shape
         K, I, dev = len(self.kept), self.width, x.device
         small = self.width * x.shape[1] <= _HOST_ELEMENTS
@@ -303,21 +304,14 @@ class ReplacedExperts(nn.Module):
                 out.index_add_(0, tok, F.linear(h, down))
                 continue
             members = [self.member_of_expert[experts[s]] for s in slots]
-            gu = gu.index_select(0, p)
-            if small:  # small factors: gather the slots' rows and take one bmm per product (fewer calls)
-                m = torch.tensor(members, dtype=torch.long, device=dev)
-                xm = xs.index_select(0, p)
-                gu = gu + torch.cat([_low_rank(xm, self.gate_a, self.gate_b, m), _low_rank(xm, self.up_a, self.up_b, m)], 1)
-            else:  # each slot's corrections on its member's own factor rows, read in place (a gather would copy
-                # them first: D²-MoE's deltas are about half an expert each)
-                gu = gu + torch.stack([torch.cat([_apply(x[s // k], self.gate_a[e], self.gate_b[e]),
-                                                  _apply(x[s // k], self.up_a[e], self.up_b[e])]) for s, e in zip(slots, members)])
-            h = self.activation(gu[:, :I], gu[:, I:]) * w[:, None]
+            m = torch.tensor(members, dtype=torch.long, device=dev) if small else None  # small: gather the factors
+            gu, xm = gu.index_select(0, p), xs.index_select(0, p)
+            gate = gu[:, :I] + _slot_corrections(xm, self.gate_a, self.gate_b, members, m)
+            up = gu[:, I:] + _slot_corrections(xm, self.up_a, self.up_b, members, m)
+            h = self.activation(gate, up) * w[:, None]
             acc = h.new_zeros(len(first), I).index_add_(0, p, h)
             out.index_add_(0, tok, F.linear(acc, down))
-            down_corr = _low_rank(h, self.down_a, self.down_b, m) if small else \
-                torch.stack([_apply(h[i], self.down_a[e], self.down_b[e]) for i, e in enumerate(members)])
-            out.index_add_(0, tok.index_select(0, p), down_corr)
+            out.index_add_(0, tok.index_select(0, p), _slot_corrections(h, self.down_a, self.down_b, members, m))
         return out
 
     def _units(self, x: torch.Tensor, ends: torch.Tensor, kept: torch.Tensor | None, bases: torch.Tensor | None) -> torch.Tensor:
@@ -350,9 +344,15 @@ _HOST_SLOTS_ANY = 8
 _HOST_ELEMENTS = 1 << 16
 
 
-def _apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """One row's correction B A x: x [in], a [r, in], b [out, r] (views of the factor stacks, read in place)."""
-    return F.linear(F.linear(x, a), b)
+def _slot_corrections(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, members: list[int],
+                      gathered: torch.Tensor | None) -> torch.Tensor:
+    """Row i's correction B_m A_m x_i for its factor row m = members[i]: x [n, in], a [R, r, in], b [R, out, r].
+    With `gathered` (members as a tensor; small experts) the rows' factors are gathered into one bmm each (fewest
+    calls). Else two linears a row on views of its own factors, read in place: a gather would copy them first,
+    and D²-MoE's deltas are about half an expert each."""
+    if gathered is not None:
+        return _low_rank(x, a, b, gathered)
+    return torch.stack([F.linear(F.linear(x[i], a[m]), b[m]) for i, m in enumerate(members)])
 
 
 def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
